@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make generate`  and  `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROMPT ?= a red circle at the top left on a blue background
+OUT    ?= out/image.png
+# The CPU build of torch where there is no NVIDIA GPU (a bare `torch` would pull a ~3 GB CUDA build).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.1$(comma)<2.15,torch==2.13.0)
+comma := ,
+
+.PHONY: setup generate test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[server,train,explain,test]'
+	# k-diffusion is a test-only reference; its own requirements would replace torch (via torchvision),
+	# and its sampling module needs only these.
+	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1
+	$(PY) -m pip install -q torchsde torchdiffeq scipy einops jsonmerge
+	touch $@
+
+generate: setup
+	$(VENV)/bin/torchsd generate "$(PROMPT)" --output $(OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,9 @@
+"""torchsd: Stable Diffusion written from scratch on PyTorch."""
+
+from .config import (CLIPTextConfig, CLIPVisionConfig, ModelConfig, PredictionType, ScheduleConfig, UNetConfig,
+                     VAEConfig)
+from .pipeline import GenerationRequest, GenerationResult, StableDiffusion, load_pipeline
+
+__version__ = "0.1.0"
+__all__ = ["load_pipeline", "StableDiffusion", "GenerationRequest", "GenerationResult", "ModelConfig",
+           "UNetConfig", "VAEConfig", "CLIPTextConfig", "CLIPVisionConfig", "ScheduleConfig", "PredictionType"]

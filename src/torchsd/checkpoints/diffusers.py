@@ -1,0 +1,268 @@
+"""The diffusers folder format: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+
+torchsd's U-Net and VAE use diffusers' module names except for a few renames, and the text encoder
+uses transformers' names without the ``text_model.embeddings/encoder`` nesting. The mapping is a list
+of substring rules; loading asserts the exact key set and every shape before anything is copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import (CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig)
+from .io import CheckpointError, load_state_dict, save_safetensors
+
+# (ours, diffusers) substring pairs, applied in order
+UNET_RULES = [(".to_out.", ".to_out.0."), (".ff.proj_in.", ".ff.net.0.proj."), (".ff.proj_out.", ".ff.net.2.")]
+VAE_RULES = [(".to_out.", ".to_out.0.")]
+TEXT_RULES = [("token_embedding.", "embeddings.token_embedding."),
+              ("position_embedding.", "embeddings.position_embedding."),
+              ("layers.", "encoder.layers.")]
+TEXT_PREFIX = "text_model."
+TEXT_IGNORED = ("text_model.embeddings.position_ids",)  # a buffer that old transformers versions saved
+
+
+def _rename(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> str:
+    key = "." + key
+    for ours, theirs in rules:
+        src, dst = (theirs, ours) if reverse else (ours, theirs)
+        if src in key:
+            key = key.replace(src, dst, 1)
+    return key[1:]
+
+
+def to_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    if component == "text_encoder":
+        return {TEXT_PREFIX + _rename(k, TEXT_RULES): v for k, v in state.items()}
+    rules = UNET_RULES if component == "unet" else VAE_RULES
+    return {_rename(k, rules): v for k, v in state.items()}
+
+
+def from_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    if component == "text_encoder":
+        out = {}
+        for k, v in state.items():
+            if k in TEXT_IGNORED or k == "text_projection.weight":
+                continue
+            if not k.startswith(TEXT_PREFIX):
+                raise CheckpointError(f"text encoder key {k!r} does not start with {TEXT_PREFIX!r}")
+            out[_rename(k[len(TEXT_PREFIX):], TEXT_RULES, reverse=True)] = v
+        return out
+    rules = UNET_RULES if component == "unet" else VAE_RULES
+    return {_rename(k, rules, reverse=True): v for k, v in state.items()}
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``module`` after checking the exact key set and every shape."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{source}: keys do not match the model: {'; '.join(parts)}. The file is probably "
+                              f"for a different architecture or config than the one it was loaded as.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}: the config does not match the weights")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+    unsupported = {
+        "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim": None,
+        "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "center_input_sample": False,
+        "dual_cross_attention": False, "only_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    }
+    for key, default in unsupported.items():
+        value = cfg.get(key, default)
+        if any(v != default for v in (value if isinstance(value, list) else [value])):
+            raise CheckpointError(f"unet: {key}={cfg[key]!r} is not supported (SDXL and other families are not "
+                                  f"run by torchsd yet; SD 1.x and 2.x are)")
+    widths = list(cfg["block_out_channels"])
+    base = widths[0]
+    if any(w % base for w in widths):
+        raise CheckpointError(f"unet: block_out_channels {widths} are not multiples of the first")
+    levels = len(widths)
+    attention_levels = tuple(t.startswith("CrossAttn") for t in cfg["down_block_types"])
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' historical naming
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    depth = cfg.get("transformer_layers_per_block", 1)
+    if isinstance(depth, list):
+        if len(set(depth)) != 1:
+            raise CheckpointError(f"unet: per-level transformer depths {depth} are not supported")
+        depth = depth[0]
+    head_dims = {w // h for w, h in zip(widths, heads)}
+    if len(set(heads)) == 1:
+        num_heads, head_dim = heads[0], None
+    elif len(head_dims) == 1:
+        num_heads, head_dim = None, head_dims.pop()
+    else:
+        raise CheckpointError(f"unet: head counts {heads} are neither fixed nor a fixed head width")
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=base,
+        channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg.get("layers_per_block", 2),
+        attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, transformer_depth=depth,
+        context_dim=cfg.get("cross_attention_dim", 768), use_linear_projection=cfg.get("use_linear_projection", False),
+        norm_groups=cfg.get("norm_num_groups", 32))
+
+
+def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
+    widths = [c.model_channels * m for m in c.channel_mult]
+    return {
+        "_class_name": "UNet2DConditionModel", "sample_size": sample_size, "in_channels": c.in_channels,
+        "out_channels": c.out_channels, "block_out_channels": widths, "layers_per_block": c.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": c.num_heads if c.num_heads is not None else [w // c.head_dim for w in widths],
+        "cross_attention_dim": c.context_dim, "use_linear_projection": c.use_linear_projection,
+        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5, "transformer_layers_per_block": c.transformer_depth,
+        "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
+        "downsample_padding": 1, "mid_block_scale_factor": 1, "dual_cross_attention": False,
+        "upcast_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+    }
+
+
+def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+    widths = list(cfg["block_out_channels"])
+    base = widths[0]
+    return VAEConfig(in_channels=cfg.get("in_channels", 3), latent_channels=cfg.get("latent_channels", 4),
+                     base_channels=base, channel_mult=tuple(w // base for w in widths),
+                     num_res_blocks=cfg.get("layers_per_block", 2), norm_groups=cfg.get("norm_num_groups", 32),
+                     scaling_factor=cfg.get("scaling_factor", 0.18215))
+
+
+def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
+    n = len(c.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.in_channels,
+        "latent_channels": c.latent_channels, "block_out_channels": [c.base_channels * m for m in c.channel_mult],
+        "layers_per_block": c.num_res_blocks, "norm_num_groups": c.norm_groups, "scaling_factor": c.scaling_factor,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "act_fn": "silu", "sample_size": sample_size,
+    }
+
+
+def text_config_from_transformers(cfg: dict, pad_token_id: int) -> CLIPTextConfig:
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"text_encoder: activation {act!r} is not supported (quick_gelu or gelu)")
+    return CLIPTextConfig(vocab_size=cfg.get("vocab_size", 49408), max_positions=cfg.get("max_position_embeddings", 77),
+                          width=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+                          num_heads=cfg["num_attention_heads"], ffn_dim=cfg["intermediate_size"], activation=act,
+                          projection_dim=cfg.get("projection_dim", cfg["hidden_size"]), pad_token_id=pad_token_id)
+
+
+def text_config_to_transformers(c: CLIPTextConfig) -> dict:
+    return {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_positions, "hidden_size": c.width, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "intermediate_size": c.ffn_dim, "hidden_act": c.activation,
+        "projection_dim": c.projection_dim, "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "initializer_factor": 1.0, "pad_token_id": c.pad_token_id,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": "float32",
+    }
+
+
+def schedule_config_from_diffusers(cfg: dict) -> ScheduleConfig:
+    if cfg.get("trained_betas") is not None:
+        raise CheckpointError("scheduler: trained_betas are not supported")
+    return ScheduleConfig(
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_start=cfg.get("beta_start", 0.00085),
+        beta_end=cfg.get("beta_end", 0.012), beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        prediction_type=cfg.get("prediction_type", "epsilon"),
+        timestep_spacing=cfg.get("timestep_spacing", "leading"), steps_offset=cfg.get("steps_offset", 0),
+        set_alpha_to_one=cfg.get("set_alpha_to_one", True))
+
+
+def schedule_config_to_diffusers(c: ScheduleConfig) -> dict:
+    return {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": c.num_train_timesteps, "beta_start": c.beta_start,
+        "beta_end": c.beta_end, "beta_schedule": c.beta_schedule.value, "prediction_type": c.prediction_type.value,
+        "timestep_spacing": c.timestep_spacing.value, "steps_offset": c.steps_offset,
+        "set_alpha_to_one": c.set_alpha_to_one, "clip_sample": False, "trained_betas": None,
+    }
+
+
+# --- whole folders -------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a diffusers folder needs model_index.json, unet/, vae/, "
+                              f"text_encoder/, tokenizer/ and scheduler/") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+
+
+def weights_file(folder: Path) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).exists():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors or model.safetensors)")
+
+
+def read_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], "CLIPTokenizer"]:
+    """Config, per-component state dicts in torchsd's names, and the tokenizer of a diffusers folder."""
+    from ..text.tokenizer import CLIPTokenizer
+
+    folder = Path(folder)
+    index = _read_json(folder / "model_index.json")
+    if "unet" not in index:
+        raise CheckpointError(f"{folder}: model_index.json names no unet (is this an SDXL or other pipeline? "
+                              f"class {index.get('_class_name')!r})")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    vae_cfg = _read_json(folder / "vae" / "config.json")
+    text_cfg = _read_json(folder / "text_encoder" / "config.json")
+    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    text = text_config_from_transformers(text_cfg, tokenizer.pad_token_id)
+    config = ModelConfig(
+        unet=unet_config_from_diffusers(unet_cfg), vae=vae_config_from_diffusers(vae_cfg), text=text,
+        schedule=schedule_config_from_diffusers(sched_cfg),
+        family="sd2" if text.activation == "gelu" else "sd1",
+        sample_size=int(unet_cfg.get("sample_size", 64)) * 2 ** (len(vae_cfg["block_out_channels"]) - 1))
+    states = {name: from_diffusers_keys(load_state_dict(weights_file(folder / name)), name)
+              for name in ("unet", "vae", "text_encoder")}
+    return config, states, tokenizer
+
+
+def write_folder(folder: str | Path, config: ModelConfig, states: dict[str, dict[str, torch.Tensor]],
+                 tokenizer: "CLIPTokenizer") -> None:
+    folder = Path(folder)
+    latent_size = config.sample_size // config.vae.downscale_factor
+    configs = {
+        "unet": unet_config_to_diffusers(config.unet, latent_size),
+        "vae": vae_config_to_diffusers(config.vae, config.sample_size),
+        "text_encoder": text_config_to_transformers(config.text),
+    }
+    for name, cfg in configs.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
+        filename = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        save_safetensors(to_diffusers_keys(states[name], name), folder / name / filename, metadata={"format": "pt"})
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(schedule_config_to_diffusers(config.schedule), indent=2))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }, indent=2))

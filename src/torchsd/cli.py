@@ -1,0 +1,142 @@
+"""``torchsd <command>``: each command is a module with ``add_parser(subparsers)`` and ``run(args)``.
+
+Errors a user can fix (bad sizes, unknown samplers, unreadable files) print one line and exit with 2;
+no output file is written unless the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# command modules, in the order `torchsd --help` lists them
+COMMANDS = ["torchsd.cli"]
+EXTRA_COMMANDS: list[str] = []
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
+    return width, height
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"dtype must be one of fp32, fp16, bf16; got {text!r}") from None
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
+    p.add_argument("--dtype", type=parse_dtype, default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--negative-prompt", "-n", default="")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
+    p.add_argument("--sampler", default="ddim", help="e.g. ddim, ddpm, euler_a, 'DPM++ 2M Karras'")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    p.add_argument("--batch", type=int, default=1, dest="batch_size")
+    p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--output", "-o", type=Path, default=None, help="PNG path (batches add -1, -2 …)")
+    add_model_arguments(p)
+
+
+def load_model(args: argparse.Namespace):
+    from .pipeline import load_pipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    return load_pipeline(args.model, device=device, dtype=dtype)
+
+
+def request_from_args(args: argparse.Namespace, **extra):
+    from .pipeline import GenerationRequest
+
+    width, height = args.size if args.size else (None, None)
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
+        guidance_scale=args.guidance_scale, sampler=args.sampler, eta=args.eta, seed=args.seed,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
+
+
+def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
+    if output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return [Path("outputs") / f"{stamp}-{seed}.png" for seed in seeds]
+    if len(seeds) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i + 1}{output.suffix or '.png'}") for i in range(len(seeds))]
+
+
+def save_result(result, output: Path | None) -> list[Path]:
+    from .infotext import save_png
+
+    paths = output_paths(output, result.seeds)
+    for image, infotext, path in zip(result.images, result.infotexts, paths):
+        save_png(image, path, infotext)
+    return paths
+
+
+def run_generation(args: argparse.Namespace, **extra) -> int:
+    request = request_from_args(args, **extra)  # validate before the (slow) model load
+    sd = load_model(args)
+    result = sd.generate(request, progress=True)
+    for path, seed in zip(save_result(result, args.output), result.seeds):
+        print(f"{path}  (seed {seed})")
+    return 0
+
+
+# --- the commands defined here ----------------------------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="text to image")
+    add_generation_arguments(p)
+    p.set_defaults(handler=lambda args: run_generation(args))
+
+    p = subparsers.add_parser("img2img", help="image to image")
+    p.add_argument("image", type=Path)
+    add_generation_arguments(p)
+    p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it")
+    p.set_defaults(handler=lambda args: run_generation(args, init_image=args.image, strength=args.strength))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchsd", description="Stable Diffusion from scratch on PyTorch")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS + EXTRA_COMMANDS:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"torchsd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("torchsd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

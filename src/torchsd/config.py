@@ -1,0 +1,291 @@
+"""Typed, frozen configurations for every network and the noise schedule.
+
+Field names are a serialised API (they are written next to checkpoints), so each says exactly what it
+holds. Validation lives in ``__post_init__`` and raises a ``ValueError`` that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PredictionType(str, enum.Enum):
+    """What the U-Net predicts: the added noise (SD 1.x, SD 2 base) or v = alpha*eps - sigma*x0 (SD 2 768)."""
+
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+
+
+class BetaSchedule(str, enum.Enum):
+    LINEAR = "linear"
+    SCALED_LINEAR = "scaled_linear"  # linear in sqrt(beta): the Stable Diffusion schedule
+    SQUAREDCOS_CAP_V2 = "squaredcos_cap_v2"  # cosine schedule of Nichol & Dhariwal 2021
+
+
+class TimestepSpacing(str, enum.Enum):
+    LEADING = "leading"
+    TRAILING = "trailing"
+    LINSPACE = "linspace"
+
+
+def _check_positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{owner}.{name} must be positive; got {value}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The conditional U-Net. Exactly one of ``num_heads`` (SD 1: a fixed count) and ``head_dim``
+    (SD 2: 64-wide heads, the count grows with the width) is set."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    num_heads: int | None = 8
+    head_dim: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_projection: bool = False
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        _check_positive("UNetConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                        model_channels=self.model_channels, num_res_blocks=self.num_res_blocks,
+                        transformer_depth=self.transformer_depth, context_dim=self.context_dim)
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        if len(self.attention_levels) != len(self.channel_mult):
+            raise ValueError(f"UNetConfig.attention_levels needs one flag per level "
+                             f"({len(self.channel_mult)}); got {len(self.attention_levels)}")
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads (SD 1 style) and head_dim (SD 2 style)")
+        for mult in self.channel_mult:
+            width = self.model_channels * mult
+            if width % self.norm_groups:
+                raise ValueError(f"UNetConfig: width {width} is not divisible by norm_groups={self.norm_groups}")
+            if self.head_dim is not None and width % self.head_dim:
+                raise ValueError(f"UNetConfig: width {width} is not divisible by head_dim={self.head_dim}")
+            if self.num_heads is not None and width % self.num_heads:
+                raise ValueError(f"UNetConfig: width {width} is not divisible by num_heads={self.num_heads}")
+
+    def heads_at(self, width: int) -> int:
+        """Attention head count for a transformer of this channel width."""
+        return self.num_heads if self.num_heads is not None else width // self.head_dim
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """KL autoencoder with downsampling factor 2**(len(channel_mult)-1)."""
+
+    in_channels: int = 3
+    latent_channels: int = 4
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+    def __post_init__(self) -> None:
+        _check_positive("VAEConfig", in_channels=self.in_channels, latent_channels=self.latent_channels,
+                        base_channels=self.base_channels, num_res_blocks=self.num_res_blocks)
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if not self.scaling_factor > 0:
+            raise ValueError(f"VAEConfig.scaling_factor must be positive; got {self.scaling_factor}")
+
+    @property
+    def downscale_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP text transformer: causal, pre-LayerNorm, final LayerNorm."""
+
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (OpenCLIP ViT-H)
+    projection_dim: int = 768  # width of the joint text-image space (used by CLIP guidance and training)
+    pad_token_id: int = 49407  # SD 1 pads with the end token, SD 2 with 0
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        _check_positive("CLIPTextConfig", vocab_size=self.vocab_size, max_positions=self.max_positions,
+                        width=self.width, num_layers=self.num_layers, num_heads=self.num_heads,
+                        ffn_dim=self.ffn_dim, projection_dim=self.projection_dim)
+        if self.width % self.num_heads:
+            raise ValueError(f"CLIPTextConfig: width {self.width} is not divisible by num_heads={self.num_heads}")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIPTextConfig.activation must be 'quick_gelu' or 'gelu'; got {self.activation!r}")
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """CLIP image transformer (ViT): patches, class token, pre-LN blocks, post-LN, projection."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_dim: int = 4096
+    activation: str = "quick_gelu"
+    projection_dim: int = 768
+
+    def __post_init__(self) -> None:
+        _check_positive("CLIPVisionConfig", image_size=self.image_size, patch_size=self.patch_size,
+                        width=self.width, num_layers=self.num_layers, num_heads=self.num_heads,
+                        ffn_dim=self.ffn_dim, projection_dim=self.projection_dim)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"CLIPVisionConfig: width {self.width} is not divisible by num_heads={self.num_heads}")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"CLIPVisionConfig.activation must be 'quick_gelu' or 'gelu'; got {self.activation!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The training noise schedule and how inference picks timesteps from it."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: BetaSchedule = BetaSchedule.SCALED_LINEAR
+    prediction_type: PredictionType = PredictionType.EPSILON
+    timestep_spacing: TimestepSpacing = TimestepSpacing.LEADING
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("ScheduleConfig", num_train_timesteps=self.num_train_timesteps)
+        object.__setattr__(self, "beta_schedule", _enum(BetaSchedule, self.beta_schedule, "beta_schedule"))
+        object.__setattr__(self, "prediction_type", _enum(PredictionType, self.prediction_type, "prediction_type"))
+        object.__setattr__(self, "timestep_spacing", _enum(TimestepSpacing, self.timestep_spacing, "timestep_spacing"))
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(f"ScheduleConfig: need 0 < beta_start < beta_end < 1; got {self.beta_start}, {self.beta_end}")
+        if self.steps_offset < 0:
+            raise ValueError(f"ScheduleConfig.steps_offset must be >= 0; got {self.steps_offset}")
+
+
+def _enum(kind: type[enum.Enum], value: Any, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(repr(v.value) for v in kind)
+        raise ValueError(f"ScheduleConfig.{name} must be one of {valid}; got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole Stable Diffusion model: the three networks, the schedule and how they are used."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    family: str = "sd1"  # "sd1" or "sd2": decides key layouts of single-file checkpoints
+    clip_skip: int = 1  # 1 = last hidden state; n = hidden state -n, then the final LayerNorm
+    sample_size: int = 512  # default image width and height in pixels
+
+    def __post_init__(self) -> None:
+        if self.family not in ("sd1", "sd2"):
+            raise ValueError(f"ModelConfig.family must be 'sd1' or 'sd2'; got {self.family!r}")
+        if not 1 <= self.clip_skip <= self.text.num_layers:
+            raise ValueError(f"ModelConfig.clip_skip must be in 1..{self.text.num_layers}; got {self.clip_skip}")
+        if self.unet.context_dim != self.text.width:
+            raise ValueError(f"ModelConfig: U-Net context_dim {self.unet.context_dim} must equal the text "
+                             f"encoder width {self.text.width}")
+        if self.unet.in_channels not in (self.vae.latent_channels, 2 * self.vae.latent_channels + 1):
+            raise ValueError(f"ModelConfig: U-Net in_channels {self.unet.in_channels} must be the VAE's "
+                             f"latent channels ({self.vae.latent_channels}) or, for inpainting, "
+                             f"{2 * self.vae.latent_channels + 1}")
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    # --- presets -------------------------------------------------------------------------------
+    @classmethod
+    def sd15(cls) -> "ModelConfig":
+        return cls()
+
+    @classmethod
+    def sd21_base(cls) -> "ModelConfig":
+        return cls(
+            unet=UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True),
+            # diffusers and most tools drop the last of OpenCLIP's 24 layers: SD 2 reads the penultimate
+            text=_openclip_h_text(num_layers=23),
+            family="sd2",
+        )
+
+    @classmethod
+    def sd21_v(cls) -> "ModelConfig":
+        base = cls.sd21_base()
+        return dataclasses.replace(
+            base, schedule=dataclasses.replace(base.schedule, prediction_type=PredictionType.V_PREDICTION),
+            sample_size=768)
+
+    @classmethod
+    def tiny(cls, family: str = "sd1") -> "ModelConfig":
+        """A few million parameters: a forward pass well under a second on a CPU. For tests."""
+        if family == "sd2":
+            unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
+                              num_heads=None, head_dim=8, context_dim=64, use_linear_projection=True,
+                              norm_groups=8)
+            text = CLIPTextConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128, activation="gelu",
+                                  projection_dim=64, pad_token_id=0)
+        else:
+            unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
+                              num_heads=2, context_dim=64, norm_groups=8)
+            text = CLIPTextConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128, projection_dim=64)
+        vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+        return cls(unet=unet, vae=vae, text=text, family=family, sample_size=64)
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        def tuples(d: dict) -> dict:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+        return cls(
+            unet=UNetConfig(**tuples(data["unet"])),
+            vae=VAEConfig(**tuples(data["vae"])),
+            text=CLIPTextConfig(**data["text"]),
+            schedule=ScheduleConfig(**data["schedule"]),
+            **{k: v for k, v in data.items() if k not in ("unet", "vae", "text", "schedule")},
+        )
+
+
+def _openclip_h_text(num_layers: int) -> CLIPTextConfig:
+    return CLIPTextConfig(width=1024, num_layers=num_layers, num_heads=16, ffn_dim=4096, activation="gelu",
+                          projection_dim=1024, pad_token_id=0)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value

@@ -1,0 +1,89 @@
+"""Adapters from a U-Net to the one interface every sampler uses: ``denoise(x, sigma) -> x0``.
+
+``x`` is in the sampler's parametrisation x = x0 + sigma * eps (see ``schedules``). The U-Net was
+trained on z_t = sqrt(alpha_bar) * x, so its input is scaled by c_in = 1/sqrt(sigma^2 + 1), the
+timestep is recovered from sigma, and its output (eps or v) is turned into a prediction of x0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from ..config import PredictionType, ScheduleConfig
+from .schedules import timestep_of_sigma, training_sigmas
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class UNetLike(Protocol):
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+
+def sigma_per_image(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """Any scalar or (B,) sigma -> (B,) float32 on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+
+
+class ModelDenoiser:
+    """Wraps an eps- or v-predicting U-Net: ``(x, sigma, context, concat) -> x0``.
+
+    ``concat`` holds extra input channels (mask and masked-image latents of inpainting models)."""
+
+    def __init__(self, unet: UNetLike, schedule: ScheduleConfig):
+        self.unet = unet
+        self.prediction_type = schedule.prediction_type
+        self.log_sigmas = training_sigmas(schedule).log()  # float64, on the CPU: tiny
+        self.sigma_min = float(self.log_sigmas[0].exp())
+        self.sigma_max = float(self.log_sigmas[-1].exp())
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return timestep_of_sigma(self.log_sigmas, sigma.detach().cpu()).to(sigma.device, torch.float32)
+
+    def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                     concat: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = sigma_per_image(sigma, x)
+        c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
+        z = (x * c_in).to(context.dtype)
+        if concat is not None:
+            z = torch.cat([z, concat.to(z.dtype)], dim=1)
+        return self.unet(z, self.timestep(sigma), context).to(x.dtype)
+
+    def x0_from_output(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_per_image(sigma, x)[:, None, None, None]
+        if self.prediction_type is PredictionType.EPSILON:
+            return x - sigma * output
+        # v = alpha * eps - sigma_vp * x0 with alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma*alpha
+        return x / (sigma ** 2 + 1) - output * sigma / (sigma ** 2 + 1).sqrt()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                 concat: torch.Tensor | None = None) -> torch.Tensor:
+        return self.x0_from_output(x, sigma, self.model_output(x, sigma, context, concat))
+
+
+def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
+                             guidance_scale: float, concat: torch.Tensor | None = None,
+                             observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+                             ) -> Denoise:
+    """x0 = x0_uncond + s * (x0_cond - x0_uncond) (Ho & Salimans 2022), both halves in one U-Net call.
+
+    Guidance is linear in the model output, so guiding x0 equals guiding eps or v. ``observer``, if
+    given, sees (sigma, x0_cond, x0_uncond) at every call."""
+    if uncond is None or guidance_scale == 1.0:
+        def denoise_conditional(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return model(x, sigma, cond, concat)
+        return denoise_conditional
+
+    context = torch.cat([uncond, cond])
+    concat2 = None if concat is None else torch.cat([concat, concat])
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_per_image(sigma, x)
+        x0_uncond, x0_cond = model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
+        if observer is not None:
+            observer(sigma, x0_cond, x0_uncond)
+        return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+
+    return denoise

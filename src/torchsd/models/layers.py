@@ -1,0 +1,84 @@
+"""Building blocks shared by the U-Net and the autoencoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
+              causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head scaled dot-product attention; the one place every model attends.
+
+    q: (B, Tq, C), k and v: (B, Tk, C) -> (B, Tq, C). ``mask`` is additive, broadcastable to
+    (B, heads, Tq, Tk). Uses torch SDPA, which picks flash / memory-efficient kernels where it can.
+    """
+    B, Tq, C = q.shape
+    head_dim = C // num_heads
+    q, k, v = (t.view(B, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2).reshape(B, Tq, C)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [cos | sin] as in the original LDM code."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, with an optional timestep embedding added in between."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None, groups: int,
+                 eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. The autoencoder pads asymmetrically (right/bottom), the U-Net symmetrically."""
+
+    def __init__(self, channels: int, *, asymmetric_pad: bool = False):
+        super().__init__()
+        self.asymmetric_pad = asymmetric_pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 nearest-upsampling is slow or missing on some backends; the result is exact in any dtype
+        if x.dtype == torch.bfloat16:
+            return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

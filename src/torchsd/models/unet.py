@@ -1,0 +1,221 @@
+"""The conditional U-Net of latent diffusion: ResBlocks + SpatialTransformers (self-attn, cross-attn, GEGLU).
+
+Layout (SD 1.5 sizes): conv_in -> 4 down levels (320, 640, 1280, 1280 channels; 2 ResBlocks each,
+attention at the first three, a stride-2 conv between levels) -> middle (Res, Attn, Res) -> 4 up levels
+(3 ResBlocks each, fed the matching skip activations) -> GroupNorm, SiLU, conv_out.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import UNetConfig
+from .layers import Downsample, ResnetBlock, Upsample, attention, timestep_embedding
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens to ``context`` (cross) or to themselves (self, context=None)."""
+
+    def __init__(self, query_dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Linear(query_dim, query_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads))
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear to 2x inner width, gate one half by GELU of the other (Shazeer 2020), Linear back."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.proj_in = nn.Linear(dim, inner * 2)
+        self.proj_out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(hidden * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN: self-attention, cross-attention over the text context, feed-forward; each residual."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Treat the feature map as a sequence of H*W tokens and run transformer blocks over it.
+
+    SD 1 projects in and out with 1x1 convs, SD 2 with Linear layers on the token sequence."""
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, depth: int, groups: int,
+                 linear_projection: bool):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        make_proj = (lambda: nn.Linear(channels, channels)) if linear_projection else \
+            (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = make_proj()
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads) for _ in range(depth))
+        self.proj_out = make_proj()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if self.linear_projection:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
+        else:
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_projection:
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
+        return x + h
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: ResBlocks, each optionally followed by a transformer,
+    then an optional resampler (stored under diffusers' name, ``downsamplers`` or ``upsamplers``)."""
+
+    def __init__(self, resnets: list[ResnetBlock], attentions: list[SpatialTransformer] | None,
+                 resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        self.resample_name = resample_name
+        setattr(self, resample_name, nn.ModuleList([resample]) if resample is not None else None)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
+                skips: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down levels return every output as a skip; up levels pop one skip per ResBlock."""
+        outputs = []
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = run(resnet, h, emb)
+            if self.attentions is not None:
+                h = run(self.attentions[i], h, context)
+            outputs.append(h)
+        resample = getattr(self, self.resample_name)
+        if resample is not None:
+            h = resample[0](h)
+            outputs.append(h)
+        return h, outputs
+
+
+class MidBlock(nn.Module):
+    """ResBlock, transformer, ResBlock at the lowest resolution."""
+
+    def __init__(self, resnets: list[ResnetBlock], attention: SpatialTransformer):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList([attention])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
+        h = run(self.resnets[0], h, emb)
+        h = run(self.attentions[0], h, context)
+        return run(self.resnets[1], h, emb)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        c = config
+        widths = [c.model_channels * m for m in c.channel_mult]
+        temb = c.time_embed_dim
+
+        def res(cin: int, cout: int) -> ResnetBlock:
+            return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_groups, eps=1e-5)
+
+        def transformer(width: int) -> SpatialTransformer:
+            return SpatialTransformer(width, c.context_dim, c.heads_at(width), c.transformer_depth,
+                                      c.norm_groups, c.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
+        self.time_embedding = nn.Sequential()
+        self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
+        self.time_embedding.add_module("act", nn.SiLU())
+        self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
+
+        # Down path; remember the width of every activation that is kept as a skip connection.
+        skip_widths = [c.model_channels]
+        self.down_blocks = nn.ModuleList()
+        cin = c.model_channels
+        for level, width in enumerate(widths):
+            last = level == len(widths) - 1
+            resnets, attns = [], []
+            for _ in range(c.num_res_blocks):
+                resnets.append(res(cin, width))
+                attns.append(transformer(width))
+                cin = width
+                skip_widths.append(width)
+            down = None if last else Downsample(width)
+            if not last:
+                skip_widths.append(width)
+            self.down_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, down, "downsamplers"))
+
+        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin))
+
+        self.up_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            resnets, attns = [], []
+            for _ in range(c.num_res_blocks + 1):
+                resnets.append(res(cin + skip_widths.pop(), width))
+                attns.append(transformer(width))
+                cin = width
+            up = Upsample(width) if level > 0 else None
+            self.up_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, up, "upsamplers"))
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_groups, cin, eps=1e-5)
+        self.conv_out = nn.Conv2d(cin, c.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (B, T, context_dim)."""
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
+        emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, outputs = block(h, emb, context, self._run)
+            skips.extend(outputs)
+        h = self.mid_block(h, emb, context, self._run)
+        for block in self.up_blocks:
+            h, _ = block(h, emb, context, self._run, skips=skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
