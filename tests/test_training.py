@@ -169,7 +169,7 @@ def test_lora_run_lowers_the_loss_and_leaves_base_weights(tmp_path, frozen_parts
     run_task(config)
     state = trained_state(config)
     after = fixed_loss(config, state)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.97 * before, (before, after)  # only the attention projections learn
     lora = load_file(tmp_path / "lora" / "lora.safetensors")
     downs = [k for k in lora if k.endswith(".lora_down.weight")]
     assert downs and all(k.startswith("lora_unet_") for k in downs)

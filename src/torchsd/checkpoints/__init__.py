@@ -14,10 +14,15 @@ if TYPE_CHECKING:
     from ..pipeline import StableDiffusion
 
 BUNDLED_MODEL = "torchsd-shapes.safetensors"
+BUNDLED_CLIP = "torchsd-shapes-clip.safetensors"  # the joint CLIP whose text tower the bundled model uses
 
 
 def bundled_model_path() -> Path:
     return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_MODEL)))
+
+
+def bundled_clip_path() -> Path:
+    return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_CLIP)))
 
 
 def load_pipeline(path: str | Path | None = None, *, device: torch.device | str | None = None,

@@ -53,6 +53,7 @@ class TrainConfig:
     kl_weight: float = 1e-6
     disc_start: int = 0  # step at which the patch discriminator joins; 0 = never
     disc_weight: float = 0.1
+    decoder_only: bool = False  # fine-tune only the decoder of --vae (the latent space stays as it is)
     # LoRA
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.decoder_only and not self.vae:
+            raise ValueError("--decoder-only fine-tunes an existing autoencoder: give it with --vae PATH")
         if self.task == "lora" and not self.model:
             raise ValueError("LoRA training needs a base model: --model PATH")
         if self.task == "unet" and not self.model and not (self.vae and self.clip):

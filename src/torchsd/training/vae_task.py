@@ -40,7 +40,16 @@ class VAETask:
 
     def __init__(self, config: TrainConfig, dist: Distributed):
         self.config, self.dist = config, dist
-        self.model = AutoencoderKL(presets.vae_config(config.preset))
+        if config.vae:
+            from .artifacts import load_vae
+
+            self.model = load_vae(config.vae)
+        else:
+            self.model = AutoencoderKL(presets.vae_config(config.preset))
+        if config.decoder_only:
+            # as SD's ft-MSE decoders: the encoder, hence every latent a U-Net was trained on, is untouched
+            self.model.encoder.requires_grad_(False)
+            self.model.quant_conv.requires_grad_(False)
         self.discriminator = PatchDiscriminator().to(dist.device) if config.disc_start > 0 else None
         self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) \
             if self.discriminator is not None else None
@@ -100,7 +109,8 @@ class VAETask:
     def export(self, model, output: Path) -> list[Path]:
         import dataclasses
 
-        config = dataclasses.replace(model.config, scaling_factor=round(self.scaling_factor(model), 5))
+        scaling = model.config.scaling_factor if self.config.decoder_only else round(self.scaling_factor(model), 5)
+        config = dataclasses.replace(model.config, scaling_factor=scaling)
         model.config = config
         path = output / "vae.safetensors"
         save_component(path, "vae", model, config)
