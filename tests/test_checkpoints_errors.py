@@ -113,13 +113,17 @@ def test_unsupported_families_are_refused_by_name(tmp_path, sd1_state, extra, me
         torchsd.load_pipeline(path)
 
 
-def test_instruct_pix2pix_is_refused_by_its_input_channels(tmp_path, sd1_state):
+@pytest.mark.parametrize("channels, message", [
+    (8, "InstructPix2Pix model \\(a U-Net with 8 input channels\\)"),
+    (5, "do not make a Stable Diffusion 1.x model torchsd runs.*in_channels 5 must be the VAE's latent channels"),
+])
+def test_unknown_input_channels_are_refused(tmp_path, sd1_state, channels, message):
     state = dict(sd1_state)
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    state[key] = torch.zeros(state[key].shape[0], 8, 3, 3)
-    save_file(state, str(tmp_path / "ip2p.safetensors"))
-    with pytest.raises(CheckpointError, match="InstructPix2Pix model \\(a U-Net with 8 input channels\\)"):
-        torchsd.load_pipeline(tmp_path / "ip2p.safetensors")
+    state[key] = torch.zeros(state[key].shape[0], channels, 3, 3)
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        torchsd.load_pipeline(tmp_path / "other.safetensors")
 
 
 def test_missing_keys_are_named_with_the_likely_cause(tmp_path, sd1_state):
