@@ -16,7 +16,10 @@ import torch
 
 # command modules, in the order `torchsd --help` lists them
 COMMANDS = ["torchsd.cli"]
-EXTRA_COMMANDS: list[str] = ["torchsd.training.cli"]
+EXTRA_COMMANDS: list[str] = [
+    "torchsd.checkpoints.cli",
+    "torchsd.training.cli",
+]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -41,6 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)")
+    p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +67,7 @@ def load_model(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    return load_pipeline(args.model, device=device, dtype=dtype)
+    return load_pipeline(args.model, device=device, dtype=dtype, vae=getattr(args, "vae", None))
 
 
 def request_from_args(args: argparse.Namespace, **extra):
