@@ -253,3 +253,14 @@ def test_artifacts_refuse_the_wrong_kind(frozen_parts):
     assert load_clip(frozen_parts / "clip.safetensors").text.config == presets.clip_configs("tiny")[0]
     with pytest.raises(CheckpointError, match="expected a vae"):
         load_vae(frozen_parts / "clip.safetensors")
+
+
+def test_vae_patch_discriminator_joins_after_warm_up(tmp_path):
+    import csv
+
+    config = small_config(tmp_path, "vae", steps=4, disc_start=2, log_every=1)
+    run_task(config)
+    rows = list(csv.DictReader(open(tmp_path / "vae" / "metrics.csv")))
+    assert len(rows) == 4 and float(rows[0]["g_loss"]) == 0.0 and float(rows[-1]["g_loss"]) != 0.0
+    state = torch.load(tmp_path / "vae" / "state.pt", weights_only=True)
+    assert state["task"]["discriminator"], "the discriminator's weights are checkpointed for --resume"

@@ -203,8 +203,9 @@ def _progress(total: int, start: int):
 
 def _log(path: Path, row: dict) -> None:
     new = not path.exists()
+    fields = list(row) if new else next(csv.reader(open(path)))
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

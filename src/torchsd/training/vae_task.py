@@ -53,6 +53,7 @@ class VAETask:
         self.discriminator = PatchDiscriminator().to(dist.device) if config.disc_start > 0 else None
         self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=config.lr, betas=(0.5, 0.9)) \
             if self.discriminator is not None else None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         held_out = build_dataset(config.data, config.resolution, seed=HELD_OUT_SEED, length=100)
         self.held_out = torch.stack([held_out[i][0] for i in range(len(held_out))])
 
@@ -69,12 +70,14 @@ class VAETask:
         kl = posterior.kl().mean()
         loss = rec + self.config.kl_weight * kl
         logs = {"rec": rec.item(), "kl": kl.item()}
+        if self.discriminator is not None:
+            logs["g_loss"] = 0.0  # a fixed set of columns in metrics.csv
         if self.discriminator is not None and step >= self.config.disc_start:
             # generator side: fool the discriminator (hinge GAN loss)
             g_loss = -self.discriminator(recon.float()).mean()
             loss = loss + self.config.disc_weight * g_loss
-            self._disc_step(images, recon.detach().float())
-            logs["g_loss"] = float(g_loss)
+            self._pending = (images, recon.detach().float())  # the discriminator learns after this step
+            logs["g_loss"] = g_loss.item()
         return loss, logs
 
     def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> None:
@@ -85,7 +88,9 @@ class VAETask:
             self.disc_optimizer.step()
 
     def after_step(self, step):
-        pass
+        if self._pending is not None:
+            self._disc_step(*self._pending)
+            self._pending = None
 
     @torch.no_grad()
     def reconstruct(self, model, images: torch.Tensor) -> torch.Tensor:
