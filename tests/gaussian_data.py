@@ -33,11 +33,16 @@ def whitened_normal(n: int, seed: int = 0) -> torch.Tensor:
     return (xi - xi.mean(0)) / xi.std(0)
 
 
-def flow_error(sampler, sigmas: torch.Tensor, **options) -> float:
-    """max |x_numeric - x_exact| at sigmas[-1], from x(sigmas[0]) = mu + marginal std (one unit point)."""
+def flow_error(name: str, sigmas: torch.Tensor, **options) -> float:
+    """max |x_numeric - x_exact| at sigmas[-1] for the registered sampler ``name``, from
+    x(sigmas[0]) = mu + the marginal std (one point, one unit deviation per dimension)."""
+    from torchsd.diffusion.samplers import SAMPLERS
+
+    spec = SAMPLERS[name]
     start, end = float(sigmas[0]), float(sigmas[-1])
     x = MU + marginal_std(start) * torch.ones(1, 3, dtype=torch.float64)
-    out = sampler(ideal_denoiser, x, sigmas, generator=torch.Generator().manual_seed(0), **options)
+    out = spec.function(ideal_denoiser, x, sigmas, generator=torch.Generator().manual_seed(0),
+                        **{**spec.options, **options})
     return float((out - exact_flow(x, start, end)).abs().max())
 
 

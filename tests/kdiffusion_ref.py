@@ -52,3 +52,31 @@ def load_external() -> types.ModuleType:
     """k_diffusion.external: the discrete-schedule denoisers AUTOMATIC1111 wraps its model in."""
     load_sampling()
     return _load("external")
+
+
+class BrownianPath:
+    """A Brownian motion W in sigma, extended downward from the first level with normal increments drawn from
+    ``generator``: a stand-in for k-diffusion's torchsde ``BrownianTreeNoiseSampler`` (the same law) whose
+    numbers come from a torch generator, so that they can be matched.
+
+    Called as k-diffusion calls a noise sampler, ``(sigma, sigma_next)`` with sigma already on the path, it returns
+    (W(sigma_next) - W(sigma)) / sqrt(sigma - sigma_next): intervals that overlap share their increments."""
+
+    def __init__(self, like, generator):
+        self.like, self.generator = like, generator
+        self.points: dict[float, object] = {}  # sigma -> W(sigma)
+
+    def _at(self, sigma: float):
+        return self.points[min(self.points, key=lambda known: abs(known - sigma))]
+
+    def __call__(self, sigma, sigma_next):
+        import torch
+
+        sigma, sigma_next = float(sigma), float(sigma_next)
+        if not self.points:
+            self.points[sigma] = torch.zeros_like(self.like)
+        lowest = min(self.points)
+        if sigma_next < lowest * (1 - 1e-6):
+            step = torch.randn(self.like.shape, generator=self.generator, dtype=self.like.dtype)
+            self.points[sigma_next] = self.points[lowest] + (lowest - sigma_next) ** 0.5 * step
+        return (self._at(sigma_next) - self._at(sigma)) / (sigma - sigma_next) ** 0.5

@@ -52,7 +52,7 @@ def measured_order(name: str, options: dict, coarse: int = 32, fine: int = 128) 
     """The slope of log(error) against log(steps) between ``coarse`` and ``fine`` steps on evenly spaced
     log-sigma levels from sigma_max down to sigma_min (no final jump to 0, which every sampler takes as a
     first-order step)."""
-    errors = [flow_error(SAMPLERS[name].function, exponential_sigmas(SIGMA_MIN, SIGMA_MAX, n + 1), **options)
+    errors = [flow_error(name, exponential_sigmas(SIGMA_MIN, SIGMA_MAX, n + 1), **options)
               for n in (coarse, fine)]
     return math.log(errors[0] / errors[1]) / math.log(fine / coarse)
 

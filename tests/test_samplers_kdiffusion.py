@@ -1,8 +1,8 @@
 """Our samplers against k-diffusion's functions (what AUTOMATIC1111 runs) on the same tiny U-Net.
 
 k-diffusion's side is all k-diffusion: its discrete-schedule eps denoiser around our U-Net, its schedules and its
-``sample_*``; ours is ``ModelDenoiser`` and our registry. Stochastic samplers get a k-diffusion ``noise_sampler``
-that draws from a generator seeded like ours, so the noise streams are the same.
+``sample_*``; ours is ``ModelDenoiser`` and our registry. Stochastic samplers get, instead of k-diffusion's
+torchsde Brownian tree, a Brownian path drawn from a generator seeded like ours, so the noise is the same.
 """
 
 import inspect
@@ -10,10 +10,9 @@ import inspect
 import pytest
 import torch
 
-from kdiffusion_ref import load_external, load_sampling
+from kdiffusion_ref import BrownianPath, load_external, load_sampling
 from reference import max_rel_error, random_pipeline
 from torchsd.diffusion.denoisers import classifier_free_guidance
-from torchsd.diffusion.noise import randn_like
 from torchsd.diffusion.samplers import build_sigmas, get_sampler, resolve_sampler
 from torchsd.diffusion.schedules import alphas_cumprod
 
@@ -115,8 +114,7 @@ def test_sampler_matches_kdiffusion(setup, name, k_function, k_options, options,
     function = getattr(load_sampling(), k_function)
     k_kwargs = dict(k_options, disable=True)
     if "noise_sampler" in inspect.signature(function).parameters:
-        k_generator = torch.Generator().manual_seed(seed)
-        k_kwargs["noise_sampler"] = lambda sigma, sigma_next: randn_like(x, [k_generator])
+        k_kwargs["noise_sampler"] = BrownianPath(x, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         theirs = function(k_model, x.clone(), sigmas, **k_kwargs)
     mine = spec.function(ours, x.clone(), sigmas, generator=[torch.Generator().manual_seed(seed)],

@@ -19,6 +19,7 @@ import inspect
 import pytest
 import torch
 
+from kdiffusion_ref import BrownianPath
 from reference import diffusers_unet, max_rel_error, random_pipeline
 from torchsd.diffusion.denoisers import ModelDenoiser, classifier_free_guidance
 from torchsd.diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler
@@ -125,8 +126,8 @@ def reference_levels(scheduler) -> torch.Tensor:
 
 def run_diffusers(scheduler, unet, context, latents, case: Case, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    if case.reference == "DPMSolverSDEScheduler":  # give it our noise instead of its Brownian tree
-        scheduler.noise_sampler = lambda sigma, sigma_next: torch.randn(latents.shape, generator=generator)
+    if case.reference == "DPMSolverSDEScheduler":  # a Brownian path from our generator instead of its tree
+        scheduler.noise_sampler = BrownianPath(latents, generator)
     accepts = inspect.signature(scheduler.step).parameters
     step_options = dict(case.step_options, **({"generator": generator} if "generator" in accepts else {}))
     with torch.no_grad():
@@ -177,3 +178,35 @@ def test_final_latents_match_diffusers(models, case, prediction):
     theirs = run_diffusers(reference, unet, context, start, case, seed)
     assert torch.isfinite(ours).all()
     assert max_rel_error(ours, theirs) < TOL
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("samplers") / "model"
+    random_pipeline("sd1").save(path)
+    return path
+
+
+@pytest.mark.parametrize("sampler, scheduler, reference, config", [
+    ("Euler a", "automatic", "EulerAncestralDiscreteScheduler", {}),
+    ("Heun", "karras", "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+])
+def test_whole_pipeline_matches_diffusers_pipeline(folder, sampler, scheduler, reference, config):
+    """End to end, first sample, schedule, noise stream and final latents included."""
+    import diffusers
+
+    import torchsd
+
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # the tiny VAE scales by 2
+    sd = torchsd.load_pipeline(folder)
+    ours = sd.generate("a red circle", "blurry", steps=6, guidance_scale=5.0, sampler=sampler, scheduler=scheduler,
+                       width=32, height=32, latents=noise, seed=7)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    # the saved config names the model's "leading" spacing (for DDIM); the SD 1.5 config on the Hub names none,
+    # which gives these classes their own default, linspace: the levels of k-diffusion and of our "normal"
+    config = {**config, "timestep_spacing": "linspace"}
+    pipe.scheduler = getattr(diffusers, reference).from_config(pipe.scheduler.config, **config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red circle", negative_prompt="blurry", num_inference_steps=6, guidance_scale=5.0, width=32,
+                  height=32, latents=noise, generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert max_rel_error(ours.latents, theirs) < TOL

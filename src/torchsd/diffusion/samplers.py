@@ -15,8 +15,8 @@ Which reference each one matches (tests/test_samplers_parity.py checks them on t
                      k-diffusion = diffusers DPMSolverMultistepScheduler (dpmsolver++ / sde-dpmsolver++, whose
                      noise stream is the same) on the same levels
   dpmpp_2s_a         k-diffusion only (diffusers has no ancestral single-step solver)
-  dpmpp_sde          k-diffusion's function = diffusers DPMSolverSDEScheduler, both given our noise: they draw it
-                     from a torchsde Brownian tree, we draw plain normal noise from the image's generator
+  dpmpp_sde          k-diffusion = diffusers DPMSolverSDEScheduler: they draw a Brownian path from a torchsde tree,
+                     we draw the same path's increments from the image's generator (same law, other numbers)
   unipc              diffusers UniPCMultistepScheduler (bh2, order 2); AUTOMATIC1111 defaults to bh1, order 3
   lcm                diffusers LCMScheduler, minus its c_skip/c_out (< 1e-5 here), as AUTOMATIC1111 does
 

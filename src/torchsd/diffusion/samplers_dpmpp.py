@@ -73,8 +73,9 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
     """Stochastic DPM-Solver++ (k-diffusion's ``sample_dpmpp_sde``, r = 1/2): two ancestral first-order
     substeps per step, the second from the start with x0 taken at the midpoint in lambda.
 
-    k-diffusion and AUTOMATIC1111 draw this noise from a Brownian tree (torchsde) seeded per image; here each
-    substep draws independent normal noise from the image's generator, which has the same distribution."""
+    The noise is a Brownian path in sigma, as k-diffusion's Brownian tree draws it: the whole step's increment
+    extends the half step's. k-diffusion and AUTOMATIC1111 seed a torchsde tree per image; here the increments
+    come from the image's generator: the same law, other numbers."""
     levels = sigmas.tolist()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
@@ -83,10 +84,13 @@ def sample_dpmpp_sde(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
             x = x0
         else:
             sigma_mid = math.sqrt(sigma * sigma_next)
+            noise_mid = randn_like(x, generator)  # (W(sigma_mid) - W(sigma)) / sqrt(sigma - sigma_mid)
             down, up = ancestral_step(sigma, sigma_mid, eta)
-            x_mid = _first_order(x, x0, sigma, down) + up * randn_like(x, generator)
+            x_mid = _first_order(x, x0, sigma, down) + up * noise_mid
+            share = (sigma - sigma_mid) / (sigma - sigma_next)  # of the whole step's Brownian variance
+            noise = math.sqrt(share) * noise_mid + math.sqrt(1 - share) * randn_like(x, generator)
             down, up = ancestral_step(sigma, sigma_next, eta)
-            x = _first_order(x, denoise(x_mid, sigma_mid), sigma, down) + up * randn_like(x, generator)
+            x = _first_order(x, denoise(x_mid, sigma_mid), sigma, down) + up * noise
         notify(callback, i, levels, x, x0)
     return x
 

@@ -123,7 +123,8 @@ def noise_levels(config: ScheduleConfig, steps: int, scheduler: Scheduler, spaci
     if steps < 1:
         raise ValueError(f"steps must be at least 1; got {steps}")
     sigmas = scheduler.levels(config, steps, spacing)
-    last = final_sigma if scheduler.model_timesteps else 0.0
+    # a run that already visits timestep 0 (linspace spacing) ends at 0 rather than repeat its level
+    last = final_sigma if scheduler.model_timesteps and final_sigma < float(sigmas[-1]) else 0.0
     return torch.cat([sigmas, sigmas.new_tensor([last])])
 
 
