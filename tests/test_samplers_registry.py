@@ -24,7 +24,7 @@ SD15 = ScheduleConfig()
     ("DPM2", "dpm2", "karras"), ("DPM2 a", "dpm2_a", "karras"), ("k_dpm_2_a", "dpm2_a", "karras"),
     ("DPM++ 2M", "dpmpp_2m", "karras"), ("dpm++ 2m", "dpmpp_2m", "karras"), ("DPM++ 2S a", "dpmpp_2s_a", "karras"),
     ("DPM++ SDE", "dpmpp_sde", "karras"), ("DPM++ 2M SDE", "dpmpp_2m_sde", "exponential"),
-    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "exponential"), ("UniPC", "unipc", "normal"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "exponential"), ("UniPC", "unipc", "sgm_uniform"),
     ("LCM", "lcm", "lcm"), ("DDIM", "ddim", "normal"), ("DDPM", "ddpm", "normal"),
     # AUTOMATIC1111's combined names from before it had a separate schedule type
     ("DPM++ 2M Karras", "dpmpp_2m", "karras"), ("Euler Karras", "euler", "karras"),
@@ -122,9 +122,11 @@ def test_every_schedule_starts_high_decreases_and_ends_at_its_last_level(schedul
         sigmas = build_sigmas(SD15, 12, get_sampler(name), scheduler)
         assert len(sigmas) == 13 and sigmas.dtype == torch.float64
         assert (sigmas[1:] < sigmas[:-1]).all()
-        visits_t0 = scheduler == "linspace"  # then DDIM ends at 0 rather than repeat the level of t=0
-        ends_at_alpha_bar_0 = name == "ddim" and SCHEDULERS[scheduler].model_timesteps and not visits_t0
+        # DDIM ends at the level of timestep 0, unless its levels got there already: then at 0
+        reaches_t0 = scheduler in ("linspace", "karras", "exponential")
+        ends_at_alpha_bar_0 = name == "ddim" and not reaches_t0
         assert float(sigmas[-1]) == (pytest.approx(0.0292, abs=1e-4) if ends_at_alpha_bar_0 else 0.0)
+        assert float(sigmas[-2]) > 0.0292 - 1e-4
 
 
 def test_infotext_names_the_schedule_type_and_the_cli_takes_it(tmp_path):
@@ -150,3 +152,20 @@ def test_cli_refuses_an_unknown_scheduler_with_exit_2(tmp_path, capsys):
     assert main(["generate", "a cat", "--scheduler", "karas", "--output", str(out)]) == 2
     assert "unknown scheduler 'karas'. Did you mean 'karras'?" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_unipc_visits_diffusers_unipc_timesteps_then_ends_at_timestep_0(steps):
+    """AUTOMATIC1111's UniPC levels: n + 1 timesteps evenly from 999 to 0. diffusers' UniPC visits the first n
+    of them (rounded to integers) and then jumps to sigma 0; ours end at timestep 0's level instead."""
+    from diffusers import UniPCMultistepScheduler
+
+    from torchsd.diffusion.schedules import timestep_of_sigma, training_sigmas
+
+    reference = UniPCMultistepScheduler.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                     "beta_end": 0.012})
+    reference.set_timesteps(steps)
+    sigmas = build_sigmas(SD15, steps, get_sampler("unipc"))
+    timesteps = timestep_of_sigma(training_sigmas(SD15).log(), sigmas[:-1])
+    assert timesteps.round().long().tolist() == reference.timesteps.tolist()
+    assert float(sigmas[-1]) == pytest.approx(float(training_sigmas(SD15)[0]))

@@ -17,7 +17,8 @@ Which reference each one matches (tests/test_samplers_parity.py checks them on t
   dpmpp_2s_a         k-diffusion only (diffusers has no ancestral single-step solver)
   dpmpp_sde          k-diffusion = diffusers DPMSolverSDEScheduler: they draw a Brownian path from a torchsde tree,
                      we draw the same path's increments from the image's generator (same law, other numbers)
-  unipc              diffusers UniPCMultistepScheduler (bh2, order 2); AUTOMATIC1111 defaults to bh1, order 3
+  unipc              diffusers UniPCMultistepScheduler (bh2, order 2) on AUTOMATIC1111's UniPC levels
+                     (AUTOMATIC1111's own defaults are bh1, order 3: options variant="bh1", order=3)
   lcm                diffusers LCMScheduler, minus its c_skip/c_out (< 1e-5 here), as AUTOMATIC1111 does
 
 Where AUTOMATIC1111 and diffusers disagree we follow AUTOMATIC1111: its "Automatic" schedule per sampler
@@ -49,8 +50,8 @@ from .stepping import Callback, Step  # noqa: F401  (part of this module's API)
 class SamplerSpec:
     """A registered sampler.
 
-    ``final``: "alpha_bar_0" ends a run on the model's own timesteps at the noise level of t=0 unless the
-    schedule sets alpha to one (DDIM's convention); "zero" ends fully denoised. ``init_noise``: how unit noise
+    ``final``: "alpha_bar_0" ends a run at the noise level of t=0 unless the schedule sets alpha to one or the
+    levels reach it anyway (DDIM's convention); "zero" ends fully denoised. ``init_noise``: how unit noise
     is scaled to the first level: "vp" gives z_T = noise exactly, i.e. x = noise * sqrt(1 + sigma_max^2);
     "sigma" gives noise * sigma_max (k-diffusion). ``scheduler``: what "automatic" means for this sampler.
     ``spacing``: the timesteps "normal" visits, None for the model's own. ``options``: fixed keyword arguments."""
@@ -102,7 +103,11 @@ register(SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", aliase
 register(SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde, "DPM++ 2M SDE Heun", aliases=("k_dpmpp_2m_sde_heun",),
                      stochastic=True, scheduler="exponential", options={"solver_type": "heun"}, **_K))
 # newer solvers
-register(SamplerSpec("unipc", sample_unipc, "UniPC", spacing=_LINSPACE))
+# AUTOMATIC1111's UniPC levels: n + 1 timesteps from 999 to 0, all visited, ending at the level of timestep 0.
+# (k-diffusion's linspace then a jump to 0 makes the step before the jump very uneven, which a multistep
+# solver extrapolates badly; diffusers' levels jump to 0 from timestep ~50, which blurs.)
+register(SamplerSpec("unipc", sample_unipc, "UniPC", final="alpha_bar_0", scheduler="sgm_uniform",
+                     spacing=_LINSPACE))
 register(SamplerSpec("lcm", sample_lcm, "LCM", aliases=("k_lcm",), stochastic=True, scheduler="lcm"))
 
 

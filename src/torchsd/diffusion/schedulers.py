@@ -8,8 +8,8 @@
 ``sgm_uniform``  n timesteps evenly spaced from the last one, excluding timestep 0 (Stability's sgm code)
 ``lcm``          the LCM distillation grid (every 20th timestep), subsampled as diffusers' ``LCMScheduler``
 
-A run ends at sigma = 0, except on the model's own timesteps where the sampler may end at the noise level
-of timestep 0 (DDIM's convention). Everything is float64 on the CPU.
+A run ends at sigma = 0, or for DDIM, PLMS and UniPC at the noise level of timestep 0 (the original code's
+convention) unless its levels reached that already. Everything is float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class Scheduler:
     label: str  # the AUTOMATIC1111 name
     levels: Levels | None  # (schedule, n, the sampler's spacing) -> the n levels, noisiest first; None: automatic
     aliases: tuple[str, ...] = ()
-    model_timesteps: bool = False  # visits the model's own timesteps, so the sampler's last level applies
 
 
 def _normal(config: ScheduleConfig, n: int, spacing: TimestepSpacing) -> torch.Tensor:
@@ -78,15 +77,14 @@ def _lcm(config: ScheduleConfig, n: int, _: TimestepSpacing) -> torch.Tensor:
 
 SCHEDULERS: dict[str, Scheduler] = {s.name: s for s in (
     Scheduler("automatic", "Automatic", None),
-    Scheduler("normal", "Normal", _normal, aliases=("uniform",), model_timesteps=True),
+    Scheduler("normal", "Normal", _normal, aliases=("uniform",)),
     Scheduler("karras", "Karras", _karras, aliases=("ka",)),
     Scheduler("exponential", "Exponential", _exponential),
     Scheduler("sgm_uniform", "SGM Uniform", _sgm_uniform, aliases=("sgmuniform",)),
     Scheduler("lcm", "LCM", _lcm),
-    Scheduler("leading", "Leading", _spaced(TimestepSpacing.LEADING), aliases=("ddim_uniform",),
-              model_timesteps=True),
-    Scheduler("trailing", "Trailing", _spaced(TimestepSpacing.TRAILING), model_timesteps=True),
-    Scheduler("linspace", "Linspace", _spaced(TimestepSpacing.LINSPACE), model_timesteps=True),
+    Scheduler("leading", "Leading", _spaced(TimestepSpacing.LEADING), aliases=("ddim_uniform",)),
+    Scheduler("trailing", "Trailing", _spaced(TimestepSpacing.TRAILING)),
+    Scheduler("linspace", "Linspace", _spaced(TimestepSpacing.LINSPACE)),
 )}
 
 
@@ -116,15 +114,15 @@ def get_scheduler(name: str) -> Scheduler:
 
 def noise_levels(config: ScheduleConfig, steps: int, scheduler: Scheduler, spacing: TimestepSpacing,
                  final_sigma: float = 0.0) -> torch.Tensor:
-    """The steps + 1 levels a run visits: ``scheduler``'s ``steps`` levels, then the last one. ``final_sigma``
-    is where a sampler on the model's own timesteps ends (0, or the noise level of timestep 0 for DDIM)."""
+    """The steps + 1 levels a run visits: ``scheduler``'s ``steps`` levels, then where the sampler ends,
+    ``final_sigma``: 0, or the noise level of timestep 0 (DDIM's convention), or 0 when the levels got there."""
     if scheduler.levels is None:
         raise ValueError("resolve 'automatic' to the sampler's own scheduler before building levels")
     if steps < 1:
         raise ValueError(f"steps must be at least 1; got {steps}")
     sigmas = scheduler.levels(config, steps, spacing)
-    # a run that already visits timestep 0 (linspace spacing) ends at 0 rather than repeat its level
-    last = final_sigma if scheduler.model_timesteps and final_sigma < float(sigmas[-1]) else 0.0
+    # levels that reach timestep 0 already (linspace, Karras, ...) end at 0 rather than repeat that level
+    last = final_sigma if final_sigma < float(sigmas[-1]) * (1 - 1e-6) else 0.0
     return torch.cat([sigmas, sigmas.new_tensor([last])])
 
 
