@@ -52,8 +52,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
-    p.add_argument("--sampler", default="ddim", help="e.g. ddim, ddpm, euler_a, 'DPM++ 2M Karras'")
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--sampler", default="ddim", help="e.g. ddim, euler_a, dpmpp_2m, 'DPM++ 2M Karras'")
+    p.add_argument("--scheduler", default="automatic",
+                   help="schedule type: automatic (the sampler's own), normal, karras, exponential, sgm_uniform, "
+                        "lcm, leading, trailing, linspace")
+    p.add_argument("--eta", type=float, default=None, help="noise of DDIM and the ancestral/SDE samplers "
+                                                           "(default: 0 for DDIM, 1 for the others)")
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     p.add_argument("--batch", type=int, default=1, dest="batch_size")
@@ -76,8 +80,8 @@ def request_from_args(args: argparse.Namespace, **extra):
     width, height = args.size if args.size else (None, None)
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
-        guidance_scale=args.guidance_scale, sampler=args.sampler, eta=args.eta, seed=args.seed,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
+        guidance_scale=args.guidance_scale, sampler=args.sampler, scheduler=args.scheduler, eta=args.eta,
+        seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
 
 
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:

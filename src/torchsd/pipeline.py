@@ -20,7 +20,8 @@ from PIL import Image
 from .config import ModelConfig
 from .diffusion.denoisers import ModelDenoiser, classifier_free_guidance
 from .diffusion.noise import make_generators, randn, random_seed
-from .diffusion.samplers import Step, build_sigmas, get_sampler, initial_noise_scale
+from .diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler
+from .diffusion.schedulers import img2img_start
 from .images import open_image, pil_to_tensor, tensor_to_pil
 from .infotext import format_infotext
 from .models.clip import CLIPTextModel
@@ -38,7 +39,9 @@ class GenerationRequest:
     """Everything that decides an image. The CLI builds it from flags, the server from JSON, tests directly.
 
     ``width``/``height`` None means the model's native size (or the init image's, for image-to-image).
-    ``latents``: unit-variance initial noise (B, C, h, w); the sampler scales it to its first noise level."""
+    ``latents``: unit-variance initial noise (B, C, h, w); the sampler scales it to its first noise level.
+    ``scheduler``: the schedule type ("karras", …); "automatic" is the sampler's own (AUTOMATIC1111's choice).
+    ``eta``: the noise of DDIM and the ancestral/SDE samplers; None is the sampler's default (0 for DDIM, else 1)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -47,7 +50,8 @@ class GenerationRequest:
     steps: int = 30
     guidance_scale: float = 7.5
     sampler: str = "ddim"
-    eta: float = 0.0
+    scheduler: str = "automatic"
+    eta: float | None = None
     seed: int | None = None
     batch_size: int = 1
     init_image: Image.Image | str | Path | None = None
@@ -72,7 +76,7 @@ class GenerationRequest:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}; got {self.batch_size}")
         if not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number; got {self.guidance_scale}")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
+        if self.eta is not None and not (math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0; got {self.eta}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1 (0 keeps the image, 1 ignores it); got {self.strength}")
@@ -80,7 +84,7 @@ class GenerationRequest:
             raise ValueError(f"seed must be a non-negative integer below 2**63 (or None for random); got {self.seed}")
         if self.clip_skip is not None and self.clip_skip < 1:
             raise ValueError(f"clip_skip must be at least 1; got {self.clip_skip}")
-        get_sampler(self.sampler)  # raises with the valid names
+        resolve_sampler(self.sampler, self.scheduler)  # raises with the valid names
         if self.init_image is not None:
             object.__setattr__(self, "init_image", open_image(self.init_image, what="init image"))
         if self.latents is not None and self.latents.shape[0] != self.batch_size:
@@ -178,7 +182,7 @@ class StableDiffusion:
     @torch.no_grad()
     def run(self, request: GenerationRequest, *, progress: bool = False,
             callback: Callable[[Step], None] | None = None) -> GenerationResult:
-        spec = get_sampler(request.sampler)
+        spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
         B = request.batch_size
         width, height = self._size(request)
         first_seed = request.seed if request.seed is not None else random_seed()
@@ -189,14 +193,14 @@ class StableDiffusion:
         uncond = self.encode_prompt([request.negative_prompt] * B, request.clip_skip) \
             if request.guidance_scale != 1.0 else None
 
-        sigmas = build_sigmas(self.config.schedule, request.steps, spec)
+        sigmas = build_sigmas(self.config.schedule, request.steps, spec, scheduler)
         f = self.config.vae.downscale_factor
         shape = (B, self.config.vae.latent_channels, height // f, width // f)
-        if request.init_image is not None:
+        # image-to-image runs the last steps of the same levels; at strength 1 (start 0) it is text-to-image
+        start = img2img_start(request.steps, request.strength) if request.init_image is not None else 0
+        if start > 0:
             image = pil_to_tensor(request.init_image, width, height).expand(B, -1, -1, -1)
             init_latents = self.encode_image(image, generators)
-            # strength s runs the last round(s * steps) steps of the schedule (diffusers' convention)
-            start = request.steps - min(int(request.steps * request.strength), request.steps)
             sigmas = sigmas[start:]
             if len(sigmas) < 2:
                 return self._finish(request, init_latents, seeds, width, height)
@@ -209,9 +213,10 @@ class StableDiffusion:
             x = noise.to(self.device, torch.float32) * initial_noise_scale(sigmas, spec)
 
         denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale)
-        kwargs = {"eta": request.eta} if "eta" in inspect.signature(spec.function).parameters else {}
-        if spec.stochastic or "generator" in inspect.signature(spec.function).parameters:
-            kwargs["generator"] = generators
+        parameters = inspect.signature(spec.function).parameters
+        kwargs = dict(spec.options, generator=generators)
+        if request.eta is not None and "eta" in parameters:
+            kwargs["eta"] = request.eta
         sigmas_dev = sigmas.to(self.device, torch.float32)
         bar = _progress_bar(len(sigmas) - 1) if progress else None
 
@@ -247,9 +252,10 @@ class StableDiffusion:
         return GenerationResult(tensor_to_pil(images), latents, seeds, infotexts, request)
 
     def infotext(self, request: GenerationRequest, seed: int, width: int, height: int) -> str:
-        spec = get_sampler(request.sampler)
+        spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
         params = {
-            "Steps": request.steps, "Sampler": spec.label, "CFG scale": request.guidance_scale, "Seed": seed,
+            "Steps": request.steps, "Sampler": spec.label, "Schedule type": scheduler.label,
+            "CFG scale": request.guidance_scale, "Seed": seed,
             "Size": f"{width}x{height}", "Model hash": self.model_hash, "Model": self.name,
             "Denoising strength": request.strength if request.init_image is not None else None,
             "Clip skip": request.clip_skip if request.clip_skip not in (None, 1) else None,
