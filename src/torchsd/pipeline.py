@@ -303,20 +303,23 @@ class StableDiffusion:
         sigmas = build_sigmas(self.config.schedule, request.steps, spec)
         f = self.config.vae.downscale_factor
         shape = (B, self.config.vae.latent_channels, height // f, width // f)
-        noise = request.latents
-        if noise is None:
-            noise = variation_noise(shape, seeds, generators, subseeds=extras.subseeds,
-                                    subseed_strength=request.subseed_strength,
-                                    seed_resize_from=request.seed_resize_from, downscale_factor=f)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for {width}x{height}; got {tuple(noise.shape)}")
-        noise = noise.to(self.device, torch.float32)
+        if request.latents is not None and tuple(request.latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for {width}x{height}; "
+                             f"got {tuple(request.latents.shape)}")
+
+        def initial_noise() -> torch.Tensor:  # drawn after the init image's posterior sample, if any
+            noise = request.latents if request.latents is not None else variation_noise(
+                shape, seeds, generators, subseeds=extras.subseeds, subseed_strength=request.subseed_strength,
+                seed_resize_from=request.seed_resize_from, downscale_factor=f)
+            return noise.to(self.device, torch.float32)
+
         concat = init_latents = latent_mask = None
         if request.init_image is not None:
             inpainting = extras.inpainting
             source = inpainting.image if inpainting is not None else request.init_image
             image = pil_to_tensor(source, width, height).expand(B, -1, -1, -1)
             init_latents = self.encode_image(image, generators)
+            noise = initial_noise()
             if inpainting is not None:
                 latent_mask = inpainting.latent_mask(shape, self.device)
                 init_latents = inpainting.fill_latents(init_latents, noise, latent_mask)
@@ -329,7 +332,7 @@ class StableDiffusion:
                 return self._finish(request, init_latents, seeds, width, height, extras)
             x = init_latents + noise * sigmas[0].item()
         else:
-            x = noise * initial_noise_scale(sigmas, spec)
+            x = initial_noise() * initial_noise_scale(sigmas, spec)
         if self.config.is_inpainting and concat is None:
             concat = inpainting_concat(self, None, None, shape)
 
