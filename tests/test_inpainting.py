@@ -213,3 +213,9 @@ def test_inpaint_command_writes_the_picture(sd, tmp_path):
     assert np.array_equal(result[:, 16:], np.asarray(image)[:, 16:])
     assert "Mask blur: 0" in read_png_infotext(out)
     assert main(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "nothing.png"), "a cat"]) == 2
+    code = main(["outpaint", str(tmp_path / "in.png"), "a cat", "--steps", "2", "--seed", "1", "--pad", "0",
+                 "--left", "8", "--bottom", "16", "--mask-blur", "0", "--model", str(tmp_path / "model"),
+                 "--device", "cpu", "--output", str(tmp_path / "wide.png")])
+    assert code == 0
+    wide = np.asarray(Image.open(tmp_path / "wide.png"))
+    assert wide.shape == (40, 40, 3) and np.array_equal(wide[:24, 8:], np.asarray(image))

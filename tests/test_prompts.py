@@ -45,6 +45,7 @@ def test_reference_example_gives_exactly_the_documented_weights():
     ("a:b (c:d)", [("a:b ", 1.0), ("c:d", 1.1)]),  # a colon without a number is text
     ("closing) only]", [("closing) only]", 1.0)]),  # brackets that close nothing are text
     ("a BREAK b", [("a", 1.0), ("BREAK", None), ("b", 1.0)]),
+    ("(a BREAK b)", [("a", 1.1), ("BREAK", None), ("b", 1.1)]),  # A1111 would turn this BREAK into text
     ("BREAKfast break", [("BREAKfast break", 1.0)]),  # only the upper-case word
     ("", [("", 1.0)]),
 ])
@@ -93,7 +94,9 @@ def test_chunk_counts_and_contents(sd, n_tokens, n_chunks):
     assert context.shape == (1, 77 * n_chunks, sd.config.text.width)
 
 
-def test_long_prompt_is_each_chunk_encoded_alone_and_concatenated(sd):
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_long_prompt_is_each_chunk_encoded_alone_and_concatenated(family):
+    sd = random_pipeline(family)
     tok = sd.tokenizer
     words = [f"w{i}" for i in range(60)]  # "w12" is several tokens: a varied sequence
     prompt = " ".join(words)
@@ -102,7 +105,8 @@ def test_long_prompt_is_each_chunk_encoded_alone_and_concatenated(sd):
     expected = []
     for start in range(0, len(ids), 75):  # no commas: plain cuts every 75 tokens
         piece = ids[start:start + 75]
-        row = [tok.bos_token_id] + piece + [tok.eos_token_id] * (76 - len(piece))
+        row = [tok.bos_token_id] + piece + [tok.eos_token_id]
+        row += [tok.pad_token_id] * (77 - len(row))  # SD 1 pads with EOS, SD 2 with 0
         expected.append(sd.text_encoder(torch.tensor([row])))
     assert torch.equal(sd.encode_prompt([prompt]), torch.cat(expected, dim=1))
 

@@ -112,3 +112,16 @@ def test_random_subseed_is_reported(sd):
 def test_bad_variation_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         GenerationRequest(prompt="x", **options)
+
+
+def test_img2img_draws_the_posterior_sample_before_the_noise_as_the_foundation_does(sd):
+    from PIL import Image
+
+    from torchsd.images import pil_to_tensor
+
+    image = Image.effect_noise((16, 16), 40).convert("RGB")
+    generators = make_generators([3])
+    sd.encode_image(pil_to_tensor(image), generators)  # the posterior sample comes first
+    noise = randn((1, 4, 8, 8), generators)
+    options = dict(init_image=image, steps=3, strength=0.6, seed=3)
+    assert torch.equal(sd.generate("a cat", **options).latents, sd.generate("a cat", latents=noise, **options).latents)

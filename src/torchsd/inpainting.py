@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from .diffusion.denoisers import Denoise
-from .images import pil_to_tensor
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # AUTOMATIC1111's inpainting_fill 0..3
 
@@ -182,4 +181,5 @@ def pin_unmasked(denoise: Denoise, init_latents: torch.Tensor, latent_mask: torc
 
 def mask_tensor(inpainting: Inpainting, batch: int) -> torch.Tensor:
     """The blurred mask as (B, 1, H, W) in [0, 1] at pixel size."""
-    return pil_to_tensor(inpainting.mask.convert("RGB"))[:, :1].add(1).div(2).expand(batch, -1, -1, -1)
+    mask = torch.from_numpy(np.asarray(inpainting.mask, dtype=np.float32) / 255)
+    return mask[None, None].expand(batch, -1, -1, -1)

@@ -420,8 +420,8 @@ class StableDiffusion:
             "Hires resize": "{}x{}".format(*request.hires_size) if hires and request.hires_size else None,
             "Hires steps": request.hires_steps if hires else None,
             "Hires upscaler": request.hires_upscaler if hires else None,
-            "Lora hashes": ", ".join(f"{a.lora.name}: {self.loras.shorthash(a.lora.path)}" for a in extras.loras)
-            or None,
+            "Lora hashes": ", ".join(dict.fromkeys(f"{a.lora.name}: {self.loras.shorthash(a.lora.path)}"
+                                                   for a in extras.loras)) or None,
             "TI hashes": ", ".join(f"{e.name}: {self.embeddings.shorthash(e)}" for e in extras.embeddings) or None,
             "Version": "torchsd",
         }

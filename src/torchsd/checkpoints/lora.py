@@ -229,6 +229,7 @@ class LoraLibrary:
     """A pipeline's LoRA folders: ``<lora:name:w>`` names are file names (without suffix) found in them."""
 
     dirs: list[Path] = field(default_factory=list)
+    max_cached: int = 8
     _loaded: dict[Path, tuple[tuple[int, int], LoraFile]] = field(default_factory=dict, repr=False)
     _hashes: dict[tuple[Path, int, int], str] = field(default_factory=dict, repr=False)
 
@@ -268,7 +269,10 @@ class LoraLibrary:
         cached = self._loaded.get(path)
         if cached is None or cached[0] != stamp:
             cached = (stamp, load_lora(path, sd))
+            self._loaded.pop(path, None)
             self._loaded[path] = cached
+            while len(self._loaded) > self.max_cached:  # keep the most recently read files only
+                self._loaded.pop(next(iter(self._loaded)))
         return cached[1]
 
     def shorthash(self, path: Path) -> str:

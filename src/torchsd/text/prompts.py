@@ -51,6 +51,8 @@ def parse_prompt_attention(text: str) -> list[Fragment]:
     square_open: list[int] = []
 
     def multiply_from(start: int, multiplier: float) -> None:
+        # AUTOMATIC1111 also multiplies a BREAK's marker weight, which turns a BREAK inside brackets into
+        # the literal word "BREAK" with a negative weight; here a BREAK stays a BREAK wherever it is
         for part in parts[start:]:
             if not part[2]:
                 part[1] *= multiplier
