@@ -224,3 +224,14 @@ def test_shorthash_of_other_files_is_the_file_sha256(tmp_path):
     path = tmp_path / "old.pt"
     path.write_bytes(b"not really a pickle")
     assert lora_shorthash(path) == hashlib.sha256(b"not really a pickle").hexdigest()[:12]
+
+
+def test_load_pipeline_takes_lora_and_embedding_folders(sd, lora_dir, tmp_path):
+    from torchsd.pipeline import load_pipeline
+
+    sd.save(tmp_path / "model")
+    (tmp_path / "embeddings").mkdir()
+    loaded = load_pipeline(tmp_path / "model", lora_dirs=[lora_dir], embedding_dirs=[tmp_path / "embeddings"])
+    assert list(loaded.loras.files()) == ["style"] and loaded.embeddings.dirs == [tmp_path / "embeddings"]
+    with pytest.raises(ValueError, match="LoRA folder '/no/such' does not exist"):
+        load_pipeline(tmp_path / "model", lora_dirs=["/no/such"])

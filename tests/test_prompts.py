@@ -216,3 +216,10 @@ def test_long_prompt_generation_runs_and_differs_from_truncation(sd):
     options = dict(steps=2, width=16, height=16, seed=1)
     full = sd.generate(first_75 + " a blue chair", **options).latents
     assert not torch.equal(full, sd.generate(first_75, **options).latents)
+
+
+def test_malformed_tags_are_refused_when_the_request_is_made():
+    from torchsd.pipeline import GenerationRequest
+
+    with pytest.raises(ValueError, match="weights must be numbers"):
+        GenerationRequest(prompt="a cat", negative_prompt="<lora:x:strong>")

@@ -130,6 +130,8 @@ class GenerationRequest:
             raise ValueError(f"inpainting_fill must be one of {', '.join(FILL_MODES)} (or 0-3); "
                              f"got {self.inpainting_fill!r}")
         object.__setattr__(self, "inpainting_fill", fill)
+        for text in (self.prompt, self.negative_prompt):
+            extract_extra_networks(text)  # raises on a malformed <lora:…> tag before any work is queued
         loras = []
         for item in self.loras:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path))
@@ -276,7 +278,7 @@ class StableDiffusion:
         with merged_loras(self, loras):  # the weights are restored bit for bit afterwards
             return self._run(request, RunExtras(loras=loras), progress=progress, callback=callback)
 
-    def _run(self, request: GenerationRequest, extras: "RunExtras", *, progress: bool,
+    def _run(self, request: GenerationRequest, extras: RunExtras, *, progress: bool,
              callback: Callable[[Step], None] | None) -> GenerationResult:
         spec = get_sampler(request.sampler)
         B = request.batch_size
@@ -387,7 +389,7 @@ class StableDiffusion:
         return request.width or self.config.sample_size, request.height or self.config.sample_size
 
     def _finish(self, request: GenerationRequest, latents: torch.Tensor, seeds: list[int], width: int,
-                height: int, extras: "RunExtras | None" = None) -> GenerationResult:
+                height: int, extras: RunExtras | None = None) -> GenerationResult:
         extras = extras or RunExtras()
         images = self.decode_latents(latents)
         if not torch.isfinite(images).all():
@@ -401,7 +403,7 @@ class StableDiffusion:
         return GenerationResult(pictures, latents, seeds, infotexts, request)
 
     def infotext(self, request: GenerationRequest, seed: int, width: int, height: int,
-                 extras: "RunExtras | None" = None, index: int = 0) -> str:
+                 extras: RunExtras | None = None, index: int = 0) -> str:
         extras = extras or RunExtras()
         spec = get_sampler(request.sampler)
         hires = request.hires
@@ -449,8 +451,15 @@ def _progress_bar(total: int):
 
 
 def load_pipeline(path: str | Path | None = None, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, **options) -> StableDiffusion:
-    """A model from a diffusers folder or single file; ``None`` is the bundled model."""
+                  dtype: torch.dtype | None = None, *, lora_dirs: list[str | Path] = (),
+                  embedding_dirs: list[str | Path] = (), **options) -> StableDiffusion:
+    """A model from a diffusers folder or single file; ``None`` is the bundled model. ``lora_dirs`` are
+    where ``<lora:name:w>`` names are found, ``embedding_dirs`` hold textual-inversion embeddings."""
     from .checkpoints import load_pipeline as _load
 
-    return _load(path, device=device, dtype=dtype, **options)
+    sd = _load(path, device=device, dtype=dtype, **options)
+    for folder in lora_dirs:
+        sd.loras.add_dir(folder)
+    for folder in embedding_dirs:
+        sd.embeddings.add_dir(folder)
+    return sd

@@ -46,12 +46,13 @@ class LoraLayer:
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     scale: float  # alpha / rank (or alpha / sqrt(rank) for rank-stabilised LoRA)
 
-    def delta(self) -> torch.Tensor:
-        """up @ down · scale in float32, shaped (out, in·kh·kw) — reshaped to the weight by the caller."""
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """up @ down · scale in float32 on ``device``, shaped (out, in·kh·kw); the caller reshapes it."""
         if self.up.ndim == 4 and self.up.shape[2:] != (1, 1):
             raise CheckpointError(f"LoRA layer {self.module}: up weights with a {tuple(self.up.shape[2:])} kernel "
                                   f"are not supported (only 1x1 up projections)")
-        return (self.up.float().flatten(1) @ self.down.float().flatten(1)) * self.scale
+        up, down = (t.to(device, torch.float32).flatten(1) for t in (self.up, self.down))
+        return (up @ down) * self.scale
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ def merged_loras(sd: "StableDiffusion", loras: list[AppliedLora]) -> Iterator[No
                     key = (layer.component, layer.module)
                     if key not in backups:
                         backups[key] = weight.detach().clone()
-                    delta = layer.delta().reshape(weight.shape).to(weight.device) * multiplier
+                    delta = layer.delta(weight.device).reshape(weight.shape) * multiplier
                     weight.copy_((weight.float() + delta).to(weight.dtype))
         yield
     finally:
