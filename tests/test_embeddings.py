@@ -126,3 +126,13 @@ def test_pickles_holding_objects_are_refused(tmp_path):
 def test_missing_embeddings_folder_is_refused(sd):
     with pytest.raises(ValueError, match="embeddings folder '/no/such' does not exist"):
         sd.embeddings.add_dir("/no/such")
+
+
+def test_an_embedding_moved_to_the_next_chunk_at_a_comma_keeps_its_vectors(sd, emb_dir):
+    matcher = EmbeddingMatcher(sd.tokenizer, sd.embeddings)
+    # 60 cats, a comma, then the 3-vector embedding and dogs: the cut at 75 moves back to the comma
+    chunks = split_into_chunks(" ".join(["cat"] * 60) + ", shinystyle " + " ".join(["dog"] * 20), sd.tokenizer,
+                               matcher)
+    assert chunks[0].fixes == [] and chunks[0].tokens[61:] == [sd.tokenizer.eos_token_id] * 14
+    (position, embedding), = chunks[1].fixes
+    assert position == 0 and embedding.name == "shinyStyle" and chunks[1].tokens[:3] == [0, 0, 0]

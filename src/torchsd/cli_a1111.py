@@ -35,7 +35,8 @@ def add_generation_extras(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("AUTOMATIC1111 features")
     g.add_argument("--from", dest="from_image", type=Path, default=None, metavar="IMAGE",
-                   help="take the prompt and settings from a PNG's infotext; flags given here override them")
+                   help="take the prompt and settings from a PNG's infotext; flags set to other than their "
+                        "defaults override them")
     g.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="NAME_OR_PATH[:SCALE]",
                    help="apply a LoRA (repeatable); <lora:name:scale> in the prompt works too")
     g.add_argument("--lora-dir", action="append", default=[], type=Path, help="folder of LoRA files (repeatable)")

@@ -299,7 +299,7 @@ class StableDiffusion:
 
         if request.mask is not None:
             extras.inpainting = prepare_inpainting(
-                request.init_image, request.mask, width, height, explicit_size=bool(request.width and request.height),
+                request.init_image, request.mask, width, height, explicit_size=bool(request.width or request.height),
                 mask_blur=request.mask_blur, invert=request.mask_invert, fill=request.inpainting_fill)
             width, height = extras.inpainting.size
         sigmas = build_sigmas(self.config.schedule, request.steps, spec)

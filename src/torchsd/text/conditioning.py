@@ -87,9 +87,11 @@ def split_into_chunks(prompt: str, tokenizer: CLIPTokenizer, matcher: EmbeddingM
                 # the chunk is full and a comma is near: move the words after it to the next chunk
                 cut = last_comma + 1
                 moved_tokens, moved_weights = chunk.tokens[cut:], chunk.weights[cut:]
+                moved_fixes = [(p - cut, e) for p, e in chunk.fixes if p >= cut]  # embeddings move along
                 chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                chunk.fixes = [(p, e) for p, e in chunk.fixes if p < cut]
                 close_chunk()
-                chunk.tokens, chunk.weights = moved_tokens, moved_weights
+                chunk.tokens, chunk.weights, chunk.fixes = moved_tokens, moved_weights, moved_fixes
             if len(chunk.tokens) == CHUNK_LENGTH:
                 close_chunk()
 
