@@ -65,18 +65,21 @@ def test_info_on_a_png_without_parameters_fails_with_a_message(tmp_path, capsys)
     assert main(["info", str(tmp_path / "missing.png")]) == 2
 
 
-def test_generate_from_image_reproduces_it_and_flags_override(sd, tmp_path):
+def test_generate_from_image_reproduces_it_and_flags_override(sd, lora_dir, tmp_path):
     sd.save(tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--device", "cpu"]
+    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--lora-dir", str(lora_dir)]
     assert main(["generate", "a (blue:1.3) square", "--steps", "2", "--size", "16x16", "--seed", "9", "--subseed",
-                 "3", "--subseed-strength", "0.5", "--output", str(tmp_path / "a.png"), *common]) == 0
+                 "3", "--subseed-strength", "0.5", "--lora", "ink:0.7", "--output", str(tmp_path / "a.png"),
+                 *common]) == 0
+    assert 'Lora hashes: "ink: ' in read_png_infotext(tmp_path / "a.png")
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"), *common]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     assert read_png_infotext(tmp_path / "a.png") == read_png_infotext(tmp_path / "b.png")
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--seed", "10", "--output", str(tmp_path / "c.png"),
                  *common]) == 0
     info = read_png_infotext(tmp_path / "c.png")
-    assert "Seed: 10," in info and info.startswith("a (blue:1.3) square\n") and "Variation seed: 3" in info
+    assert "Seed: 10," in info and info.startswith("a (blue:1.3) square <lora:ink:0.7>\n")
+    assert "Variation seed: 3" in info
 
 
 def test_generate_without_prompt_or_from_is_refused(capsys):
