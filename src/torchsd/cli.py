@@ -19,6 +19,7 @@ COMMANDS = ["torchsd.cli"]
 EXTRA_COMMANDS: list[str] = [
     "torchsd.checkpoints.cli",
     "torchsd.training.cli",
+    "torchsd.cli_a1111",
 ]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -48,7 +49,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="(optional with --from IMAGE)")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
@@ -64,6 +65,9 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--output", "-o", type=Path, default=None, help="PNG path (batches add -1, -2 …)")
     add_model_arguments(p)
+    from .cli_a1111 import add_generation_extras
+
+    add_generation_extras(p)
 
 
 def load_model(args: argparse.Namespace):
@@ -71,17 +75,24 @@ def load_model(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    return load_pipeline(args.model, device=device, dtype=dtype, vae=getattr(args, "vae", None))
+    sd = load_pipeline(args.model, device=device, dtype=dtype, vae=getattr(args, "vae", None))
+    from .cli_a1111 import configure_model
+
+    configure_model(sd, args)  # LoRA and embedding folders
+    return sd
 
 
 def request_from_args(args: argparse.Namespace, **extra):
     from .pipeline import GenerationRequest
 
+    from .cli_a1111 import extra_request_fields
+
     width, height = args.size if args.size else (None, None)
-    return GenerationRequest(
+    fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance_scale, sampler=args.sampler, scheduler=args.scheduler, eta=args.eta,
         seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
+    return GenerationRequest(**extra_request_fields(args, fields))
 
 
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:

@@ -73,8 +73,11 @@ class CLIPTextModel(nn.Module):
             for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.width)
 
-    def forward(self, token_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """``clip_skip`` n > 1 takes the hidden state n-1 layers before the last, then the final LN."""
+    def forward(self, token_ids: torch.Tensor, clip_skip: int = 1,
+                token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """``clip_skip`` n > 1 takes the hidden state n-1 layers before the last, then the final LN.
+
+        ``token_embeddings`` (B, T, width), if given, replace the looked-up token vectors (textual inversion)."""
         if not 1 <= clip_skip <= len(self.layers):
             raise ValueError(f"clip_skip must be in 1..{len(self.layers)}; got {clip_skip}")
         T = token_ids.shape[1]
@@ -82,7 +85,8 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"token sequence of {T} is longer than the text encoder's "
                              f"{self.config.max_positions} positions; split long prompts into chunks")
         positions = torch.arange(T, device=token_ids.device)
-        x = self.token_embedding(token_ids) + self.position_embedding(positions)[None]  # (B, T, width)
+        tokens = self.token_embedding(token_ids) if token_embeddings is None else token_embeddings
+        x = tokens + self.position_embedding(positions)[None]  # (B, T, width)
         return self.final_layer_norm(self.hidden_state(x, clip_skip))
 
     def hidden_state(self, x: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
