@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from .config import ModelConfig
+from .diffusion import clip_guidance
 from .diffusion.denoisers import ModelDenoiser, classifier_free_guidance
 from .diffusion.noise import make_generators, randn, random_seed
 from .diffusion.samplers import Step, build_sigmas, get_sampler, initial_noise_scale
 from .images import open_image, pil_to_tensor, tensor_to_pil
 from .infotext import format_infotext
-from .models.clip import CLIPTextModel
+from .models.clip import CLIP, CLIPTextModel
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .text.tokenizer import CLIPTokenizer
@@ -38,7 +39,9 @@ class GenerationRequest:
     """Everything that decides an image. The CLI builds it from flags, the server from JSON, tests directly.
 
     ``width``/``height`` None means the model's native size (or the init image's, for image-to-image).
-    ``latents``: unit-variance initial noise (B, C, h, w); the sampler scales it to its first noise level."""
+    ``latents``: unit-variance initial noise (B, C, h, w); the sampler scales it to its first noise level.
+    ``clip_guidance_scale`` > 0 turns CLIP guidance on (``diffusion/clip_guidance.py``) with the CLIP at
+    ``clip_model`` (a path) or the model's own; ``clip_decoder`` "vae" or "linear" (cheaper, coarser)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -54,6 +57,10 @@ class GenerationRequest:
     strength: float = 0.75
     latents: torch.Tensor | None = None
     clip_skip: int | None = None
+    clip_guidance_scale: float = 0.0
+    clip_model: str | Path | None = None
+    clip_cutouts: int = 4
+    clip_decoder: str = "vae"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -81,6 +88,7 @@ class GenerationRequest:
         if self.clip_skip is not None and self.clip_skip < 1:
             raise ValueError(f"clip_skip must be at least 1; got {self.clip_skip}")
         get_sampler(self.sampler)  # raises with the valid names
+        clip_guidance.check_options(self.clip_guidance_scale, self.clip_cutouts, self.clip_decoder)
         if self.init_image is not None:
             object.__setattr__(self, "init_image", open_image(self.init_image, what="init image"))
         if self.latents is not None and self.latents.shape[0] != self.batch_size:
@@ -113,6 +121,8 @@ class StableDiffusion:
         self.name = name
         self.source = source
         self.denoiser = ModelDenoiser(self.unet, config.schedule)
+        self.clip: CLIP | None = None  # the model's own joint CLIP, for CLIP guidance
+        self.clip_models: dict[str, CLIP] = {}  # CLIPs that requests named, loaded once
         self._hash: str | None = None
 
     @classmethod
@@ -209,6 +219,7 @@ class StableDiffusion:
             x = noise.to(self.device, torch.float32) * initial_noise_scale(sigmas, spec)
 
         denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale)
+        denoise = clip_guidance.guidance_for_request(self, request, denoise, seeds)
         kwargs = {"eta": request.eta} if "eta" in inspect.signature(spec.function).parameters else {}
         if spec.stochastic or "generator" in inspect.signature(spec.function).parameters:
             kwargs["generator"] = generators
@@ -254,6 +265,7 @@ class StableDiffusion:
             "Denoising strength": request.strength if request.init_image is not None else None,
             "Clip skip": request.clip_skip if request.clip_skip not in (None, 1) else None,
             "Eta": request.eta if request.eta else None,
+            **clip_guidance.infotext_params(request),
             "Version": "torchsd",
         }
         return format_infotext(request.prompt, request.negative_prompt, params)

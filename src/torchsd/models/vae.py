@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import VAEConfig
@@ -98,10 +99,15 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_groups, cin, eps=_EPS)
         self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_in(z))
+    def forward(self, z: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """``checkpoint``: keep only each block's input for the backward pass and recompute the rest
+        (gradient checkpointing), which bounds the memory of back-propagating through the decoder."""
+        def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False) if checkpoint else block(h)
+
+        h = run(self.mid_block, self.conv_in(z))
         for block in self.up_blocks:
-            h = block(h)
+            h = run(block, h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
@@ -142,8 +148,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents))
+    def decode(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents), checkpoint=checkpoint)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.encode(images)
