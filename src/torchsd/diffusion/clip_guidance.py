@@ -111,9 +111,10 @@ def clip_guidance(denoise: Denoise, clip: CLIP, text_embedding: torch.Tensor, de
             x_in = x.detach().requires_grad_(True)
             x0 = denoise(x_in, sigma)
             loss = clip_loss(clip, decode(x0), text_embedding, cutouts, generators)
-            # the sum keeps each image's gradient its own: image k of a batch is image k generated alone
-            (grad,) = torch.autograd.grad(loss.sum(), x_in)
-        return x0.detach() - scale * sigma[:, None, None, None] ** 2 * grad.to(x0.dtype)
+            # the sum keeps each image's gradient its own: image k of a batch is image k generated alone;
+            # scaling before the backward pass keeps half-precision gradients clear of underflow
+            (grad,) = torch.autograd.grad(loss.sum() * scale, x_in)
+        return x0.detach() - sigma[:, None, None, None] ** 2 * grad.to(x0.dtype)
 
     return guided
 
