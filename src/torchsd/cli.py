@@ -63,6 +63,12 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     p.add_argument("--batch", type=int, default=1, dest="batch_size")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--clip-guidance-scale", type=float, default=0.0, help="CLIP guidance strength, e.g. 100 (0: off)")
+    p.add_argument("--clip-model", default=None, help="CLIP for guidance: transformers CLIPModel folder, OpenCLIP "
+                                                      "state dict or torchsd CLIP file (default: the model's own)")
+    p.add_argument("--clip-cutouts", type=int, default=4, help="random crops CLIP sees per step (0: whole image)")
+    p.add_argument("--clip-decoder", default="vae", choices=["vae", "linear"],
+                   help="latents to pixels for guidance: the VAE decoder, or a fitted linear map (faster, coarser)")
     p.add_argument("--output", "-o", type=Path, default=None, help="PNG path (batches add -1, -2 …)")
     add_model_arguments(p)
     from .cli_a1111 import add_generation_extras
@@ -91,7 +97,8 @@ def request_from_args(args: argparse.Namespace, **extra):
     fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance_scale, sampler=args.sampler, scheduler=args.scheduler, eta=args.eta,
-        seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
+        seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, clip_guidance_scale=args.clip_guidance_scale,
+        clip_model=args.clip_model, clip_cutouts=args.clip_cutouts, clip_decoder=args.clip_decoder, **extra)
     return GenerationRequest(**extra_request_fields(args, fields))
 
 

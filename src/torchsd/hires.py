@@ -92,5 +92,5 @@ def hires_pass(sd: "StableDiffusion", request: "GenerationRequest", latents: tor
                             downscale_factor=sd.config.vae.downscale_factor)
     x = upscaled + noise.to(upscaled.device) * sigmas[0].item()
     concat = inpainting_concat(sd, None, None, tuple(upscaled.shape)) if sd.config.is_inpainting else None
-    return sd.sample(request, x, sigmas, cond, uncond, generators, concat=concat, progress=progress,
+    return sd.sample(request, x, sigmas, cond, uncond, generators, seeds=seeds, concat=concat, progress=progress,
                      callback=callback)

@@ -20,6 +20,7 @@ from PIL import Image
 from .checkpoints.embeddings import EmbeddingLibrary
 from .checkpoints.lora import LoraLibrary, merged_loras, request_loras
 from .config import ModelConfig
+from .diffusion import clip_guidance
 from .diffusion.denoisers import ModelDenoiser, classifier_free_guidance
 from .diffusion.noise import make_generators, random_seed
 from .diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler
@@ -29,7 +30,7 @@ from .hires import hires_pass, target_size as hires_target_size
 from .images import open_image, pil_to_tensor, tensor_to_pil
 from .inpainting import Inpainting, inpainting_concat, mask_tensor, pin_unmasked, prepare_inpainting
 from .infotext import format_infotext
-from .models.clip import CLIPTextModel
+from .models.clip import CLIP, CLIPTextModel
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .text.conditioning import Conditioning, encode_prompts
@@ -54,7 +55,9 @@ class GenerationRequest:
     ``mask_invert`` and ``inpainting_fill`` (see ``inpainting``); ``loras`` = [(name or path, scale)], in
     addition to ``<lora:name:scale>`` in the prompt; variation seeds ``subseed``/``subseed_strength`` and
     ``seed_resize_from`` = (width, height); hires fix ``hires`` with ``hires_scale`` or ``hires_size``,
-    ``hires_upscaler``, ``hires_steps`` (None = ``steps``) and ``hires_strength`` (see ``hires``)."""
+    ``hires_upscaler``, ``hires_steps`` (None = ``steps``) and ``hires_strength`` (see ``hires``).
+    ``clip_guidance_scale`` > 0 turns CLIP guidance on (``diffusion/clip_guidance.py``) with the CLIP at
+    ``clip_model`` (a path) or the model's own; ``clip_decoder`` "vae" or "linear" (cheaper, coarser)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -85,6 +88,10 @@ class GenerationRequest:
     hires_upscaler: str = "Latent"
     hires_steps: int | None = None
     hires_strength: float = 0.7
+    clip_guidance_scale: float = 0.0
+    clip_model: str | Path | None = None
+    clip_cutouts: int = 4
+    clip_decoder: str = "vae"
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -112,6 +119,7 @@ class GenerationRequest:
         if self.clip_skip is not None and self.clip_skip < 1:
             raise ValueError(f"clip_skip must be at least 1; got {self.clip_skip}")
         resolve_sampler(self.sampler, self.scheduler)  # raises with the valid names
+        clip_guidance.check_options(self.clip_guidance_scale, self.clip_cutouts, self.clip_decoder)
         if self.init_image is not None:
             object.__setattr__(self, "init_image", open_image(self.init_image, what="init image"))
         if self.latents is not None and self.latents.shape[0] != self.batch_size:
@@ -205,6 +213,8 @@ class StableDiffusion:
         self.name = name
         self.source = source
         self.denoiser = ModelDenoiser(self.unet, config.schedule)
+        self.clip: CLIP | None = None  # the model's own joint CLIP, for CLIP guidance
+        self.clip_models: dict[str, CLIP] = {}  # CLIPs that requests named, loaded once
         self._hash: str | None = None
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
@@ -343,7 +353,7 @@ class StableDiffusion:
         if self.config.is_inpainting and concat is None:
             concat = inpainting_concat(self, None, None, shape)
 
-        latents = self.sample(request, x, sigmas, cond, uncond, generators, concat=concat,
+        latents = self.sample(request, x, sigmas, cond, uncond, generators, seeds=seeds, concat=concat,
                               init_latents=init_latents, latent_mask=latent_mask, progress=progress, callback=callback)
         if latent_mask is not None:
             latents = init_latents * (1 - latent_mask) + latents * latent_mask
@@ -354,7 +364,8 @@ class StableDiffusion:
         return self._finish(request, latents, seeds, width, height, extras)
 
     def sample(self, request: GenerationRequest, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor,
-               uncond: torch.Tensor | None, generators: list[torch.Generator], *, concat: torch.Tensor | None = None,
+               uncond: torch.Tensor | None, generators: list[torch.Generator], *, seeds: list[int] | None = None,
+               concat: torch.Tensor | None = None,
                init_latents: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
                progress: bool = False, callback: Callable[[Step], None] | None = None) -> torch.Tensor:
         """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end.
@@ -363,6 +374,7 @@ class StableDiffusion:
         keeps the unmasked latents (1 = repaint)."""
         spec, _ = resolve_sampler(request.sampler, request.scheduler)
         denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale, concat=concat)
+        denoise = clip_guidance.guidance_for_request(self, request, denoise, seeds or [0] * x.shape[0])
         if latent_mask is not None:
             denoise = pin_unmasked(denoise, init_latents, latent_mask)
         parameters = inspect.signature(spec.function).parameters
@@ -432,6 +444,7 @@ class StableDiffusion:
             "Lora hashes": ", ".join(dict.fromkeys(f"{a.lora.name}: {self.loras.shorthash(a.lora.path)}"
                                                    for a in extras.loras)) or None,
             "TI hashes": ", ".join(f"{e.name}: {self.embeddings.shorthash(e)}" for e in extras.embeddings) or None,
+            **clip_guidance.infotext_params(request),
             "Version": "torchsd",
         }
         # LoRAs given through the API are written as prompt tags, so that the infotext alone reproduces the run

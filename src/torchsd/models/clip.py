@@ -119,7 +119,11 @@ class CLIPVisionModel(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        B = pixels.shape[0]
+        B, _, H, W = pixels.shape
+        size = self.config.image_size
+        if (H, W) != (size, size):
+            raise ValueError(f"CLIP image encoder takes {size}x{size} images; got {W}x{H}: "
+                             f"resize and crop them first (CLIP.preprocess)")
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(patches.dtype).expand(B, 1, -1)
         x = torch.cat([cls, patches], dim=1)  # (B, 1 + num_patches, width)
@@ -131,6 +135,13 @@ class CLIPVisionModel(nn.Module):
 
 class CLIP(nn.Module):
     """The joint model: both towers, their projections and the learned temperature."""
+
+    @staticmethod
+    def tiny_configs() -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+        """A joint CLIP of about 3.5M parameters (mostly the token table), 32x32 images: for tests and benchmarks."""
+        return (CLIPTextConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128, projection_dim=32),
+                CLIPVisionConfig(image_size=32, patch_size=8, width=48, num_layers=2, num_heads=4, ffn_dim=96,
+                                 projection_dim=32))
 
     def __init__(self, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig):
         super().__init__()
@@ -165,8 +176,8 @@ def preprocess_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Images in [-1, 1] (B, 3, H, W): resize the short side to ``size`` (bicubic), centre-crop,
     normalise with CLIP's mean and std. Differentiable, so CLIP guidance can back-propagate through it."""
     H, W = images.shape[-2:]
-    scale = size / min(H, W)
-    new_h, new_w = max(size, round(H * scale)), max(size, round(W * scale))
+    # the long side is floored, as transformers' CLIPImageProcessor does it
+    new_h, new_w = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
     if (new_h, new_w) != (H, W):
         images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     top, left = (new_h - size) // 2, (new_w - size) // 2
