@@ -44,7 +44,17 @@ class ServerState:
     async def run(self, name: str, function, *args):
         """Queue ``function(*args, control)`` on the worker and wait for it (503 when the queue is full)."""
         future = self.worker.submit(name, partial(function, *args))
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except (ValueError, LookupError):  # bad input found late (a model file that will not load, …)
+            raise
+        except Exception as err:
+            log.error("job %r failed", name, exc_info=err)
+            raise JobFailed(f"{type(err).__name__}: {err}") from None
+
+
+class JobFailed(Exception):
+    """A job crashed: its request gets 500 and the message; the worker and other requests go on."""
 
 
 async def read_json(request: Request) -> object:
@@ -87,10 +97,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def value_error(request: Request, err: ValueError):
         return error_response(request.url.path, 422, str(err), type(err).__name__)
 
-    @app.exception_handler(Exception)
-    async def crash(request: Request, err: Exception):
-        log.exception("request %s failed", request.url.path)
-        return error_response(request.url.path, 500, f"{type(err).__name__}: {err}", type(err).__name__)
+    @app.exception_handler(JobFailed)
+    async def job_failed(request: Request, err: JobFailed):
+        return error_response(request.url.path, 500, str(err), "JobFailed")
 
 
 # --- middleware: plain ASGI, so it covers every route, static files included -------------------------------
