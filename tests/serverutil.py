@@ -153,3 +153,28 @@ def server(models_dir):
                       "--max-steps", "150")
     yield instance
     instance.stop()
+
+
+def fire(server: Server, path: str, body: dict, count: int) -> list[tuple[httpx.Response | Exception, float]]:
+    """``count`` requests released at the same instant, one connection each: (response or error, seconds)."""
+    import threading
+
+    barrier = threading.Barrier(count)
+    results: list = [None] * count
+
+    def one(i: int) -> None:
+        with server.client() as client:
+            barrier.wait()
+            start = time.monotonic()
+            try:
+                response = client.post(path, json=body)
+            except httpx.HTTPError as err:
+                response = err
+            results[i] = (response, time.monotonic() - start)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

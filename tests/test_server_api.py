@@ -127,8 +127,8 @@ def test_progress_preview_and_interrupt(api):
     thread.start()
     deadline = time.monotonic() + 60
     progress = api.get_progress()
-    while progress["state"]["sampling_step"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while (progress["state"]["sampling_step"] < 2 or progress["current_image"] is None) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a preview is decoded between steps once /progress has asked for one
         progress = api.get_progress()
     assert progress["state"]["job"] == "txt2img" and progress["state"]["sampling_steps"] == 150
     assert 0 < progress["progress"] < 1 and progress["state"]["job_count"] == 1

@@ -59,7 +59,11 @@ class JobControl:
         self.sampling_step, self.sampling_steps = 0, 0
         self.steps_completed = 0  # over the whole job
         self.interrupt_requested_at: int | None = None  # steps_completed when /interrupt came
-        self._preview: tuple[PreviewDecoder, torch.Tensor, int] | None = None
+        # previews are decoded here, between steps, only when /progress asked for one: decoding on the
+        # request thread would fight the sampler for the same cores
+        self.preview_wanted = threading.Event()
+        self.preview_image: Image.Image | None = None
+        self._preview_time = 0.0
 
     def begin_batch(self, index: int, count: int, steps: int) -> None:
         self.skipped.clear()  # a skip drops one batch, not the next one too
@@ -72,9 +76,13 @@ class JobControl:
         """Called after each sampling step; raises when the job must stop here."""
         self.sampling_step, self.sampling_steps = index + 1, total
         self.steps_completed += 1
-        if x0 is not None and decode is not None:
-            self._preview = (decode, x0[:1], self.steps_completed)
         self.check()
+        now = time.monotonic()
+        if (x0 is not None and decode is not None and self.preview_wanted.is_set()
+                and now - self._preview_time >= self._worker.preview_interval):
+            self.preview_wanted.clear()
+            self.preview_image = decode(x0[:1])
+            self._preview_time = now
 
     def check(self) -> None:
         if self.interrupted.is_set():
@@ -95,14 +103,14 @@ class JobControl:
 
 
 class Worker:
-    def __init__(self, queue_size: int = 8):
+    def __init__(self, queue_size: int = 8, preview_interval: float = 0.5):
         self.queue_size = queue_size
+        self.preview_interval = preview_interval  # seconds between two preview decodes, at least
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
         self._current: JobControl | None = None
         self._mean_seconds = 5.0  # running mean of job durations, for Retry-After
-        self._preview_cache: tuple[int, Image.Image] | None = None
         self._thread = threading.Thread(target=self._loop, name="torchsd-worker", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -152,18 +160,12 @@ class Worker:
             return self._waiting + (self._current is not None)
 
     def preview(self) -> Image.Image | None:
-        """The running job's latest prediction of the clean image, decoded once per step."""
+        """The running job's latest decoded prediction of the clean image; asks for a fresher one."""
         control = self._current
-        source = control._preview if control is not None else None
-        if source is None:
+        if control is None:
             return None
-        decode, x0, number = source
-        cached = self._preview_cache
-        if cached is not None and cached[0] == number:
-            return cached[1]
-        image = decode(x0)
-        self._preview_cache = (number, image)
-        return image
+        control.preview_wanted.set()
+        return control.preview_image
 
     # --- the worker thread -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -176,7 +178,6 @@ class Worker:
                 if not job.future.set_running_or_notify_cancel():
                     continue  # its client went away while it waited
                 control = self._current = JobControl(self, job.name)
-                self._preview_cache = None
             try:
                 job.future.set_result(job.function(control))
             except Exception as err:  # the job fails, its request gets the error; the worker goes on

@@ -74,20 +74,29 @@ $("clear-init").addEventListener("click", () => { $("init-box").hidden = true; $
 
 (function maskBrush() {
   const canvas = $("mask-canvas");
-  let drawing = false;
-  function paint(event) {
+  let last = null;  // the previous point of the stroke: strokes are lines, so fast moves leave no gaps
+  function point(event) {
     const rect = canvas.getBoundingClientRect();
     const scale = canvas.width / rect.width;
+    return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * scale, scale };
+  }
+  function paint(event) {
+    const p = point(event);
     const ctx = canvas.getContext("2d");
-    ctx.fillStyle = "#ffffff";
+    ctx.strokeStyle = "#ffffff";
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.lineWidth = $("brush").value * p.scale;
     ctx.beginPath();
-    ctx.arc((event.clientX - rect.left) * scale, (event.clientY - rect.top) * scale, $("brush").value * scale / 2, 0, 2 * Math.PI);
-    ctx.fill();
+    ctx.moveTo((last || p).x, (last || p).y);
+    ctx.lineTo(p.x + (last ? 0 : 0.01), p.y);
+    ctx.stroke();
+    last = p;
     maskPainted = true;
   }
-  canvas.addEventListener("pointerdown", (e) => { drawing = true; canvas.setPointerCapture(e.pointerId); paint(e); });
-  canvas.addEventListener("pointermove", (e) => { if (drawing) paint(e); });
-  canvas.addEventListener("pointerup", () => { drawing = false; });
+  canvas.addEventListener("pointerdown", (e) => { last = null; canvas.setPointerCapture(e.pointerId); paint(e); });
+  canvas.addEventListener("pointermove", (e) => { if (last) paint(e); });
+  canvas.addEventListener("pointerup", () => { last = null; });
 })();
 
 function maskDataURL() {
