@@ -5,3 +5,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+# the server fixtures live here so that one server (a session fixture) serves all test_server_* files
+from serverutil import models_dir, server  # noqa: E402,F401

@@ -13,7 +13,7 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from serverutil import KEY, models_dir, one_thread, save_tiny, server  # noqa: F401 (fixtures)
+from serverutil import KEY, one_thread, save_tiny
 from torchsd import GenerationRequest, load_pipeline
 from torchsd.server.schema import request_fields
 
@@ -233,6 +233,8 @@ def test_openai_images_generate(server):
     by_name = client.images.generate(prompt="a square", model="sub/tiny-b", size="64x64", extra_body={"steps": 2})
     assert "Model: sub_tiny-b" in Image.open(io.BytesIO(base64.b64decode(by_name.data[0].b64_json))).info["parameters"]
     assert [m.id for m in client.models.list()] == ["sub/tiny-b", "tiny-a"]
+    as_url = client.images.generate(prompt="a square", size="64x64", response_format="url", extra_body={"steps": 1})
+    assert as_url.data[0].url.startswith("data:image/png;base64,iVBOR")
 
     with pytest.raises(openai.UnprocessableEntityError, match="width must be a multiple of 8"):
         client.images.generate(prompt="x", size="500x500")

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from serverutil import KEY, models_dir, png_with_size, save_tiny, server  # noqa: F401 (fixtures)
+from serverutil import KEY, png_with_size, save_tiny
 from torchsd.checkpoints import bundled_model_path
 from torchsd.cli import main as cli_main
 from torchsd.server.app import create_app
@@ -116,6 +116,22 @@ def test_request_body_size_is_capped(server):
         response = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"Content-Type": "application/json"})
         assert response.status_code == 413 and "limit of 2 MiB" in response.json()["detail"]
         assert client.get("/info").status_code == 200
+
+
+def test_foreign_host_names_are_refused_on_loopback(server):
+    """DNS rebinding: a web page that points its own name at 127.0.0.1 still sends that name as Host."""
+    with server.client() as client:
+        response = client.get("/sdapi/v1/options", headers={"Host": f"evil.example:{server.port}"})
+        assert response.status_code == 421 and "answers only to 127.0.0.1 or localhost" in response.json()["detail"]
+        assert client.get("/sdapi/v1/options", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
+def test_bodies_must_be_json(server):
+    """A form on another site can POST text/plain without asking; JSON needs the browser to ask first."""
+    with server.client() as client:
+        response = client.post("/sdapi/v1/txt2img", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415 and "Content-Type: application/json" in response.json()["detail"]
+        assert client.post("/sdapi/v1/interrupt").json() == {}  # an empty body needs no type (webuiapi sends none)
 
 
 def test_binds_to_localhost_by_default(tmp_path):

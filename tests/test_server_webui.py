@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serverutil import KEY, models_dir, server  # noqa: F401 (fixtures)
+from serverutil import KEY
 from torchsd.server.schema import request_fields
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -131,3 +131,16 @@ def test_image_to_image_with_a_painted_mask(page, tmp_path):
     page.wait_for_function(f"document.querySelectorAll('#gallery figure').length > {figures}", timeout=300_000)
     assert "Denoising strength: 0.75" in page.locator("#gallery figcaption").first.inner_text()
     assert page.locator("#error").inner_text() == ""
+
+
+def test_the_model_picker_switches_the_server_model(page, server):
+    def current() -> str:
+        with server.client() as client:
+            return client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+
+    page.select_option("#model", "sub/tiny-b")
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=300_000)
+    assert page.locator("#model-status").inner_text() == "" and current() == "sub/tiny-b"
+    page.select_option("#model", "tiny-a")
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=300_000)
+    assert current() == "tiny-a"

@@ -123,7 +123,7 @@ def test_a_crash_in_a_request_fails_that_request_only(registry, monkeypatch, tmp
     monkeypatch.setattr(sd, "run", run)
     app = create_app(ServerConfig(api_key=KEY), registry=registry, preload=False)
     body = {"prompt": "crash", "width": 64, "height": 64, "steps": 2, "sampler_name": "DDIM"}
-    with TestClient(app) as client, one_thread():
+    with TestClient(app, base_url="http://127.0.0.1") as client, one_thread():
         client.auth = ("user", KEY)
         response = client.post("/sdapi/v1/txt2img", json=body)
         assert response.status_code == 500

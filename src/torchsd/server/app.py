@@ -53,6 +53,10 @@ class ServerState:
             raise JobFailed(f"{type(err).__name__}: {err}") from None
 
 
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
 class JobFailed(Exception):
     """A job crashed: its request gets 500 and the message; the worker and other requests go on."""
 
@@ -61,6 +65,10 @@ async def read_json(request: Request) -> object:
     body = await request.body()
     if not body:
         return {}
+    # a JSON content type makes a browser ask before sending a cross-site request, so another web page
+    # cannot drive this server from the user's browser (forms can only send text/plain or form data)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -135,6 +143,30 @@ class KeyAuth:
         await response(scope, receive, send)
 
 
+class LocalHostOnly:
+    """On a loopback address, answer only requests addressed to this machine by name or number.
+
+    A web page can point its own domain name at 127.0.0.1 (DNS rebinding) and then read the answers;
+    its requests still carry its domain in the Host header, and that is refused here."""
+
+    HOSTS = {b"127.0.0.1", b"localhost", b"[::1]"}
+
+    def __init__(self, app, enabled: bool):
+        self.app, self.enabled = app, enabled
+
+    async def __call__(self, scope, receive, send):
+        if not self.enabled or scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"")
+        name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+        if name.lower() in self.HOSTS:
+            return await self.app(scope, receive, send)
+        message = (f"this server listens on a loopback address and answers only to 127.0.0.1 or localhost, "
+                   f"not to Host {host.decode(errors='replace')!r}; to serve other machines, start it with "
+                   f"--host and --api-key (behind a reverse proxy: have it send 'Host: localhost')")
+        await error_response(scope.get("path", ""), 421, message, "MisdirectedRequest")(scope, receive, send)
+
+
 class BodyLimit:
     """Refuses bodies over the limit: at once from Content-Length, else while they stream in."""
 
@@ -202,6 +234,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(KeyAuth, key=config.api_key)  # added last = runs first
+    app.add_middleware(KeyAuth, key=config.api_key)
+    app.add_middleware(LocalHostOnly, enabled=config.is_loopback)  # added last = runs first
     return app
 

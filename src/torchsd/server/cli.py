@@ -33,7 +33,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise ValueError(f"the server needs FastAPI and uvicorn ({err}); install them with "
+                         f"pip install 'torchsd[server]'") from None
 
     from .app import create_app
     from .config import ServerConfig

@@ -135,9 +135,10 @@ class ModelRegistry:
 
     # --- the list ------------------------------------------------------------------------------
     def refresh(self) -> list[ModelEntry]:
-        entries = scan_models(self.models_dir) if self.models_dir is not None else []
-        known = {e.path for e in entries}
-        entries += [e for e in self._extra if e.path not in known]
+        previous = {e.path: e for e in self.entries}  # keep the objects, so ``current`` stays in the list
+        entries = [previous.get(e.path, e) for e in scan_models(self.models_dir)] if self.models_dir else []
+        listed = {e.path for e in entries}
+        entries += [e for e in self._extra if e.path not in listed]
         for entry in entries:
             entry.sha256 = self._hashes.get(self._hash_key(entry.path))
         self.entries = entries
