@@ -123,6 +123,7 @@ def test_image_to_image_with_a_painted_mask(page, tmp_path):
     else:
         page.wait_for_function("document.querySelector('#error').textContent.length > 0", timeout=300_000)
         assert "422: inpainting (img2img with a mask) is not supported" in page.locator("#error").inner_text()
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=60_000)
     screenshot(page, tmp_path, "webui-inpainting.png")
 
     page.click("#clear-mask")  # no mask: plain image to image
