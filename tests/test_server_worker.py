@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
 import pytest
 from fastapi.testclient import TestClient
 
+from reference import random_pipeline
 from serverutil import KEY, one_thread, save_tiny
 from torchsd.server.app import create_app
 from torchsd.server.config import ServerConfig
@@ -130,3 +132,22 @@ def test_a_crash_in_a_request_fails_that_request_only(registry, monkeypatch, tmp
         assert response.json()["detail"] == "RuntimeError: the GPU caught fire"
         assert client.post("/sdapi/v1/txt2img", json={**body, "prompt": "fine"}).status_code == 200
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_single_file_models_get_a1111_titles_with_their_hash(tmp_path):
+    pytest.importorskip("torchsd.checkpoints.ldm", reason="this build cannot write single-file checkpoints")
+    path = tmp_path / "models" / "sub" / "m.safetensors"
+    path.parent.mkdir(parents=True)
+    with one_thread():
+        random_pipeline().save(path, format="single-file")
+    registry = ModelRegistry(tmp_path / "models", path)
+    entry = registry.current
+    assert entry.title == "sub/m.safetensors" and entry.sha256 is None  # hashed when first loaded, as A1111 does
+    with one_thread():
+        sd = registry.pipeline()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert entry.sha256 == sha and entry.title == f"sub/m.safetensors [{sha[:10]}]" and entry.model_name == "sub_m"
+    assert sd.model_hash == sha[:10] and sd.name == "sub_m"  # what the infotext says
+    for name in (entry.title, "sub/m.safetensors", "sub/m", "sub_m", sha[:10], sha):
+        assert registry.find(name) is entry
+    assert entry.describe()["filename"] == str(path.resolve())

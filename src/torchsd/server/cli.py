@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, models_dir=args.models_dir, model=Path(args.model) if args.model else None,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, device=args.device, dtype=args.dtype,
         queue_size=args.queue_size, max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-        max_body_bytes=args.max_body_mb * 1024 * 1024)
+        max_body_bytes=args.max_body_mb * 1024 * 1024, vae=getattr(args, "vae", None))
     if not config.is_loopback and config.api_key is None:
         print(f"torchsd: warning: listening on {config.host} without --api-key: anyone who can reach this "
               f"address can use the server", file=sys.stderr)

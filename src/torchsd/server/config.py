@@ -25,6 +25,7 @@ class ServerConfig:
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
     max_loaded_models: int = 1
+    vae: Path | None = None  # a VAE for every model, where this build's load_pipeline takes one
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

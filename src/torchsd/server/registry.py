@@ -123,9 +123,10 @@ class ModelRegistry:
     ``load``/``select`` run on the worker thread only, so a switch never races a generation."""
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_loaded: int = 1):
+                 dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
+        self.vae = vae  # the operator's VAE swap (--vae), for every model
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._loaded: OrderedDict[Path, object] = OrderedDict()
         self._extra: list[ModelEntry] = []
@@ -190,7 +191,8 @@ class ModelRegistry:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype)
+        options = {"vae": self.vae} if self.vae is not None else {}
+        sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
         sd.name = entry.model_name
         if entry.path.is_file() and entry.sha256 is None:
             entry.sha256 = self._hashes.setdefault(self._hash_key(entry.path), file_sha256(entry.path))
