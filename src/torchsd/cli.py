@@ -20,6 +20,7 @@ EXTRA_COMMANDS: list[str] = [
     "torchsd.checkpoints.cli",
     "torchsd.training.cli",
     "torchsd.cli_a1111",
+    "torchsd.server.cli",
 ]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
