@@ -32,6 +32,8 @@ MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_BATCH = 64
 
+GuidanceObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -169,15 +171,19 @@ class StableDiffusion:
 
     # --- the whole run -------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
-                 callback: Callable[[Step], None] | None = None, **options) -> GenerationResult:
+                 callback: Callable[[Step], None] | None = None, observer: GuidanceObserver | None = None,
+                 **options) -> GenerationResult:
         """Text-to-image, or image-to-image with ``init_image`` and ``strength``. See ``GenerationRequest``."""
         request = prompt if isinstance(prompt, GenerationRequest) else \
             GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **options)
-        return self.run(request, progress=progress, callback=callback)
+        return self.run(request, progress=progress, callback=callback, observer=observer)
 
     @torch.no_grad()
     def run(self, request: GenerationRequest, *, progress: bool = False,
-            callback: Callable[[Step], None] | None = None) -> GenerationResult:
+            callback: Callable[[Step], None] | None = None,
+            observer: GuidanceObserver | None = None) -> GenerationResult:
+        """``callback`` sees every sampler ``Step``; ``observer`` sees (sigma, x0_cond, x0_uncond) at every
+        guided denoiser call (never when guidance_scale is 1, which runs the conditional half alone)."""
         spec = get_sampler(request.sampler)
         B = request.batch_size
         width, height = self._size(request)
@@ -208,7 +214,7 @@ class StableDiffusion:
                 raise ValueError(f"latents must have shape {shape} for {width}x{height}; got {tuple(noise.shape)}")
             x = noise.to(self.device, torch.float32) * initial_noise_scale(sigmas, spec)
 
-        denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale)
+        denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale, observer=observer)
         kwargs = {"eta": request.eta} if "eta" in inspect.signature(spec.function).parameters else {}
         if spec.stochastic or "generator" in inspect.signature(spec.function).parameters:
             kwargs["generator"] = generators
