@@ -16,7 +16,7 @@ import torch
 
 # command modules, in the order `torchsd --help` lists them
 COMMANDS = ["torchsd.cli"]
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["torchsd.explain.cli"]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
