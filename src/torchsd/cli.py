@@ -21,6 +21,7 @@ EXTRA_COMMANDS: list[str] = [
     "torchsd.training.cli",
     "torchsd.cli_a1111",
     "torchsd.server.cli",
+    "torchsd.explain.cli",
 ]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

@@ -41,6 +41,8 @@ MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_BATCH = 64
 
+GuidanceObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -279,21 +281,27 @@ class StableDiffusion:
 
     # --- the whole run -------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
-                 callback: Callable[[Step], None] | None = None, **options) -> GenerationResult:
+                 callback: Callable[[Step], None] | None = None, observer: GuidanceObserver | None = None,
+                 **options) -> GenerationResult:
         """Text-to-image, or image-to-image with ``init_image`` and ``strength``. See ``GenerationRequest``."""
         request = prompt if isinstance(prompt, GenerationRequest) else \
             GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **options)
-        return self.run(request, progress=progress, callback=callback)
+        return self.run(request, progress=progress, callback=callback, observer=observer)
 
     @torch.no_grad()
     def run(self, request: GenerationRequest, *, progress: bool = False,
-            callback: Callable[[Step], None] | None = None) -> GenerationResult:
+            callback: Callable[[Step], None] | None = None,
+            observer: GuidanceObserver | None = None) -> GenerationResult:
+        """``callback`` sees every sampler ``Step``; ``observer`` sees (sigma, x0_cond, x0_uncond) at every
+        guided denoiser call (never when guidance_scale is 1, which runs the conditional half alone)."""
         loras = request_loras(self, request)  # before anything slow: unknown names fail fast
         with merged_loras(self, loras):  # the weights are restored bit for bit afterwards
-            return self._run(request, RunExtras(loras=loras), progress=progress, callback=callback)
+            return self._run(request, RunExtras(loras=loras), progress=progress, callback=callback,
+                             observer=observer)
 
     def _run(self, request: GenerationRequest, extras: RunExtras, *, progress: bool,
-             callback: Callable[[Step], None] | None) -> GenerationResult:
+             callback: Callable[[Step], None] | None, observer: GuidanceObserver | None = None
+             ) -> GenerationResult:
         spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
         B = request.batch_size
         width, height = self._size(request)
@@ -354,7 +362,8 @@ class StableDiffusion:
             concat = inpainting_concat(self, None, None, shape)
 
         latents = self.sample(request, x, sigmas, cond, uncond, generators, seeds=seeds, concat=concat,
-                              init_latents=init_latents, latent_mask=latent_mask, progress=progress, callback=callback)
+                              init_latents=init_latents, latent_mask=latent_mask, progress=progress, callback=callback,
+                              observer=observer)
         if latent_mask is not None:
             latents = init_latents * (1 - latent_mask) + latents * latent_mask
         if request.hires:
@@ -367,13 +376,15 @@ class StableDiffusion:
                uncond: torch.Tensor | None, generators: list[torch.Generator], *, seeds: list[int] | None = None,
                concat: torch.Tensor | None = None,
                init_latents: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
-               progress: bool = False, callback: Callable[[Step], None] | None = None) -> torch.Tensor:
+               progress: bool = False, callback: Callable[[Step], None] | None = None,
+               observer: GuidanceObserver | None = None) -> torch.Tensor:
         """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end.
 
         ``concat``: extra U-Net input channels (inpainting models); ``latent_mask`` with ``init_latents``
         keeps the unmasked latents (1 = repaint)."""
         spec, _ = resolve_sampler(request.sampler, request.scheduler)
-        denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale, concat=concat)
+        denoise = classifier_free_guidance(self.denoiser, cond, uncond, request.guidance_scale, concat=concat,
+                                           observer=observer)
         denoise = clip_guidance.guidance_for_request(self, request, denoise, seeds or [0] * x.shape[0])
         if latent_mask is not None:
             denoise = pin_unmasked(denoise, init_latents, latent_mask)

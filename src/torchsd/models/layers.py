@@ -23,6 +23,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     return out.transpose(1, 2).reshape(B, Tq, C)
 
 
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) per head, (B, heads, Tq, Tk): the weights ``attention`` applies.
+
+    SDPA never materialises them, so this is computed separately, only for whoever asks to see them."""
+    B, Tq, C = q.shape
+    head_dim = C // num_heads
+    q, k = (t.view(B, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k))  # (B, heads, T, head_dim)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(head_dim)  # (B, heads, Tq, Tk)
+    return scores.softmax(dim=-1)
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, [cos | sin] as in the original LDM code."""
     half = dim // 2
