@@ -65,3 +65,10 @@ def random_pipeline(family: str = "sd1", prediction_type: str = "epsilon", seed:
 def max_rel_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """max |a - b| relative to the output's scale (its max |b|)."""
     return float((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max().clamp_min(1e-12))
+
+
+def pixels(image) -> torch.Tensor:
+    """A PIL image as a float32 tensor of its 8-bit values."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32))

@@ -22,6 +22,7 @@ class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.attention_chunk: int | None = None  # see layers.set_attention_chunk
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
@@ -29,7 +30,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
+                                     chunk=self.attention_chunk))
 
 
 class GEGLUFeedForward(nn.Module):
