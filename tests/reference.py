@@ -175,3 +175,8 @@ class _OpenCLIPTransformer(torch.nn.Module):
             x = x + b.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
             x = x + b.mlp(b.ln_2(x))
         return x.transpose(0, 1)
+def pixels(image) -> torch.Tensor:
+    """A PIL image as a float32 tensor of its 8-bit values."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32))

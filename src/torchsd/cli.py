@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import add_runtime_arguments
+
 # command modules, in the order `torchsd --help` lists them
 COMMANDS = ["torchsd.cli"]
 EXTRA_COMMANDS: list[str] = [
@@ -46,12 +48,14 @@ def parse_dtype(text: str) -> torch.dtype:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
-    p.add_argument("--dtype", type=parse_dtype, default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    add_runtime_arguments(p)
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="(optional with --from IMAGE)")
+    p.add_argument("prompt", nargs="?", default=None, help="(optional with --from IMAGE or --prompts FILE)")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
@@ -80,10 +84,13 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     from .pipeline import load_pipeline
+    from .runtime import apply_runtime, default_device, default_dtype, runtime_options_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    sd = load_pipeline(args.model, device=device, dtype=dtype, vae=getattr(args, "vae", None))
+    options = runtime_options_from_args(args)  # validate before the (slow) load
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = args.dtype or default_dtype(device)
+    sd = apply_runtime(load_pipeline(args.model, device="cpu", dtype=dtype, vae=getattr(args, "vae", None)),
+                       options, device, dtype)
     from .cli_a1111 import configure_model
 
     configure_model(sd, args)  # LoRA and embedding folders
@@ -131,12 +138,27 @@ def run_generation(args: argparse.Namespace, **extra) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from .batch import run_prompts_file
+
+    if args.prompts is not None:
+        if args.prompt is not None:
+            raise ValueError("give either a prompt or --prompts FILE, not both")
+        return run_prompts_file(args)
+    if args.prompt is None and getattr(args, "from_image", None) is None:
+        raise ValueError("give a prompt, e.g. torchsd generate \"a red circle\", or --prompts FILE")
+    return run_generation(args)
+
+
 # --- the commands defined here ----------------------------------------------------------------------
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="text to image")
+    from .batch import add_prompts_arguments
+
+    p = subparsers.add_parser("generate", help="text to image (one prompt, or many with --prompts FILE)")
     add_generation_arguments(p)
-    p.set_defaults(handler=lambda args: run_generation(args))
+    add_prompts_arguments(p)
+    p.set_defaults(handler=run_generate)
 
     p = subparsers.add_parser("img2img", help="image to image")
     p.add_argument("image", type=Path)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .checkpoints.embeddings import EmbeddingLibrary
 from .checkpoints.lora import LoraLibrary, merged_loras, request_loras
+from . import autoencoding
 from .config import ModelConfig
 from .diffusion import clip_guidance
 from .diffusion.denoisers import ModelDenoiser, classifier_free_guidance
@@ -31,6 +32,7 @@ from .images import open_image, pil_to_tensor, tensor_to_pil
 from .inpainting import Inpainting, inpainting_concat, mask_tensor, pin_unmasked, prepare_inpainting
 from .infotext import format_infotext
 from .models.clip import CLIP, CLIPTextModel
+from .models.tiling import VAETiling
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .text.conditioning import Conditioning, encode_prompts
@@ -220,6 +222,8 @@ class StableDiffusion:
         self._hash: str | None = None
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
+        self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
+        self.execution_device: torch.device | None = None  # where offloaded networks run (offload.py)
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, seed: int = 0, name: str = "random") -> "StableDiffusion":
@@ -231,7 +235,7 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.execution_device or next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,7 +264,7 @@ class StableDiffusion:
     def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
         """Prompts -> text context (B, 77·chunks, width) in the model's dtype, reading AUTOMATIC1111's
         weighting syntax, long prompts and embeddings (see ``text.conditioning``)."""
-        return self.condition(prompts, clip_skip).context
+        return self.condition(prompts, clip_skip).context.to(self.dtype)
 
     @torch.no_grad()
     def condition(self, prompts: list[str], clip_skip: int | None = None) -> Conditioning:
@@ -271,13 +275,14 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled latents, sampled from the posterior with ``generator``."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype))
+        posterior = autoencoding.encode(self.vae, images.to(self.device), tiling=self.vae_tiling)
         return posterior.sample(generator).float() * self.config.vae.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (float32)."""
-        return self.vae.decode((latents / self.config.vae.scaling_factor).to(self.dtype)).float()
+        """Scaled latents -> images in [-1, 1] (float32); a non-finite half-precision decode is redone
+        in float32, and one still not finite raises ``FloatingPointError``."""
+        return autoencoding.decode(self.vae, latents / self.config.vae.scaling_factor, tiling=self.vae_tiling)
 
     # --- the whole run -------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
@@ -402,7 +407,10 @@ class StableDiffusion:
                 callback(step)
 
         try:
-            x = spec.function(denoise, x, sigmas_dev, callback=on_step, **kwargs)
+            # a callback reads each step's sigma on the host: skip it when nobody listens, so that
+            # the loop never waits for the accelerator
+            watched = bar is not None or callback is not None
+            x = spec.function(denoise, x, sigmas_dev, callback=on_step if watched else None, **kwargs)
         finally:
             if bar is not None:
                 bar.close()

@@ -39,9 +39,19 @@ class ModelDenoiser:
         self.log_sigmas = training_sigmas(schedule).log()  # float64, on the CPU: tiny
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())
+        self._log_sigmas_on: dict[torch.device, torch.Tensor] = {}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return timestep_of_sigma(self.log_sigmas, sigma.detach().cpu()).to(sigma.device, torch.float32)
+        """The fractional training timestep of each sigma, computed where sigma lives: a copy to the
+        CPU here would make the host wait for the accelerator at every step."""
+        return timestep_of_sigma(self._log_sigmas_for(sigma.device), sigma.detach()).to(torch.float32)
+
+    def _log_sigmas_for(self, device: torch.device) -> torch.Tensor:
+        # copied to each device once; float64 where the device has it (MPS does not)
+        if device not in self._log_sigmas_on:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._log_sigmas_on[device] = self.log_sigmas.to(device, dtype)
+        return self._log_sigmas_on[device]
 
     def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                      concat: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,13 +25,15 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.attention_chunk: int | None = None  # see layers.set_attention_chunk
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, causal=causal))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, causal=causal,
+                                       chunk=self.attention_chunk))
 
 
 class MLP(nn.Module):

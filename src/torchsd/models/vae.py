@@ -19,6 +19,7 @@ class SelfAttention2d(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=_EPS)
+        self.attention_chunk: int | None = None  # see layers.set_attention_chunk
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -27,7 +28,8 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        h = self.to_out(attention(self.to_q(h), self.to_k(h), self.to_v(h), num_heads=1))
+        h = self.to_out(attention(self.to_q(h), self.to_k(h), self.to_v(h), num_heads=1,
+                                     chunk=self.attention_chunk))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
