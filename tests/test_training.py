@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchsd.training import presets
+from torchsd.checkpoints.clip import save_clip
 from torchsd.training.artifacts import load_clip, load_vae, save_component
 from torchsd.training.config import TrainConfig, read_toml, write_toml
 from torchsd.training.data import COLORS, POSITIONS, SHAPES, EmojiDataset, ShapesDataset, build_dataset
@@ -101,7 +102,7 @@ def frozen_parts(tmp_path_factory):
     vae = AutoencoderKL(presets.vae_config("tiny"))
     clip = CLIP(*presets.clip_configs("tiny"))
     save_component(folder / "vae.safetensors", "vae", vae, vae.config)
-    save_component(folder / "clip.safetensors", "clip", clip, clip.text.config, clip.vision.config)
+    save_clip(clip, folder / "clip.safetensors")
     return folder
 
 
@@ -251,7 +252,7 @@ def test_artifacts_refuse_the_wrong_kind(frozen_parts):
 
     assert load_vae(frozen_parts / "vae.safetensors").config == presets.vae_config("tiny")
     assert load_clip(frozen_parts / "clip.safetensors").text.config == presets.clip_configs("tiny")[0]
-    with pytest.raises(CheckpointError, match="expected a vae"):
+    with pytest.raises(CheckpointError, match="expected a vae"):  # a CLIP file is no autoencoder
         load_vae(frozen_parts / "clip.safetensors")
 
 

@@ -13,6 +13,7 @@ from .io import CheckpointError
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
+    from ..models.clip import CLIP
     from ..pipeline import StableDiffusion
 
 BUNDLED_MODEL = "torchsd-shapes.safetensors"
@@ -25,6 +26,37 @@ def bundled_model_path() -> Path:
 
 def bundled_clip_path() -> Path:
     return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_CLIP)))
+
+
+def bundled_clip(text_encoder) -> "CLIP":
+    """The bundled joint CLIP. Its file holds the image tower, both projections and the temperature; the
+    text tower is the pipeline's own text encoder (the same weights), so it is shipped once."""
+    import json
+
+    from ..config import CLIPVisionConfig
+    from ..models.clip import CLIP
+    from .io import load_state_dict, safetensors_metadata
+
+    path = bundled_clip_path()
+    vision = CLIPVisionConfig(**json.loads(safetensors_metadata(path)["torchsd_clip_vision"]))
+    clip = CLIP(text_encoder.config, vision)
+    clip.text = text_encoder
+    state = load_state_dict(path)
+    expected = {k: v.shape for k, v in clip.state_dict().items() if not k.startswith("text.")}
+    if {k: v.shape for k, v in state.items()} != expected:
+        raise CheckpointError(f"{path}: the bundled CLIP does not fit the bundled model; reinstall torchsd")
+    clip.load_state_dict(state, strict=False)
+    return clip.eval().requires_grad_(False).to(next(text_encoder.parameters()).device)
+
+
+def write_bundled_clip(clip: "CLIP", path: str | Path) -> None:
+    """The counterpart of ``bundled_clip``: everything but the text tower, in fp16."""
+    import json
+
+    from .io import save_safetensors
+
+    state = {k: v.half() for k, v in clip.state_dict().items() if not k.startswith("text.")}
+    save_safetensors(state, path, metadata={"torchsd_clip_vision": json.dumps(dataclasses.asdict(clip.vision.config))})
 
 
 def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, **options):
@@ -73,7 +105,10 @@ def load_pipeline(path: str | Path | None = None, *, device: torch.device | str 
         load_into(module, states.pop(key), f"{path} ({key})", dtype=dtype, assign=True)
     sd = StableDiffusion(config, unet, autoencoder, text, tokenizer, name=path.stem if path.is_file() else path.name,
                          source=path if path.is_file() else None)
-    return sd.to(device=device, dtype=dtype)
+    sd.to(device=device, dtype=dtype)
+    if path == bundled_model_path() and bundled_clip_path().exists():
+        sd.clip = bundled_clip(sd.text_encoder)  # the default CLIP for CLIP guidance with this model
+    return sd
 
 
 def _meta_models(config: "ModelConfig"):

@@ -1,7 +1,7 @@
 """Trained components as safetensors files that carry their own config in the metadata.
 
-``vae.safetensors`` (an AutoencoderKL), ``clip.safetensors`` (the joint CLIP: both towers and
-projections), ``unet.safetensors``; ``torchsd.checkpoints`` turns them into a whole pipeline.
+``vae.safetensors`` (an AutoencoderKL) and ``unet.safetensors``; CLIPs are written by
+``checkpoints.clip.save_clip``. ``torchsd.checkpoints`` turns them into a whole pipeline.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch import nn
 
 from ..checkpoints.diffusers import load_into
 from ..checkpoints.io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
-from ..config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
+from ..config import UNetConfig, VAEConfig
 
-KINDS = {"vae": (VAEConfig,), "unet": (UNetConfig,), "clip": (CLIPTextConfig, CLIPVisionConfig)}
+KINDS = {"vae": (VAEConfig,), "unet": (UNetConfig,)}
 
 
 def _config_dict(config) -> dict:
@@ -59,9 +59,7 @@ def load_vae(path: str | Path):
 
 
 def load_clip(path: str | Path):
-    from ..models.clip import CLIP
+    """A CLIP written by `torchsd train clip` (``checkpoints.clip.save_clip``), trainable."""
+    from ..checkpoints.clip import load_clip as read
 
-    (text_config, vision_config), state = read_component(path, "clip")
-    clip = CLIP(text_config, vision_config)
-    load_into(clip, state, str(path))
-    return clip
+    return read(path).train().requires_grad_(True)

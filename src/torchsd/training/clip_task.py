@@ -12,7 +12,7 @@ from ..images import tensor_to_pil
 from ..models.clip import CLIP
 from ..text.tokenizer import CLIPTokenizer
 from . import presets
-from .artifacts import save_component
+from ..checkpoints.clip import save_clip
 from .config import TrainConfig
 from .data import build_dataset
 from .distributed import Distributed, all_gather_with_grad
@@ -100,7 +100,7 @@ class CLIPTask:
 
     def export(self, model, output: Path) -> list[Path]:
         path = output / "clip.safetensors"
-        save_component(path, "clip", model.clip, model.clip.text.config, model.clip.vision.config)
+        save_clip(model.clip, path)
         return [path]
 
     def extra_state(self) -> dict:
