@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 import torchsd
-from torchsd.checkpoints import bundled_clip_path
-from torchsd.training.artifacts import load_clip
+from torchsd.checkpoints.clip import load_clip
 from torchsd.training.data import EmojiDataset, ShapesDataset, random_shape_spec
 from torchsd.training.evaluate import read_shape_image
 from torchsd.training.loop import save_grid
@@ -96,7 +95,9 @@ def main() -> None:
     parser.add_argument("--sheet", type=Path, default=Path("docs/contact-sheet.png"))
     args = parser.parse_args()
     sd = torchsd.load_pipeline(args.model)
-    clip = load_clip(args.clip or bundled_clip_path()).eval()
+    clip = load_clip(args.clip) if args.clip else sd.clip  # the bundled model carries its CLIP
+    if clip is None:
+        parser.error("this model has no CLIP of its own: pass --clip PATH")
     results = {}
     t0 = time.perf_counter()
     results.update(adherence(sd, args.prompts))
