@@ -18,6 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# and its sampling module needs only these.
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	$(PY) -m pip install -q torchsde torchdiffeq scipy einops jsonmerge
+	# the web page tests drive Debian's chromium through Playwright (`playwright install` is never run)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium; \
+	  else echo "*** chromium is missing and apt-get needs root: tests/test_server_webui.py will be SKIPPED."; \
+	       echo "*** Install it with: sudo apt-get install -y chromium"; fi; }
 	touch $@
 
 generate: setup

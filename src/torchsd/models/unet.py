@@ -24,6 +24,7 @@ class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        self.attention_chunk: int | None = None  # see layers.set_attention_chunk
         self.to_q = nn.Linear(query_dim, query_dim, bias=False)
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
@@ -37,7 +38,7 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
-        return self.to_out(attention(q, k, v, self.num_heads))
+        return self.to_out(attention(q, k, v, self.num_heads, chunk=self.attention_chunk))
 
 
 class GEGLUFeedForward(nn.Module):
