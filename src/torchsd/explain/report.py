@@ -162,8 +162,10 @@ def guidance_section(e: Explanation) -> Section:
     scale = e.request.guidance_scale
     if not e.guidance:
         figure = _new_figure(1, 1.0)
-        figure.text(0.5, 0.5, "guidance scale 1: only the conditional prediction is made", ha="center")
-        return Section("guidance", "Classifier-free guidance", "No guidance in this run.", figure)
+        figure.text(0.5, 0.5, "no guided U-Net calls in this run", ha="center")
+        return Section("guidance", "Classifier-free guidance",
+                       "Not used here: with guidance scale 1 only the conditional prediction is made "
+                       "(and image-to-image with strength 0 makes none).", figure)
     shown = [i for i in range(len(e.guidance)) if f"cond/{i}" in e.decoded]
     figure = _new_figure(len(shown), 2.4)
     grid = figure.add_gridspec(len(shown), 5)
