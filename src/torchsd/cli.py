@@ -14,9 +14,17 @@ from pathlib import Path
 
 import torch
 
+from .runtime import add_runtime_arguments
+
 # command modules, in the order `torchsd --help` lists them
 COMMANDS = ["torchsd.cli"]
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = [
+    "torchsd.checkpoints.cli",
+    "torchsd.training.cli",
+    "torchsd.cli_a1111",
+    "torchsd.server.cli",
+    "torchsd.explain.cli",
+]
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -40,11 +48,14 @@ def parse_dtype(text: str) -> torch.dtype:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
-    p.add_argument("--dtype", type=parse_dtype, default=None, help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on GPU)")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    add_runtime_arguments(p)
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="(optional with --from IMAGE or --prompts FILE)")
     p.add_argument("--negative-prompt", "-n", default="")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
@@ -58,26 +69,46 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     p.add_argument("--batch", type=int, default=1, dest="batch_size")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--clip-guidance-scale", type=float, default=0.0, help="CLIP guidance strength, e.g. 100 (0: off)")
+    p.add_argument("--clip-model", default=None, help="CLIP for guidance: transformers CLIPModel folder, OpenCLIP "
+                                                      "state dict or torchsd CLIP file (default: the model's own)")
+    p.add_argument("--clip-cutouts", type=int, default=4, help="random crops CLIP sees per step (0: whole image)")
+    p.add_argument("--clip-decoder", default="vae", choices=["vae", "linear"],
+                   help="latents to pixels for guidance: the VAE decoder, or a fitted linear map (faster, coarser)")
     p.add_argument("--output", "-o", type=Path, default=None, help="PNG path (batches add -1, -2 …)")
     add_model_arguments(p)
+    from .cli_a1111 import add_generation_extras
+
+    add_generation_extras(p)
 
 
 def load_model(args: argparse.Namespace):
     from .pipeline import load_pipeline
+    from .runtime import apply_runtime, default_device, default_dtype, runtime_options_from_args
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    return load_pipeline(args.model, device=device, dtype=dtype)
+    options = runtime_options_from_args(args)  # validate before the (slow) load
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = args.dtype or default_dtype(device)
+    sd = apply_runtime(load_pipeline(args.model, device="cpu", dtype=dtype, vae=getattr(args, "vae", None)),
+                       options, device, dtype)
+    from .cli_a1111 import configure_model
+
+    configure_model(sd, args)  # LoRA and embedding folders
+    return sd
 
 
 def request_from_args(args: argparse.Namespace, **extra):
     from .pipeline import GenerationRequest
 
+    from .cli_a1111 import extra_request_fields
+
     width, height = args.size if args.size else (None, None)
-    return GenerationRequest(
+    fields = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance_scale, sampler=args.sampler, scheduler=args.scheduler, eta=args.eta,
-        seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, **extra)
+        seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip, clip_guidance_scale=args.clip_guidance_scale,
+        clip_model=args.clip_model, clip_cutouts=args.clip_cutouts, clip_decoder=args.clip_decoder, **extra)
+    return GenerationRequest(**extra_request_fields(args, fields))
 
 
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
@@ -107,12 +138,27 @@ def run_generation(args: argparse.Namespace, **extra) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from .batch import run_prompts_file
+
+    if args.prompts is not None:
+        if args.prompt is not None:
+            raise ValueError("give either a prompt or --prompts FILE, not both")
+        return run_prompts_file(args)
+    if args.prompt is None and getattr(args, "from_image", None) is None:
+        raise ValueError("give a prompt, e.g. torchsd generate \"a red circle\", or --prompts FILE")
+    return run_generation(args)
+
+
 # --- the commands defined here ----------------------------------------------------------------------
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="text to image")
+    from .batch import add_prompts_arguments
+
+    p = subparsers.add_parser("generate", help="text to image (one prompt, or many with --prompts FILE)")
     add_generation_arguments(p)
-    p.set_defaults(handler=lambda args: run_generation(args))
+    add_prompts_arguments(p)
+    p.set_defaults(handler=run_generate)
 
     p = subparsers.add_parser("img2img", help="image to image")
     p.add_argument("image", type=Path)

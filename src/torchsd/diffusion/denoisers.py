@@ -7,6 +7,7 @@ timestep is recovered from sigma, and its output (eps or v) is turned into a pre
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -38,9 +39,19 @@ class ModelDenoiser:
         self.log_sigmas = training_sigmas(schedule).log()  # float64, on the CPU: tiny
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())
+        self._log_sigmas_on: dict[torch.device, torch.Tensor] = {}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return timestep_of_sigma(self.log_sigmas, sigma.detach().cpu()).to(sigma.device, torch.float32)
+        """The fractional training timestep of each sigma, computed where sigma lives: a copy to the
+        CPU here would make the host wait for the accelerator at every step."""
+        return timestep_of_sigma(self._log_sigmas_for(sigma.device), sigma.detach()).to(torch.float32)
+
+    def _log_sigmas_for(self, device: torch.device) -> torch.Tensor:
+        # copied to each device once; float64 where the device has it (MPS does not)
+        if device not in self._log_sigmas_on:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._log_sigmas_on[device] = self.log_sigmas.to(device, dtype)
+        return self._log_sigmas_on[device]
 
     def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                      concat: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,14 +87,37 @@ def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: t
             return model(x, sigma, cond, concat)
         return denoise_conditional
 
-    context = torch.cat([uncond, cond])
     concat2 = None if concat is None else torch.cat([concat, concat])
+    uncond, cond = repeat_to_common_length(uncond, cond)
+    context = torch.cat([uncond, cond]) if uncond.shape[1] == cond.shape[1] else None
+
+    def both_halves(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if context is None:  # lengths without a small common multiple: two calls, as AUTOMATIC1111 makes
+            return model(x, sigma, uncond, concat), model(x, sigma, cond, concat)
+        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)
-        x0_uncond, x0_cond = model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
+        x0_uncond, x0_cond = both_halves(x, sigma)
         if observer is not None:
             observer(sigma, x0_cond, x0_uncond)
         return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
 
     return denoise
+
+
+def repeat_to_common_length(uncond: torch.Tensor, cond: torch.Tensor, max_factor: int = 4
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts of different lengths (long prompts are 77·k tokens) made equal by repeating each whole.
+
+    Attention over a context repeated n times equals attention over it once (every key and value appears
+    n times, so the softmax weights are divided by n and the sum is unchanged), so this is exactly what
+    encoding each half separately gives, and both halves still run in one batched U-Net call. Where the
+    common length would be more than ``max_factor`` times the longer one, they are returned as they are."""
+    a, b = uncond.shape[1], cond.shape[1]
+    if a == b:
+        return uncond, cond
+    common = math.lcm(a, b)
+    if common > max_factor * max(a, b):
+        return uncond, cond
+    return uncond.repeat(1, common // a, 1), cond.repeat(1, common // b, 1)

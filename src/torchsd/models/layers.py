@@ -10,17 +10,59 @@ from torch import nn
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
-              causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+              causal: bool = False, mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Multi-head scaled dot-product attention; the one place every model attends.
 
     q: (B, Tq, C), k and v: (B, Tk, C) -> (B, Tq, C). ``mask`` is additive, broadcastable to
     (B, heads, Tq, Tk). Uses torch SDPA, which picks flash / memory-efficient kernels where it can.
+    ``chunk``: attend at most this many queries at a time, so that a kernel that materialises the
+    (Tq, Tk) score matrix holds only (chunk, Tk) of it (large images on backends without flash kernels).
     """
     B, Tq, C = q.shape
     head_dim = C // num_heads
     q, k, v = (t.view(B, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if chunk is None or chunk >= Tq:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    else:
+        if chunk < 1:
+            raise ValueError(f"attention chunk must be a positive number of queries; got {chunk}")
+        if causal:  # query i attends to keys 0..i: an explicit mask keeps each chunk's offset right
+            mask = _causal_mask(Tq, k.shape[2], q.dtype, q.device) if mask is None else \
+                mask + _causal_mask(Tq, k.shape[2], mask.dtype, mask.device)
+        out = torch.cat([
+            F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, attn_mask=_rows(mask, i, chunk, Tq))
+            for i in range(0, Tq, chunk)], dim=2)
     return out.transpose(1, 2).reshape(B, Tq, C)
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) per head, (B, heads, Tq, Tk): the weights ``attention`` applies.
+
+    SDPA never materialises them, so this is computed separately, only for whoever asks to see them."""
+    B, Tq, C = q.shape
+    head_dim = C // num_heads
+    q, k = (t.view(B, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k))  # (B, heads, T, head_dim)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(head_dim)  # (B, heads, Tq, Tk)
+    return scores.softmax(dim=-1)
+def _causal_mask(Tq: int, Tk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril()  # top-left aligned, as SDPA's is_causal
+    return torch.zeros(Tq, Tk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _rows(mask: torch.Tensor | None, start: int, chunk: int, Tq: int) -> torch.Tensor | None:
+    """The query rows start:start+chunk of a mask broadcastable to (B, heads, Tq, Tk)."""
+    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., start:start + chunk, :]
+
+
+def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
+    """Make every attention layer of ``model`` attend ``chunk`` queries at a time (None: all at once)."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"attention chunk must be a positive number of queries (or None); got {chunk}")
+    for module in model.modules():
+        if hasattr(module, "attention_chunk"):
+            module.attention_chunk = chunk
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

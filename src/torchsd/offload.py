@@ -1,0 +1,103 @@
+"""Offloading: weights live in CPU memory and visit the accelerator only while they compute.
+
+- model offload: a network (text encoder, U-Net, VAE) is uploaded whole when it is called, and the
+  one that ran before goes back; the U-Net stays up for the whole sampling loop. Costs one upload
+  per network per image; peak accelerator memory is the largest network plus its activations.
+- sequential offload: every layer is uploaded just before its own forward and dropped after it.
+  The least memory (one layer's weights), the most transfers: for the smallest GPUs.
+
+The CPU copy of each weight is kept (pinned, for asynchronous uploads), so "going back" only drops
+the accelerator copy: nothing is copied down. Both are forward hooks, registered on the modules and
+removable with ``Offload.remove()``; the modules' code is untouched.
+
+Sequential offload relies on every weight being used through its own module's forward, which holds
+for the U-Net, VAE and text encoder (a module that reads a child's ``.weight`` directly would not see
+it uploaded).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Offload:
+    """The hooks and the CPU home of each tensor."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.home: dict[int, torch.Tensor] = {}  # id(tensor holder) -> CPU copy
+        self.handles: list = []
+        self.resident: list[torch.Tensor] | None = None  # model offload: the network on the device
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        pin = self.device.type == "cuda"
+        for t in tensors:
+            cpu = t.data.to("cpu")
+            self.home[id(t)] = cpu.pin_memory() if pin else cpu
+            t.data = self.home[id(t)]
+
+    def upload(self, tensors: list[torch.Tensor]) -> None:
+        # copy=True: a real copy even where device and home are both the CPU (as in the tests)
+        for t in tensors:
+            t.data = self.home[id(t)].to(self.device, non_blocking=True, copy=True)
+
+    def evict(self, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            t.data = self.home[id(t)]
+
+    def is_uploaded(self, t: torch.Tensor) -> bool:
+        return t.data.data_ptr() != self.home[id(t)].data_ptr()
+
+    def remove(self) -> None:
+        """Unhook; every weight is left in CPU memory (move the networks where you want them next)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.resident is not None:
+            self.evict(self.resident)
+        self.resident = None
+
+
+def _tensors(module: nn.Module, recurse: bool) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+
+
+def enable_model_offload(sd, device: torch.device | str) -> Offload:
+    """One network at a time on ``device``; the others wait in CPU memory (see module doc)."""
+    offload = Offload(torch.device(device))
+    # the modules whose call means "this network is about to run"
+    groups = [(sd.text_encoder, [sd.text_encoder]),
+              (sd.unet, [sd.unet]),
+              (sd.vae, [sd.vae.encoder, sd.vae.decoder, sd.vae.quant_conv, sd.vae.post_quant_conv])]
+    for network, triggers in groups:
+        tensors = _tensors(network, recurse=True)
+        offload.adopt(tensors)
+
+        def bring_up(module, args, tensors=tensors):
+            if offload.resident is not tensors:
+                if offload.resident is not None:
+                    offload.evict(offload.resident)
+                offload.upload(tensors)
+                offload.resident = tensors
+
+        offload.handles += [m.register_forward_pre_hook(bring_up) for m in triggers]
+    sd.execution_device = offload.device
+    return offload
+
+
+def enable_sequential_offload(sd, device: torch.device | str) -> Offload:
+    """Each layer's own weights on ``device`` only during its forward (see module doc)."""
+    offload = Offload(torch.device(device))
+    for network in (sd.text_encoder, sd.unet, sd.vae):
+        for module in network.modules():
+            tensors = _tensors(module, recurse=False)
+            if not tensors:
+                continue
+            offload.adopt(tensors)
+            offload.handles.append(module.register_forward_pre_hook(
+                lambda m, args, tensors=tensors: offload.upload(tensors)))
+            offload.handles.append(module.register_forward_hook(
+                lambda m, args, out, tensors=tensors: offload.evict(tensors)))
+    sd.execution_device = offload.device
+    return offload

@@ -1,0 +1,200 @@
+"""How a loaded pipeline runs: device, dtype, layout, compilation, memory savers. None of it changes
+the weights or the request; each choice is an explicit field of ``RuntimeOptions``.
+
+Defaults, and why:
+- dtype: float16 on CUDA; bfloat16 on a CPU with native bf16 dot products (AVX-512 BF16 or AMX), where
+  the U-Net runs about 2.4x faster than in float32 with images within a few PSNR-dB of float32
+  (``benchmarks/cpu_vs_diffusers.py`` measures both); float32 on other CPUs, where bf16 is emulated
+  and slower.
+- channels-last: on wherever the convolutions are in half precision or on CUDA (oneDNN and cuDNN
+  pick their fastest kernels for NHWC there); off for float32 on a CPU, where it measured no faster.
+- ``torch.compile``: off (it costs minutes of compilation on a small CPU); ``compile="default"`` or
+  another mode turns it on for the U-Net. ``freeze`` lets Inductor treat the weights as constants
+  (prepacked oneDNN weights on CPU): only for weights that do not change afterwards (apply LoRAs first).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+from .models.layers import set_attention_chunk
+from .models.tiling import VAETiling
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 dot products in hardware (x86 AVX-512 BF16 or AMX)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float16 on accelerators, bfloat16 on CPUs with native bf16, otherwise float32 (see module doc)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float16
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """``channels_last`` None: on where it helps (see module doc). ``attention_chunk``: attend that
+    many queries at a time (large images without flash kernels). ``vae_tiling``: decode and encode
+    images larger than one tile tile by tile. ``offload``: "model" keeps each network in CPU memory
+    until it runs (one on the accelerator at a time), "sequential" moves one layer at a time (least
+    memory, slowest). ``compile``: a ``torch.compile`` mode for the U-Net, or None."""
+
+    channels_last: bool | None = None
+    attention_chunk: int | None = None
+    vae_tiling: VAETiling | None = None
+    offload: str = "none"
+    compile: str | None = None
+    compile_fullgraph: bool = False
+    freeze: bool = False
+
+    def __post_init__(self) -> None:
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}; got {self.offload!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.attention_chunk is not None and self.attention_chunk < 1:
+            raise ValueError(f"attention_chunk must be a positive number of queries; got {self.attention_chunk}")
+        if self.compile is not None and self.offload != "none":
+            raise ValueError("compile and offload do not mix (offloading moves weights under the compiled "
+                             "graph); choose one")
+        if self.freeze and self.compile is None:
+            raise ValueError("freeze only applies to a compiled U-Net; set compile as well")
+
+
+def wants_channels_last(options: RuntimeOptions, device: torch.device, dtype: torch.dtype) -> bool:
+    if options.channels_last is not None:
+        return options.channels_last
+    return device.type == "cuda" or dtype in (torch.float16, torch.bfloat16)
+
+
+def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None):
+    """Place ``sd`` (a StableDiffusion) on ``device`` in ``dtype`` and apply ``options``; returns ``sd``."""
+    from .offload import enable_model_offload, enable_sequential_offload
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    networks = (sd.unet, sd.vae, sd.text_encoder)
+    layout = torch.channels_last if wants_channels_last(options, device, dtype) else torch.contiguous_format
+    for model in networks:
+        model.to(dtype=dtype)
+        model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
+        set_attention_chunk(model, options.attention_chunk)
+    sd.vae_tiling = options.vae_tiling
+    if options.offload == "model":
+        enable_model_offload(sd, device)
+    elif options.offload == "sequential":
+        enable_sequential_offload(sd, device)
+    else:
+        for model in networks:
+            model.to(device)
+    if options.compile is not None:
+        sd.denoiser.unet = compile_unet(sd.unet, options.compile, fullgraph=options.compile_fullgraph,
+                                        freeze=options.freeze)
+    return sd
+
+
+def compile_unet(unet: torch.nn.Module, mode: str = "default", *, fullgraph: bool = False, freeze: bool = False):
+    """``torch.compile`` of the U-Net's forward with static shapes (a new size recompiles once).
+
+    Returns a callable for the denoiser; ``unet`` itself (and its state dict) is unchanged."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
+    from torch._inductor import list_mode_options
+
+    inductor = dict(list_mode_options(mode))
+    if freeze:
+        inductor["freezing"] = True
+    return torch.compile(unet, fullgraph=fullgraph, dynamic=False, options=inductor or None)
+
+
+class CUDAGraphUNet:
+    """Replays one captured CUDA graph of the U-Net per input shape: the whole step is one launch.
+
+    Inputs are copied into static buffers, so the caller's tensors may change between calls; the
+    output is copied out, so it stays valid after the next replay. Only for CUDA and eager or
+    compiled-without-cudagraphs U-Nets; the weights must stay where they are (no offload)."""
+
+    def __init__(self, unet, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA graphs need a CUDA device; this machine has none (drop the CUDA-graph option)")
+        self.unet = unet
+        self.warmup = warmup
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need inputs on a CUDA device; got {x.device}")
+        timesteps = torch.as_tensor(timesteps, device=x.device).float().expand(x.shape[0])
+        key = (tuple(x.shape), x.dtype, tuple(context.shape), context.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, timesteps, context)
+        graph, (sx, st, sc), out = self.graphs[key]
+        sx.copy_(x)
+        st.copy_(timesteps)
+        sc.copy_(context)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x, timesteps, context):
+        static = (x.clone(), timesteps.clone(), context.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(self.warmup):  # let lazy initialisation (cuDNN plans, allocator) happen outside
+                self.unet(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = self.unet(*static)
+        return graph, static, out
+
+
+# --- command-line flags ---------------------------------------------------------------------------
+
+def add_runtime_arguments(p) -> None:
+    """The ``RuntimeOptions`` flags every command that loads a model takes."""
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC layout for convolutions (default: on for half precision and CUDA)")
+    p.add_argument("--attention-chunk", type=int, default=None, metavar="N",
+                   help="attend N queries at a time (saves memory on large images)")
+    p.add_argument("--vae-tiling", type=_tiling, nargs="?", const=VAETiling(), default=None, metavar="TILE[:OVERLAP]",
+                   help="decode/encode images larger than TILE pixels tile by tile (default tile 512:64)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                   help="keep networks in CPU memory until they run: whole ('model') or layer by layer")
+    p.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="default", default=None,
+                   help="torch.compile the U-Net (minutes of compilation first)")
+
+
+def runtime_options_from_args(args) -> RuntimeOptions:
+    """Options from parsed flags; a namespace without them (built by hand) gets the defaults."""
+    return RuntimeOptions(channels_last=getattr(args, "channels_last", None),
+                          attention_chunk=getattr(args, "attention_chunk", None),
+                          vae_tiling=getattr(args, "vae_tiling", None), offload=getattr(args, "offload", "none"),
+                          compile=getattr(args, "compile", None))
+
+
+def _tiling(text: str) -> VAETiling:
+    try:
+        parts = [int(v) for v in text.split(":")]
+        if len(parts) > 2:
+            raise ValueError
+        return VAETiling(*parts)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"--vae-tiling takes TILE or TILE:OVERLAP in pixels, e.g. 512:64; "
+                                         f"got {text!r} ({err})") from None
+

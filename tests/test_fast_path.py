@@ -1,0 +1,116 @@
+"""The fast path keeps the numbers: on-device timesteps, chunked attention, bf16/channels-last
+defaults and options, and runtime option errors."""
+
+import argparse
+
+import pytest
+import torch
+
+from reference import max_rel_error, pixels, random_pipeline
+from torchsd.config import ScheduleConfig
+from torchsd.diffusion.denoisers import ModelDenoiser
+from torchsd.diffusion.schedules import timestep_of_sigma
+from torchsd.models.layers import attention, set_attention_chunk
+from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, runtime_options_from_args
+
+
+def test_timestep_stays_on_the_sigmas_device():
+    denoiser = ModelDenoiser(None, ScheduleConfig())
+    # a meta tensor has no data: any copy to the host would raise, so this proves there is none
+    t = denoiser.timestep(torch.rand(3, device="meta"))
+    assert t.device.type == "meta" and t.dtype == torch.float32
+    sigma = torch.tensor([14.6, 1.0, 0.03, 0.0292])
+    expected = timestep_of_sigma(denoiser.log_sigmas, sigma.double())
+    assert torch.allclose(denoiser.timestep(sigma).double(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_attention_equals_whole(causal):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 37, 32, generator=gen) for _ in range(3))
+    whole = attention(q, k, v, 4, causal=causal)
+    for chunk in (1, 5, 36, 37, 100):
+        assert torch.allclose(attention(q, k, v, 4, causal=causal, chunk=chunk), whole, atol=1e-5)
+
+
+def test_chunked_attention_with_a_mask_and_cross_attention():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 30, 16, generator=gen), torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    mask = torch.randn(2, 1, 30, 7, generator=gen)
+    assert torch.allclose(attention(q, k, v, 2, mask=mask, chunk=8), attention(q, k, v, 2, mask=mask), atol=1e-5)
+    with pytest.raises(ValueError, match="positive number of queries"):
+        attention(q, k, v, 2, chunk=0)
+
+
+def test_attention_chunk_option_reaches_every_attention_layer():
+    sd = random_pipeline("sd1")
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    context = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([900.0, 20.0])
+    with torch.no_grad():
+        whole = sd.unet(x, t, context)
+        set_attention_chunk(sd.unet, 16)
+        layers = [m for m in sd.unet.modules() if hasattr(m, "attention_chunk")]
+        assert layers and all(m.attention_chunk == 16 for m in layers)
+        assert max_rel_error(sd.unet(x, t, context), whole) < 1e-5
+    with pytest.raises(ValueError, match="positive number of queries"):
+        set_attention_chunk(sd.unet, 0)
+
+
+def test_default_dtype_follows_the_hardware(monkeypatch):
+    import torchsd.runtime as runtime
+
+    assert default_dtype("cuda") == torch.float16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert default_dtype("cpu") == torch.float32
+
+
+def test_bf16_channels_last_pipeline_stays_close_to_fp32():
+    """What the CPU default runs: bf16 weights, NHWC convolutions. Measured here: PSNR ~35-40 dB on
+    the tiny random model; the bound leaves room for other CPUs' rounding."""
+    ref = random_pipeline("sd1")
+    fast = apply_runtime(random_pipeline("sd1"), RuntimeOptions(channels_last=True), "cpu", torch.bfloat16)
+    assert fast.dtype == torch.bfloat16
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    kwargs = dict(steps=4, seed=3, width=32, height=32)
+    a = ref.generate("a red circle", **kwargs)
+    b = fast.generate("a red circle", **kwargs)
+    mse = (b.latents - a.latents).pow(2).mean() / a.latents.pow(2).mean()
+    assert mse < 1e-3
+    pa, pb = (pixels(r.images[0]) for r in (a, b))
+    psnr = 10 * torch.log10(255.0 ** 2 / (pa - pb).pow(2).mean().clamp_min(1e-9))
+    assert psnr > 25
+
+
+def test_channels_last_fp32_gives_the_same_numbers():
+    ref = random_pipeline("sd1")
+    fast = apply_runtime(random_pipeline("sd1"), RuntimeOptions(channels_last=True), "cpu", torch.float32)
+    kwargs = dict(steps=3, seed=4, width=32, height=24)
+    assert max_rel_error(fast.generate("a cat", **kwargs).latents, ref.generate("a cat", **kwargs).latents) < 1e-4
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"offload": "gpu"}, "offload must be one of none, model, sequential"),
+    ({"compile": "fast"}, "compile mode must be one of default"),
+    ({"attention_chunk": 0}, "attention_chunk must be a positive"),
+    ({"compile": "default", "offload": "model"}, "compile and offload do not mix"),
+    ({"freeze": True}, "freeze only applies to a compiled U-Net"),
+])
+def test_runtime_options_refuse_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        RuntimeOptions(**fields)
+
+
+def test_runtime_options_from_a_bare_namespace_are_the_defaults():
+    assert runtime_options_from_args(argparse.Namespace()) == RuntimeOptions()
+
+
+def test_cuda_graphs_refused_without_cuda():
+    from torchsd.runtime import CUDAGraphUNet
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for CPU-only machines")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        CUDAGraphUNet(lambda *a: None)
