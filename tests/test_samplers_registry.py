@@ -57,7 +57,7 @@ def test_explicit_scheduler_overrides_automatic_and_must_agree_with_a_combined_n
 
 
 @pytest.mark.parametrize("name, nearest", [("eulr", "euler"), ("Euler A2", "euler_a"), ("dpmpp2m", "dpmpp_2m"),
-                                           ("k_lsm", "lms")])
+                                           ("k_lsm", "lms"), ("DPM++ 2M Karas", "DPM++ 2M Karras")])
 def test_unknown_sampler_lists_the_valid_names_and_the_nearest(name, nearest):
     with pytest.raises(ValueError) as err:
         resolve_sampler(name)
@@ -169,3 +169,15 @@ def test_unipc_visits_diffusers_unipc_timesteps_then_ends_at_timestep_0(steps):
     timesteps = timestep_of_sigma(training_sigmas(SD15).log(), sigmas[:-1])
     assert timesteps.round().long().tolist() == reference.timesteps.tolist()
     assert float(sigmas[-1]) == pytest.approx(float(training_sigmas(SD15)[0]))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("lms", {"order": 7}, "LMS order must be between 1 and 6; got 7"),
+    ("unipc", {"order": 4}, "UniPC order must be 1, 2 or 3; got 4"),
+    ("unipc", {"variant": "bh3"}, "UniPC variant must be 'bh1' or 'bh2'; got 'bh3'"),
+    ("dpmpp_2m_sde", {"solver_type": "euler"}, "solver_type must be 'midpoint' or 'heun'; got 'euler'"),
+])
+def test_bad_sampler_options_are_refused_with_the_valid_values(name, options, message):
+    sigmas = build_sigmas(SD15, 3, get_sampler(name))
+    with pytest.raises(ValueError, match=message):
+        get_sampler(name).function(ideal_denoiser, torch.zeros(1, 3, dtype=torch.float64), sigmas, **options)

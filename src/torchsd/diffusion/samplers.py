@@ -41,7 +41,7 @@ from .samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2
 from .samplers_karras import (sample_dpm2, sample_dpm2_ancestral, sample_euler, sample_euler_ancestral, sample_heun,
                               sample_lms)
 from .samplers_unipc import sample_unipc
-from .schedulers import Scheduler, find_scheduler, get_scheduler, noise_levels, normalise_name
+from .schedulers import SCHEDULERS, Scheduler, find_scheduler, get_scheduler, noise_levels, normalise_name
 from .schedules import final_sigma
 from .stepping import Callback, Step  # noqa: F401  (part of this module's API)
 
@@ -102,8 +102,7 @@ register(SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", aliase
                      stochastic=True, scheduler="exponential", **_K))
 register(SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde, "DPM++ 2M SDE Heun", aliases=("k_dpmpp_2m_sde_heun",),
                      stochastic=True, scheduler="exponential", options={"solver_type": "heun"}, **_K))
-# newer solvers
-# AUTOMATIC1111's UniPC levels: n + 1 timesteps from 999 to 0, all visited, ending at the level of timestep 0.
+# newer solvers. UniPC on AUTOMATIC1111's UniPC levels: n + 1 timesteps from 999 to 0, all visited, ending at the level of timestep 0.
 # (k-diffusion's linspace then a jump to 0 makes the step before the jump very uneven, which a multistep
 # solver extrapolates badly; diffusers' levels jump to 0 from timestep ~50, which blurs.)
 register(SamplerSpec("unipc", sample_unipc, "UniPC", final="alpha_bar_0", scheduler="sgm_uniform",
@@ -133,6 +132,9 @@ def _unknown(name: str) -> ValueError:
     names = sorted(SAMPLERS)
     candidates = {normalise_name(n): spec.name for spec in SAMPLERS.values()
                   for n in (spec.name, spec.label, *spec.aliases)}
+    candidates.update({f"{normalise_name(n)}_{scheduler.name}": f"{spec.label} {scheduler.label}"
+                       for spec in SAMPLERS.values() for n in (spec.name, spec.label)
+                       for scheduler in SCHEDULERS.values() if scheduler.name != "automatic"})
     nearest = difflib.get_close_matches(normalise_name(name), list(candidates), n=1)
     hint = f" Did you mean {candidates[nearest[0]]!r}?" if nearest else ""
     return ValueError(f"unknown sampler {name!r}.{hint} Valid samplers: {', '.join(names)} "
