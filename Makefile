@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# and its sampling module needs only these.
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	$(PY) -m pip install -q torchsde torchdiffeq scipy einops jsonmerge
+	# the web page tests drive Debian's chromium through Playwright (`playwright install` is never run);
+	# the emoji dataset renders Noto Color Emoji
+	@{ command -v chromium >/dev/null 2>&1 && [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium fonts-noto-color-emoji; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium fonts-noto-color-emoji; \
+	  else echo "*** chromium or fonts-noto-color-emoji is missing and apt-get needs root: the web UI and emoji tests will fail."; \
+	       echo "*** Install them with: sudo apt-get install -y chromium fonts-noto-color-emoji"; fi; }
 	touch $@
 
 generate: setup

@@ -5,6 +5,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+# the server fixtures live here so that one server (a session fixture) serves all test_server_* files
+from serverutil import models_dir, server  # noqa: E402,F401
 
 import torch  # noqa: E402
 

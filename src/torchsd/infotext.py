@@ -84,3 +84,54 @@ def save_png(image: Image.Image, path: str | Path, infotext: str | None) -> None
         info.add_itxt("parameters", infotext) if not infotext.isascii() else info.add_text("parameters", infotext)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
+
+
+# --- back from an infotext to a request -----------------------------------------------------------
+
+def _size(value: str, key: str) -> tuple[int, int] | None:
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"infotext {key}: expected WIDTHxHEIGHT; got {value!r}") from None
+    return (width, height) if width > 0 and height > 0 else None  # old versions write -1x-1 for "unset"
+
+
+def request_fields(text: str) -> dict[str, object]:
+    """Infotext -> ``GenerationRequest`` keyword arguments (text-to-image; keys torchsd does not use are
+    left out). The prompt keeps its ``<lora:…>`` tags, which bring the LoRAs back by name."""
+    params = parse_infotext(text)
+    fields: dict[str, object] = {"prompt": params["prompt"], "negative_prompt": params["negative_prompt"]}
+    numbers = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+               "Clip skip": ("clip_skip", int), "Eta": ("eta", float), "Variation seed": ("subseed", int),
+               "Variation seed strength": ("subseed_strength", float), "Hires steps": ("hires_steps", int),
+               "Hires upscale": ("hires_scale", float), "Mask blur": ("mask_blur", float)}
+    for key, (name, kind) in numbers.items():
+        if key in params:
+            try:
+                fields[name] = kind(params[key])
+            except ValueError:
+                raise ValueError(f"infotext {key}: expected a number; got {params[key]!r}") from None
+    if "Sampler" in params:
+        sampler = params["Sampler"]
+        schedule = params.get("Schedule type", "")
+        if schedule and schedule.lower() not in ("automatic", "uniform"):
+            sampler = f"{sampler} {schedule}"  # e.g. "DPM++ 2M" + "Karras"
+        fields["sampler"] = sampler
+    if "Size" in params:
+        size = _size(params["Size"], "Size")
+        if size is not None:
+            fields["width"], fields["height"] = size
+    if "Seed resize from" in params:
+        fields["seed_resize_from"] = _size(params["Seed resize from"], "Seed resize from")
+    if "Hires resize" in params:
+        fields["hires_size"] = _size(params["Hires resize"], "Hires resize")
+    if "Hires upscaler" in params:
+        fields["hires_upscaler"] = params["Hires upscaler"]
+    fields["hires"] = any(k in params for k in ("Hires upscale", "Hires resize", "Hires upscaler"))
+    if "Denoising strength" in params:
+        fields["hires_strength" if fields["hires"] else "strength"] = float(params["Denoising strength"])
+    if not fields["hires"]:
+        del fields["hires"]
+    if fields.get("subseed_strength") == 0:
+        fields.pop("subseed", None)
+    return fields

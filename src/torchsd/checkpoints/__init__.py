@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,22 +12,59 @@ import torch
 from .io import CheckpointError
 
 if TYPE_CHECKING:
+    from ..config import ModelConfig
+    from ..models.clip import CLIP
     from ..pipeline import StableDiffusion
 
 BUNDLED_MODEL = "torchsd-shapes.safetensors"
+BUNDLED_CLIP = "torchsd-shapes-clip.safetensors"  # the joint CLIP whose text tower the bundled model uses
 
 
 def bundled_model_path() -> Path:
     return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_MODEL)))
 
 
-def load_pipeline(path: str | Path | None = None, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, **options) -> "StableDiffusion":
-    from ..models.clip import CLIPTextModel
-    from ..models.unet import UNet
-    from ..models.vae import AutoencoderKL
-    from ..pipeline import StableDiffusion
-    from .diffusers import load_into, read_folder
+def bundled_clip_path() -> Path:
+    return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_CLIP)))
+
+
+def bundled_clip(text_encoder) -> "CLIP":
+    """The bundled joint CLIP. Its file holds the image tower, both projections and the temperature; the
+    text tower is the pipeline's own text encoder (the same weights), so it is shipped once."""
+    import json
+
+    from ..config import CLIPVisionConfig
+    from ..models.clip import CLIP
+    from .io import load_state_dict, safetensors_metadata
+
+    path = bundled_clip_path()
+    vision = CLIPVisionConfig(**json.loads(safetensors_metadata(path)["torchsd_clip_vision"]))
+    clip = CLIP(text_encoder.config, vision)
+    clip.text = text_encoder
+    state = load_state_dict(path)
+    expected = {k: v.shape for k, v in clip.state_dict().items() if not k.startswith("text.")}
+    if {k: v.shape for k, v in state.items()} != expected:
+        raise CheckpointError(f"{path}: the bundled CLIP does not fit the bundled model; reinstall torchsd")
+    clip.load_state_dict(state, strict=False)
+    return clip.eval().requires_grad_(False).to(next(text_encoder.parameters()).device)
+
+
+def write_bundled_clip(clip: "CLIP", path: str | Path) -> None:
+    """The counterpart of ``bundled_clip``: everything but the text tower, in fp16."""
+    import json
+
+    from .io import save_safetensors
+
+    state = {k: v.half() for k, v in clip.state_dict().items() if not k.startswith("text.")}
+    save_safetensors(state, path, metadata={"torchsd_clip_vision": json.dumps(dataclasses.asdict(clip.vision.config))})
+
+
+def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, **options):
+    """Config, {"unet", "vae", "text_encoder"} state dicts in torchsd's names (tensors as stored, memory-
+    mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
+    files: ``use_ema``, ``prediction_type`` (see ``ldm.read_single_file``). ``vae``: a separate
+    autoencoder to use instead of the model's (see ``vae.read_vae``)."""
+    from .diffusers import read_folder
 
     if path is None:
         path = bundled_model_path()
@@ -38,42 +76,94 @@ def load_pipeline(path: str | Path | None = None, *, device: torch.device | str 
         if options:
             raise TypeError(f"unexpected options for a diffusers folder: {', '.join(options)}")
         config, states, tokenizer = read_folder(path)
-        name = path.name
     elif path.is_file():
         from .ldm import read_single_file
 
         config, states, tokenizer = read_single_file(path, **options)
-        name = path.stem
     else:
         raise CheckpointError(f"{path}: no such file or folder; give a diffusers folder or a "
                               f".safetensors/.ckpt single file")
+    if vae is not None:
+        from .vae import read_vae, swap_vae
+
+        vae_config, states["vae"] = read_vae(vae)
+        config = dataclasses.replace(config, vae=swap_vae(config.vae, vae_config, vae))
+    return config, states, tokenizer, path
+
+
+def load_pipeline(path: str | Path | None = None, *, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, vae: str | Path | None = None,
+                  **options) -> "StableDiffusion":
+    """A ready pipeline; see ``read_checkpoint`` for ``vae`` and ``options``."""
+    from ..pipeline import StableDiffusion
+    from .diffusers import load_into
+
+    config, states, tokenizer, path = read_checkpoint(path, vae=vae, **options)
+    # the modules take the (memory-mapped) file tensors themselves: no second copy of the weights
+    unet, autoencoder, text = _meta_models(config)
+    for module, key in ((unet, "unet"), (autoencoder, "vae"), (text, "text_encoder")):
+        load_into(module, states.pop(key), f"{path} ({key})", dtype=dtype, assign=True)
+    sd = StableDiffusion(config, unet, autoencoder, text, tokenizer, name=path.stem if path.is_file() else path.name,
+                         source=path if path.is_file() else None)
+    sd.to(device=device, dtype=dtype)
+    if path == bundled_model_path() and bundled_clip_path().exists():
+        sd.clip = bundled_clip(sd.text_encoder)  # the default CLIP for CLIP guidance with this model
+    return sd
+
+
+def _meta_models(config: "ModelConfig"):
+    from ..models.clip import CLIPTextModel
+    from ..models.unet import UNet
+    from ..models.vae import AutoencoderKL
 
     with torch.device("meta"):
-        unet, vae, text = UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
-    for module, key in ((unet, "unet"), (vae, "vae"), (text, "text_encoder")):
-        module.to_empty(device="cpu")
-        load_into(module, states.pop(key), f"{path} ({key})")
-    sd = StableDiffusion(config, unet, vae, text, tokenizer, name=name, source=path if path.is_file() else None)
-    return sd.to(device=device, dtype=dtype)
+        return UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
+
+
+def convert_checkpoint(source: str | Path, target: str | Path, *, format: str | None = None,
+                       dtype: torch.dtype | None = None, vae: str | Path | None = None, **options) -> "ModelConfig":
+    """Rewrite a model in the other format without building it: tensors are renamed, checked against the
+    model's key set and shapes, cast to ``dtype`` (default: kept as stored) and written. ``format`` is
+    "single-file" or "diffusers" (default: single-file when ``target`` ends in .safetensors)."""
+    from .diffusers import check_state
+
+    target = Path(target)
+    format = format or ("single-file" if target.suffix in (".safetensors", ".ckpt") else "diffusers")
+    if format not in ("diffusers", "single-file"):
+        raise ValueError(f"format must be 'diffusers' or 'single-file'; got {format!r}")
+    if target.exists() and source is not None and target.resolve() == Path(source).resolve():
+        raise CheckpointError(f"{target}: the output would overwrite the input; choose another path")
+    config, states, tokenizer, source = read_checkpoint(source, vae=vae, **options)
+    for module, key in zip(_meta_models(config), ("unet", "vae", "text_encoder")):
+        check_state(module, states[key], f"{source} ({key})")
+    states = {name: _cast(state, dtype) for name, state in states.items()}
+    _write(target, format, config, states, tokenizer)
+    return config
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _write(path: str | Path, format: str, config: "ModelConfig", states: dict[str, dict[str, torch.Tensor]],
+           tokenizer) -> None:
+    if format == "diffusers":
+        from .diffusers import write_folder
+
+        write_folder(path, config, states, tokenizer)
+    elif format == "single-file":
+        from .ldm import write_single_file
+
+        write_single_file(path, config, states)
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'single-file'; got {format!r}")
 
 
 def model_states(sd: "StableDiffusion", dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-
-    return {"unet": cast(sd.unet.state_dict()), "vae": cast(sd.vae.state_dict()),
-            "text_encoder": cast(sd.text_encoder.state_dict())}
+    return {"unet": _cast(sd.unet.state_dict(), dtype), "vae": _cast(sd.vae.state_dict(), dtype),
+            "text_encoder": _cast(sd.text_encoder.state_dict(), dtype)}
 
 
 def save_pipeline(sd: "StableDiffusion", path: str | Path, *, format: str = "diffusers",
                   dtype: torch.dtype | None = None) -> None:
-    if format == "diffusers":
-        from .diffusers import write_folder
-
-        write_folder(path, sd.config, model_states(sd, dtype), sd.tokenizer)
-    elif format == "single-file":
-        from .ldm import write_single_file
-
-        write_single_file(path, sd.config, model_states(sd, dtype))
-    else:
-        raise ValueError(f"format must be 'diffusers' or 'single-file'; got {format!r}")
+    _write(path, format, sd.config, model_states(sd, dtype), sd.tokenizer)

@@ -56,8 +56,22 @@ def from_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> dict[
     return {_rename(k, rules, reverse=True): v for k, v in state.items()}
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``module`` after checking the exact key set and every shape."""
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, *, dtype: torch.dtype | None = None,
+              assign: bool = False) -> None:
+    """Copy ``state`` into ``module`` after checking the exact key set and every shape. ``assign`` makes the
+    module hold the given tensors (cast to ``dtype``, default the module's) instead of copying them, so a
+    module built on the meta device is loaded without a second copy of the weights."""
+    check_state(module, state, source)
+    expected = module.state_dict()
+    module.load_state_dict({k: v.to(dtype or expected[k].dtype) for k, v in state.items()}, strict=True,
+                           assign=assign)
+    on_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise CheckpointError(f"{source}: {', '.join(on_meta[:3])} got no values (not in the state dict)")
+
+
+def check_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``state`` must have exactly the keys of ``module`` and every shape (works on the meta device)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -73,7 +87,6 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         if value.shape != expected[key].shape:
             raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
                                   f"{tuple(expected[key].shape)}: the config does not match the weights")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
 # --- configs -------------------------------------------------------------------------------------

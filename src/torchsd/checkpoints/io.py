@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -59,10 +60,16 @@ def _load_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, which would run the code; say what it tried instead
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if blocked is None:
+            operand = re.search(r"Unsupported operand \d+", str(err))
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): the pickle is not "
+                                  f"a PyTorch checkpoint ({operand.group(0) if operand else 'unreadable'})") from None
         raise CheckpointError(
-            f"{path}: refused to load: the pickle holds more than tensors (it would run code or build "
-            f"arbitrary objects, which torchsd never allows). Convert it to .safetensors with a tool you "
-            f"trust, or ask its author for a .safetensors file. Detail: {str(err).splitlines()[0]}") from None
+            f"{path}: refused to load: the pickle holds more than tensors (it would import "
+            f"{blocked.group(1)}: run code or build arbitrary objects, which torchsd never allows). Convert it to "
+            f".safetensors with a tool you trust, or ask its author for a .safetensors file") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
     return flatten_state_dict(obj, path)

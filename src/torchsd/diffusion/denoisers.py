@@ -7,6 +7,7 @@ timestep is recovered from sigma, and its output (eps or v) is turned into a pre
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -86,14 +87,37 @@ def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: t
             return model(x, sigma, cond, concat)
         return denoise_conditional
 
-    context = torch.cat([uncond, cond])
     concat2 = None if concat is None else torch.cat([concat, concat])
+    uncond, cond = repeat_to_common_length(uncond, cond)
+    context = torch.cat([uncond, cond]) if uncond.shape[1] == cond.shape[1] else None
+
+    def both_halves(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if context is None:  # lengths without a small common multiple: two calls, as AUTOMATIC1111 makes
+            return model(x, sigma, uncond, concat), model(x, sigma, cond, concat)
+        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)
-        x0_uncond, x0_cond = model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
+        x0_uncond, x0_cond = both_halves(x, sigma)
         if observer is not None:
             observer(sigma, x0_cond, x0_uncond)
         return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
 
     return denoise
+
+
+def repeat_to_common_length(uncond: torch.Tensor, cond: torch.Tensor, max_factor: int = 4
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts of different lengths (long prompts are 77·k tokens) made equal by repeating each whole.
+
+    Attention over a context repeated n times equals attention over it once (every key and value appears
+    n times, so the softmax weights are divided by n and the sum is unchanged), so this is exactly what
+    encoding each half separately gives, and both halves still run in one batched U-Net call. Where the
+    common length would be more than ``max_factor`` times the longer one, they are returned as they are."""
+    a, b = uncond.shape[1], cond.shape[1]
+    if a == b:
+        return uncond, cond
+    common = math.lcm(a, b)
+    if common > max_factor * max(a, b):
+        return uncond, cond
+    return uncond.repeat(1, common // a, 1), cond.repeat(1, common // b, 1)

@@ -98,3 +98,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor:
     """Noise levels spaced evenly in log(sigma)."""
     return torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+
+
+def q_sample(config: ScheduleConfig, z0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The forward process in closed form, Ho et al. 2020 eq. (4): z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps.
+
+    ``timesteps``: (B,) integer training timesteps, one per sample of ``z0`` (B, ...)."""
+    alpha_bar = alphas_cumprod(config)[timesteps.cpu()].to(z0.device, z0.dtype)
+    alpha_bar = alpha_bar.reshape(-1, *([1] * (z0.ndim - 1)))
+    return alpha_bar.sqrt() * z0 + (1 - alpha_bar).sqrt() * noise

@@ -35,6 +35,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     return out.transpose(1, 2).reshape(B, Tq, C)
 
 
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) per head, (B, heads, Tq, Tk): the weights ``attention`` applies.
+
+    SDPA never materialises them, so this is computed separately, only for whoever asks to see them."""
+    B, Tq, C = q.shape
+    head_dim = C // num_heads
+    q, k = (t.view(B, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k))  # (B, heads, T, head_dim)
+    scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(head_dim)  # (B, heads, Tq, Tk)
+    return scores.softmax(dim=-1)
 def _causal_mask(Tq: int, Tk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril()  # top-left aligned, as SDPA's is_causal
     return torch.zeros(Tq, Tk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))

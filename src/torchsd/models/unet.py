@@ -7,13 +7,15 @@ attention at the first three, a stride-2 conv between levels) -> middle (Res, At
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .layers import Downsample, ResnetBlock, Upsample, attention, timestep_embedding
+from .layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, timestep_embedding
 
 
 class CrossAttention(nn.Module):
@@ -27,11 +29,16 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.Linear(query_dim, query_dim)
+        # Opt-in window for ``torchsd.explain``: when set, it is handed the attention probabilities,
+        # averaged over heads, (B, Tq, Tk). Computing them costs an extra matmul, so only then.
+        self.observer: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.num_heads,
-                                     chunk=self.attention_chunk))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.observer is not None:
+            self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
+        return self.to_out(attention(q, k, v, self.num_heads, chunk=self.attention_chunk))
 
 
 class GEGLUFeedForward(nn.Module):

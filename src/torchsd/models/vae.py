@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import VAEConfig
@@ -32,6 +33,11 @@ class SelfAttention2d(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
+def _run(module: nn.Module, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    """``module(x)``; with ``checkpoint``, its activations are recomputed in the backward pass, not stored."""
+    return torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False) if checkpoint else module(x)
+
+
 class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -39,8 +45,10 @@ class MidBlock(nn.Module):
             ResnetBlock(channels, channels, temb_channels=None, groups=groups, eps=_EPS) for _ in range(2))
         self.attentions = nn.ModuleList([SelfAttention2d(channels, groups)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+    def forward(self, x: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        for layer in (self.resnets[0], self.attentions[0], self.resnets[1]):
+            x = _run(layer, x, checkpoint)
+        return x
 
 
 class ResampleLevel(nn.Module):
@@ -54,11 +62,11 @@ class ResampleLevel(nn.Module):
         self.resample_name = name
         setattr(self, name, nn.ModuleList([resample]) if resample is not None else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = _run(resnet, x, checkpoint)
         resample = getattr(self, self.resample_name)
-        return resample[0](x) if resample is not None else x
+        return _run(resample[0], x, checkpoint) if resample is not None else x
 
 
 class Encoder(nn.Module):
@@ -100,10 +108,16 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_groups, cin, eps=_EPS)
         self.conv_out = nn.Conv2d(cin, c.in_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_in(z))
+    def forward(self, z: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """``checkpoint``: keep only each layer's input for the backward pass and recompute the rest
+        (gradient checkpointing), which bounds the memory of back-propagating through the decoder
+        (CLIP guidance) to about one ResBlock's activations at full resolution."""
+        h = self.mid_block(self.conv_in(z), checkpoint)
         for block in self.up_blocks:
-            h = block(h)
+            h = block(h, checkpoint)
+        return _run(self._output, h, checkpoint)
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
@@ -144,8 +158,8 @@ class AutoencoderKL(nn.Module):
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents))
+    def decode(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents), checkpoint=checkpoint)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.encode(images)

@@ -106,9 +106,16 @@ class CLIPTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        text = "".join(self.decoder[i] for i in ids if i not in (self.bos_token_id, self.eos_token_id))
-        raw = bytearray(self.byte_decoder[c] for c in text.replace("</w>", " "))
-        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        raw = bytearray()
+        for i in ids:
+            if i in (self.bos_token_id, self.eos_token_id):
+                continue
+            token = self.decoder[i]
+            word_end = token.endswith("</w>")
+            raw.extend(self.byte_decoder[c] for c in token.removesuffix("</w>"))
+            if word_end:
+                raw.extend(b" ")
+        return raw.decode("utf-8", errors="replace").strip()
 
     def pad(self, ids: list[int], length: int | None = None) -> list[int]:
         """BOS + ids (truncated) + EOS, padded to ``length``."""

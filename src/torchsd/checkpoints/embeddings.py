@@ -1,0 +1,143 @@
+"""Textual-inversion embeddings (Gal et al. 2022): learned token vectors used by file name inside prompts.
+
+Three file layouts are read:
+- AUTOMATIC1111 ``.pt``: ``{"string_to_param": {"*": (n_vectors, width)}, "name": …, "step": …}``
+- ``.safetensors``: ``{"emb_params": (n_vectors, width)}``
+- diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{"<token>": (width,) or (n_vectors, width)}``
+
+An embedding is named after its file (``EasyNegative.safetensors`` -> ``EasyNegative``), as in
+AUTOMATIC1111; the name is matched against the prompt's tokens, so matching ignores case. Files are
+listed when a folder is scanned but read only when a prompt uses them, so one broken or foreign file
+in a folder never stops the others from working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .io import CheckpointError, _load_safetensors
+
+SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    name: str
+    vectors: torch.Tensor  # (n_vectors, width), float32 on the CPU
+    path: Path
+
+    @property
+    def num_vectors(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[1]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_embedding(path: str | Path, name: str | None = None) -> Embedding:
+    """Read one embedding file in any of the three layouts."""
+    path = Path(path)
+    name = name or path.stem
+    if path.suffix == ".safetensors":
+        data: object = _load_safetensors(path, "cpu")
+    elif path.suffix in (".pt", ".bin"):
+        data = _load_pickled(path)
+    else:
+        raise CheckpointError(f"{path}: embeddings are .pt, .bin or .safetensors files; got {path.suffix!r}")
+    vectors = _vectors_of(data, path)
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise CheckpointError(f"{path}: embedding {name!r} has shape {tuple(vectors.shape)}; expected "
+                              f"(n_vectors, width)")
+    return Embedding(name, vectors.detach().float().cpu(), path)
+
+
+def _load_pickled(path: Path) -> object:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle holds more than tensors and plain containers (old "
+            f"AUTOMATIC1111 files store a ParameterDict). Re-save it as .safetensors with "
+            f"{{'emb_params': tensor}}. Detail: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable embedding file (truncated or corrupt?): {err}") from None
+
+
+def _vectors_of(data: object, path: Path) -> torch.Tensor:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not an embedding file (expected a dict of tensors)")
+    if "string_to_param" in data:  # AUTOMATIC1111 .pt
+        params = data["string_to_param"]
+        tensors = [v for v in params.values() if isinstance(v, torch.Tensor)] if isinstance(params, dict) else []
+        if len(tensors) != 1:
+            raise CheckpointError(f"{path}: string_to_param must hold exactly one tensor; found {len(tensors)}")
+        return tensors[0]
+    if "emb_params" in data:
+        return data["emb_params"]
+    if "clip_l" in data or "clip_g" in data:
+        raise CheckpointError(f"{path}: an SDXL embedding (clip_l/clip_g); torchsd runs SD 1.x and 2.x models")
+    tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+    if len(tensors) == 1 and len(data) == 1:  # diffusers learned_embeds {token: vector}
+        return tensors[0]
+    raise CheckpointError(f"{path}: neither an AUTOMATIC1111 embedding (string_to_param / emb_params) nor a "
+                          f"diffusers learned_embeds file (one token -> tensor); keys: {', '.join(list(data)[:5])}")
+
+
+@dataclass
+class EmbeddingLibrary:
+    """The embedding folders of a pipeline: names from file names, files read on first use."""
+
+    dirs: list[Path] = field(default_factory=list)
+    _loaded: dict[Path, tuple[tuple[int, int], Embedding]] = field(default_factory=dict, repr=False)
+    _hashes: dict[tuple[Path, int, int], str] = field(default_factory=dict, repr=False)
+
+    def add_dir(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"embeddings folder {str(folder)!r} does not exist; give a folder holding "
+                             f".pt/.safetensors embedding files")
+        if folder not in self.dirs:
+            self.dirs.append(folder)
+
+    def files(self) -> dict[str, Path]:
+        """name -> file, for every embedding file under the folders (the first of equal names wins)."""
+        found: dict[str, Path] = {}
+        for folder in self.dirs:
+            for path in sorted(folder.rglob("*")):
+                if path.suffix in SUFFIXES and path.is_file():
+                    found.setdefault(path.stem, path)
+        return found
+
+    def load(self, name: str, path: Path) -> Embedding:
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._loaded.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, load_embedding(path, name))
+            self._loaded[path] = cached
+        return cached[1]
+
+    def shorthash(self, embedding: Embedding) -> str:
+        """sha256[:10] of the file, as AUTOMATIC1111 writes it into "TI hashes"."""
+        stat = embedding.path.stat()
+        key = (embedding.path, stat.st_mtime_ns, stat.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = file_sha256(embedding.path)[:10]
+        return self._hashes[key]

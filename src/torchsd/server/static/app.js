@@ -1,0 +1,197 @@
+// The torchsd web page: plain JavaScript over the server's AUTOMATIC1111 API (/sdapi/v1), no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let running = false;
+let maskPainted = false;
+
+async function api(path, body) {
+  const options = body === undefined ? {} :
+    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const message = (data && (data.detail || (data.error && data.error.message) || data.errors)) || response.statusText;
+    throw new Error(`${response.status}: ${message}`);
+  }
+  return data;
+}
+
+function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
+
+// --- start-up: model list, samplers, the model's native size ---------------------------------------------
+async function init() {
+  try {
+    const [info, models, options, samplers] = await Promise.all([
+      api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers")]);
+    for (const m of models) $("model").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+    for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
+    if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
+    $("steps").max = info.limits.max_steps;
+    $("batch").max = info.limits.max_images;
+  } catch (err) { showError(err); }
+}
+
+$("model").addEventListener("change", async () => {
+  const title = $("model").value;
+  $("model-status").textContent = "loading…";
+  $("generate").disabled = true;
+  try {
+    await api("/sdapi/v1/options", { sd_model_checkpoint: title });
+    $("model-status").textContent = "";
+    showError(null);
+  } catch (err) { showError(err); $("model-status").textContent = "failed"; }
+  $("generate").disabled = false;
+});
+
+// --- image to image: the init image and a mask painted over it -------------------------------------------
+function setInitImage(src) {
+  const image = new Image();
+  image.onload = () => {
+    for (const id of ["init-canvas", "mask-canvas"]) { $(id).width = image.naturalWidth; $(id).height = image.naturalHeight; }
+    $("init-canvas").getContext("2d").drawImage(image, 0, 0);
+    clearMask();
+    $("init-box").hidden = false;
+  };
+  image.src = src;
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  maskPainted = false;
+}
+
+$("init-file").addEventListener("change", () => {
+  const file = $("init-file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => setInitImage(reader.result);
+  reader.readAsDataURL(file);
+});
+$("clear-mask").addEventListener("click", clearMask);
+$("clear-init").addEventListener("click", () => { $("init-box").hidden = true; $("init-file").value = ""; clearMask(); });
+
+(function maskBrush() {
+  const canvas = $("mask-canvas");
+  let last = null;  // the previous point of the stroke: strokes are lines, so fast moves leave no gaps
+  function point(event) {
+    const rect = canvas.getBoundingClientRect();
+    const scale = canvas.width / rect.width;
+    return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * scale, scale };
+  }
+  function paint(event) {
+    const p = point(event);
+    const ctx = canvas.getContext("2d");
+    ctx.strokeStyle = "#ffffff";
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.lineWidth = $("brush").value * p.scale;
+    ctx.beginPath();
+    ctx.moveTo((last || p).x, (last || p).y);
+    ctx.lineTo(p.x + (last ? 0 : 0.01), p.y);
+    ctx.stroke();
+    last = p;
+    maskPainted = true;
+  }
+  canvas.addEventListener("pointerdown", (e) => { last = null; canvas.setPointerCapture(e.pointerId); paint(e); });
+  canvas.addEventListener("pointermove", (e) => { if (last) paint(e); });
+  canvas.addEventListener("pointerup", () => { last = null; });
+})();
+
+function maskDataURL() {
+  // white = repaint, black = keep, as AUTOMATIC1111 reads masks
+  const mask = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = mask.width; out.height = mask.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(mask, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+// --- generation, progress, gallery ---------------------------------------------------------------------
+function payload() {
+  const number = (id) => Number($(id).value);
+  const body = {
+    prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
+    steps: number("steps"), cfg_scale: number("cfg"), seed: number("seed"), width: number("width"),
+    height: number("height"), batch_size: number("batch"), n_iter: 1,
+  };
+  if (!$("init-box").hidden) {
+    body.init_images = [$("init-canvas").toDataURL("image/png")];
+    body.denoising_strength = number("strength");
+    if (maskPainted) body.mask = maskDataURL();
+  }
+  return body;
+}
+
+async function pollProgress() {
+  while (running) {
+    try {
+      const p = await api("/sdapi/v1/progress");
+      if (!running) break;
+      $("progress").value = p.progress;
+      $("progress-text").textContent = p.state.sampling_steps ?
+        `step ${p.state.sampling_step}/${p.state.sampling_steps}` : (p.state.job_count ? "queued" : "starting");
+      if (p.current_image) { $("preview").src = "data:image/png;base64," + p.current_image; $("preview").hidden = false; }
+    } catch (err) { /* the generation request reports errors */ }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
+
+function addToGallery(b64, infotext, seed) {
+  const figure = document.createElement("figure");
+  const src = "data:image/png;base64," + b64;
+  const img = document.createElement("img");
+  img.src = src;
+  img.alt = infotext;
+  const download = document.createElement("a");
+  download.href = src;  // the PNG carries its parameters in a 'parameters' text chunk
+  download.download = `torchsd-${seed}.png`;
+  download.textContent = "Download PNG";
+  const reuse = document.createElement("a");
+  reuse.href = "#";
+  reuse.textContent = "Use as input";
+  reuse.addEventListener("click", (e) => { e.preventDefault(); setInitImage(src); });
+  const caption = document.createElement("figcaption");
+  caption.textContent = infotext;
+  figure.append(img, download, reuse, caption);
+  $("gallery").prepend(figure);
+}
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (running) return;
+  showError(null);
+  const body = payload();
+  const route = body.init_images ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img";
+  running = true;
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  $("progress").value = 0;
+  $("progress-text").textContent = "starting";
+  const started = performance.now();
+  const polling = pollProgress();
+  let result = null;
+  try { result = await api(route, body); } catch (err) { showError(err); }
+  running = false;
+  await polling;  // so that no late progress reply overwrites the final state
+  if (result) {
+    const info = JSON.parse(result.info);
+    result.images.forEach((b64, i) => addToGallery(b64, info.infotexts[i], info.all_seeds[i]));
+    $("progress").value = 1;
+    $("progress-text").textContent = `${info.interrupted ? "interrupted" : "done"} in ` +
+      `${((performance.now() - started) / 1000).toFixed(1)} s`;
+    if (result.images.length) { $("preview").src = "data:image/png;base64," + result.images[0]; $("preview").hidden = false; }
+  } else {
+    $("progress-text").textContent = "failed";
+  }
+  $("generate").disabled = false;
+  $("interrupt").disabled = true;
+});
+
+$("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}).catch(showError));
+
+init();

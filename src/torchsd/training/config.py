@@ -1,0 +1,149 @@
+"""``TrainConfig``: every training option in one frozen dataclass.
+
+The command-line flags and the TOML file are both generated from the fields below, so an option is
+declared once. ``torchsd train unet --write-config run.toml`` writes a complete file to edit;
+``torchsd train unet --config run.toml --steps 500`` reads it, flags taking precedence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import get_type_hints
+
+TASKS = ("vae", "clip", "unet", "lora")
+PRESETS = ("bundled", "tiny")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "unet"
+    data: str = "shapes"  # shapes, emoji, shapes+emoji, a folder, a .jsonl/.csv manifest or .tar shards
+    dataset_size: int = 20000  # items drawn from procedural datasets (and cached as latents)
+    resolution: int = 64
+    output: str = "runs/train"
+    preset: str = "bundled"  # network sizes for models trained from scratch
+    steps: int = 2000
+    batch_size: int = 32  # global batch (split across DDP ranks)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" or "bf16" (autocast)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    # frozen parts and starting points
+    model: str = ""  # a pipeline (folder or single file): its VAE and text encoder (unet, lora); LoRA's base
+    vae: str = ""  # a VAE trained by `torchsd train vae` (for unet from scratch)
+    clip: str = ""  # a CLIP trained by `torchsd train clip` (for unet from scratch)
+    # U-Net
+    prediction_type: str = "epsilon"
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
+    ema_decay: float = 0.999  # 0 disables EMA
+    cache_latents: bool = True
+    # VAE
+    kl_weight: float = 1e-6
+    disc_start: int = 0  # step at which the patch discriminator joins; 0 = never
+    disc_weight: float = 0.1
+    decoder_only: bool = False  # fine-tune only the decoder of --vae (the latent space stays as it is)
+    # LoRA
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        for name in ("steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "sample_every",
+                     "log_every", "dataset_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8; got {self.resolution}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16'; got {self.mixed_precision!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {self.prediction_type!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.decoder_only and not self.vae:
+            raise ValueError("--decoder-only fine-tunes an existing autoencoder: give it with --vae PATH")
+        if self.task == "lora" and not self.model:
+            raise ValueError("LoRA training needs a base model: --model PATH")
+        if self.task == "unet" and not self.model and not (self.vae and self.clip):
+            raise ValueError("U-Net training needs a frozen VAE and text encoder: --model PIPELINE, or "
+                             "--vae VAE.safetensors --clip CLIP.safetensors from `torchsd train vae|clip`")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--min-snr-gamma``); booleans as ``--flag/--no-flag``. Defaults are None so
+    that only flags given on the command line override a TOML file."""
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "task":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default!r}")
+    parser.add_argument("--config", type=Path, default=None, help="a TOML file of these options")
+    parser.add_argument("--write-config", type=Path, default=None, help="write the resolved options as TOML and exit")
+
+
+def from_arguments(task: str, args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if args.config is not None:
+        values.update(read_toml(args.config))
+    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                   if f.name != "task" and getattr(args, f.name, None) is not None})
+    values["task"] = task
+    return TrainConfig(**values)
+
+
+def read_toml(path: Path) -> dict:
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read training config {path}: {err}") from None
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown options {', '.join(unknown)}")
+    return data
+
+
+def write_toml(config: TrainConfig, path: Path) -> None:
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = {_toml_string(str(value))}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,239 @@
+"""The one training loop every task uses: data, DDP, AdamW with warm-up, accumulation, bf16 autocast,
+EMA, atomic checkpoints with exact resumption, a progress bar, a metrics CSV and sample grids."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import random
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoints.io import atomic_path
+from .config import TrainConfig, write_toml
+from .distributed import Distributed, DistributedBatchSampler, setup, teardown
+
+STATE_FILE = "state.pt"
+
+
+class Task(Protocol):
+    """What a trainable thing provides to the loop."""
+
+    model: nn.Module  # the trainable module (wrapped in DDP by the loop)
+    use_ema: bool
+
+    def dataset(self) -> Dataset: ...  # items: (index, image or latent, caption)
+    def loss(self, model: nn.Module, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def sample(self, model: nn.Module, path: Path) -> None: ...  # write a sample grid PNG
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def export(self, model: nn.Module, output: Path) -> list[Path]: ...
+    def extra_state(self) -> dict: ...
+    def load_extra_state(self, state: dict) -> None: ...
+    def after_step(self, step: int) -> None: ...
+
+
+class EMA:
+    """Exponential moving average of weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema, live in zip(self.model.parameters(), model.parameters()):
+            ema.lerp_(live.detach(), 1 - decay)
+
+
+def _rng_state() -> dict:
+    keys, pos = np.random.get_state()[1:3]
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "python": list(random.getstate()[1])}
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def run(config: TrainConfig, make_task, device: str | None = None) -> dict[str, float]:
+    """Train ``make_task(config, dist)`` for ``config.steps`` steps; returns the final evaluation."""
+    dist = setup(device)
+    try:
+        return _run(config, make_task, dist)
+    finally:
+        teardown()
+
+
+def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
+    out = config.output_dir
+    state_path = out / STATE_FILE
+    if state_path.exists() and not config.resume:
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --output")
+    if config.resume and not state_path.exists():
+        raise ValueError(f"--resume: no checkpoint {state_path} to resume from")
+    if dist.is_main:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        write_toml(config, out / "config.toml")
+    torch.manual_seed(config.seed)
+    task = make_task(config, dist)
+    model = task.model.to(dist.device)
+    ema = EMA(model, config.ema_decay) if task.use_ema and config.ema_decay > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+
+    start = 0
+    if config.resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        task.load_extra_state(state["task"])
+        _restore_rng(state["rng"])
+        start = state["step"]
+
+    trained = DistributedDataParallel(model) if dist.enabled else model
+    dataset = task.dataset()
+    sampler = DistributedBatchSampler(len(dataset), config.batch_size, dist.rank, dist.world_size, config.seed,
+                                      start, config.steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+
+    def checkpoint(step: int) -> None:
+        if not dist.is_main:
+            return
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict(), "ema": ema.model.state_dict() if ema else {},
+                 "task": task.extra_state(), "rng": _rng_state()}
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
+
+    bar = _progress(config.steps, start) if dist.is_main else None
+    metrics_file = out / "metrics.csv"
+    t0, seen = time.perf_counter(), 0
+    step = start
+    for batch in loader:
+        model.train()
+        micro = _split(batch, config.grad_accum)
+        logs: dict[str, float] = {}
+        for i, part in enumerate(micro):
+            sync = i == len(micro) - 1
+            with autocast, (trained.no_sync() if dist.enabled and not sync else _null()):
+                loss, logs = task.loss(trained, part, step)
+                (loss / len(micro)).backward()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or use fp32")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        task.after_step(step)
+        if ema is not None:
+            ema.update(model, step)
+        step += 1
+        seen += len(batch[0]) * dist.world_size
+        if dist.is_main:
+            rate = seen / (time.perf_counter() - t0)
+            row = {"step": step, "loss": loss_value, "lr": schedule.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "images_per_s": rate, **logs}
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                _log(metrics_file, row)
+        eval_model = ema.model if ema is not None else model
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            checkpoint(step)
+        if dist.is_main and (step % config.sample_every == 0 or step == config.steps):
+            task.sample(eval_model, out / "samples" / f"step-{step:06d}.png")
+    if bar is not None:
+        bar.close()
+    dist.barrier()
+    results: dict[str, float] = {}
+    if dist.is_main:
+        eval_model = ema.model if ema is not None else model
+        results = task.evaluate(eval_model)
+        paths = task.export(eval_model, out)
+        _log(out / "eval.csv", {"step": step, **results})
+        print(f"trained {config.task} for {step} steps: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        for path in paths:
+            print(f"wrote {path}")
+    return results
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _collate(items):
+    indices, data, captions = zip(*items)
+    return list(indices), torch.stack(data), list(captions)
+
+
+def _split(batch, parts: int):
+    indices, data, captions = batch
+    if parts == 1:
+        return [batch]
+    size = math.ceil(len(indices) / parts)
+    return [(indices[i:i + size], data[i:i + size], captions[i:i + size]) for i in range(0, len(indices), size)]
+
+
+def _progress(total: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+
+
+def _log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    fields = list(row) if new else next(csv.reader(open(path)))
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+class Indexed(Dataset):
+    """(index, image, caption) items, so per-sample randomness can be keyed by the index."""
+
+    def __init__(self, dataset: Dataset, limit: int | None = None):
+        self.dataset = dataset
+        self.length = min(len(dataset), limit) if limit else len(dataset)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        image, caption = self.dataset[index]
+        return index, image, caption
+
+
+def save_grid(images: list, path: Path, columns: int = 8, captions: list[str] | None = None) -> None:
+    """Tile PIL images into one PNG (written atomically)."""
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (w * min(columns, len(images)), h * rows), (0, 0, 0))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")

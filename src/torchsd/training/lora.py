@@ -1,0 +1,78 @@
+"""LoRA fine-tuning (Hu et al. 2021) of any Stable Diffusion U-Net, saved in kohya's format.
+
+Each attention projection W gets a trainable low-rank update: W x + (alpha / rank) * up(down(x)),
+with ``up`` initialised to zero so training starts from the base model exactly. The file holds
+``lora_unet_<diffusers module path with _>.{lora_down.weight, lora_up.weight, alpha}``, as
+AUTOMATIC1111 and kohya's scripts read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoints.diffusers import UNET_RULES, _rename
+from ..checkpoints.io import save_safetensors
+from .config import TrainConfig
+from .distributed import Distributed
+from .unet_task import UNetTask
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.up.weight)
+        self.rank, self.alpha = rank, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x)) * (self.alpha / self.rank)
+
+
+def inject_lora(unet: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
+    """Wrap every attention projection of the U-Net's transformers; returns {module path: wrapper}."""
+    unet.requires_grad_(False)
+    wrapped = {}
+    for name, module in list(unet.named_modules()):
+        for target in TARGETS:
+            child = getattr(module, target, None)
+            if isinstance(child, nn.Linear) and ".transformer_blocks." in f".{name}.":
+                wrapper = LoRALinear(child, rank, alpha)
+                setattr(module, target, wrapper)
+                wrapped[f"{name}.{target}"] = wrapper
+    if not wrapped:
+        raise ValueError("found no attention projections to train a LoRA on")
+    return wrapped
+
+
+def kohya_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, lora in wrapped.items():
+        name = "lora_unet_" + _rename(path + ".weight", UNET_RULES)[: -len(".weight")].replace(".", "_")
+        state[f"{name}.lora_down.weight"] = lora.down.weight.detach().float()
+        state[f"{name}.lora_up.weight"] = lora.up.weight.detach().float()
+        state[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+    return state
+
+
+class LoRATask(UNetTask):
+    use_ema = False
+
+    def __init__(self, config: TrainConfig, dist: Distributed):
+        super().__init__(config, dist)
+        self.wrapped = inject_lora(self.model, config.lora_rank, config.lora_alpha)
+        self.model.enable_gradient_checkpointing(config.gradient_checkpointing)
+
+    def export(self, model, output: Path) -> list[Path]:
+        path = output / "lora.safetensors"
+        save_safetensors(kohya_state_dict(self.wrapped), path,
+                         metadata={"ss_network_dim": str(self.config.lora_rank),
+                                   "ss_network_alpha": str(self.config.lora_alpha), "ss_base_model": self.config.model})
+        return [path]

@@ -1,0 +1,43 @@
+"""The bundled model: loads with no arguments, makes the README's picture, and runs in diffusers."""
+
+import numpy as np
+import pytest
+import torch
+
+import torchsd
+from torchsd.training.data import ShapeSpec
+from torchsd.training.evaluate import read_shape_image
+from reference import max_rel_error
+
+PROMPT = "a red circle at the top left on a blue background"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return torchsd.load_pipeline()
+
+
+def test_bundled_model_draws_the_readme_prompt(sd):
+    image = sd.generate(PROMPT, steps=30, guidance_scale=5.0, seed=0).images[0]
+    assert image.size == (64, 64)
+    reading = read_shape_image(image)
+    spec = ShapeSpec("circle", "red", "top left", "blue")
+    assert reading.matches(spec) == {"background": True, "color": True, "shape": True, "position": True}, reading
+
+
+def test_bundled_model_runs_in_diffusers_with_the_same_result(sd, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sd.save(tmp_path / "bundled", format="diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "bundled", safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = sd.generate(PROMPT, steps=20, guidance_scale=5.0, latents=noise, seed=3)
+    theirs = pipe(PROMPT, num_inference_steps=20, guidance_scale=5.0, latents=noise, output_type="np")
+    their_latents = pipe(PROMPT, num_inference_steps=20, guidance_scale=5.0, latents=noise,
+                         output_type="latent").images
+    assert max_rel_error(ours.latents, their_latents) < 1e-4
+    diff = np.abs(np.asarray(ours.images[0], dtype=np.float32) - np.round(theirs.images[0] * 255))
+    assert diff.max() <= 1.0

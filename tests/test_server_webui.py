@@ -1,0 +1,147 @@
+"""The web page in real headless Chromium (Debian's ``chromium`` driven by Playwright through ``executable_path``).
+
+``make setup`` installs both; without them this file is skipped with the reason, never passed silently.
+Set ``TORCHSD_SCREENSHOTS=DIR`` to keep the screenshots.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serverutil import KEY
+from torchsd.server.schema import request_fields
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: run `make setup`")
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): run `make setup`",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(http_credentials={"username": "user", "password": KEY},
+                                      viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(server.url)
+        yield page
+        assert errors == [], f"JavaScript errors on the page: {errors}"
+        browser.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("TORCHSD_SCREENSHOTS"):
+        keep = Path(os.environ["TORCHSD_SCREENSHOTS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, keep / name)
+    return path
+
+
+def test_the_page_without_the_key_is_refused(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # headless Chromium cancels the Basic-auth prompt the server's 401 asks for
+        with pytest.raises(sync_api.Error, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            browser.new_page().goto(server.url)
+        context = browser.new_context(http_credentials={"username": "user", "password": "wrong"})
+        response = context.new_page().goto(server.url)  # tried the wrong key, then shows the 401 page
+        assert response.status == 401 and "needs its API key" in response.text()
+        browser.close()
+
+
+def test_type_a_prompt_generate_and_see_progress_and_image(page, tmp_path):
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    assert page.locator("#model").input_value() == "tiny-a"
+    assert page.locator("#width").input_value() == "64"  # the model's own size, from /info
+    page.select_option("#sampler", "DDIM")
+    page.fill("#prompt", "a red circle at the top left")
+    page.fill("#steps", "30")
+    page.fill("#seed", "42")
+    page.click("#generate")
+
+    # while it runs: the progress bar moves and the preview shows the current prediction
+    page.wait_for_function("(() => { const p = document.querySelector('#progress'); return p.value > 0 && p.value < 1; })()",
+                           timeout=300_000)
+    page.wait_for_function("document.querySelector('#preview').src.startsWith('data:image/png')", timeout=300_000)
+    assert page.locator("#progress-text").inner_text().startswith("step ")
+
+    page.wait_for_selector("#gallery figure", timeout=300_000)
+    assert page.locator("#progress").evaluate("p => p.value") == 1
+    assert page.locator("#progress-text").inner_text().startswith("done in ")
+    assert page.locator("#error").inner_text() == ""
+    assert page.locator("#gallery img").first.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    caption = page.locator("#gallery figcaption").first.inner_text()
+    assert caption.startswith("a red circle at the top left\nSteps: 30, Sampler: DDIM") and "Seed: 42," in caption
+
+    with page.expect_download() as download_info:
+        page.get_by_text("Download PNG").first.click()
+    download = download_info.value
+    assert download.suggested_filename == "torchsd-42.png"
+    saved = tmp_path / "download.png"
+    download.save_as(saved)
+    with Image.open(saved) as image:  # the PNG carries its parameters
+        assert image.size == (64, 64) and image.text["parameters"] == caption
+    screenshot(page, tmp_path, "webui-after-generation.png")
+
+
+def test_image_to_image_with_a_painted_mask(page, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.indices((64, 64)).sum(0) * 2 % 256).astype(np.uint8)).convert("RGB").save(init)
+    page.set_input_files("#init-file", str(init))
+    page.wait_for_selector("#init-box:not([hidden])")
+    page.fill("#steps", "4")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.7, steps=8)
+    page.mouse.up()
+    painted = page.evaluate("""() => { const c = document.querySelector('#mask-canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
+    assert painted > 100  # the brush painted the mask
+    figures = page.locator("#gallery figure").count()
+    page.click("#generate")
+    if "mask" in request_fields():
+        page.wait_for_function(f"document.querySelectorAll('#gallery figure').length > {figures}", timeout=300_000)
+        assert "Denoising strength: 0.75" in page.locator("#gallery figcaption").first.inner_text()
+    else:
+        page.wait_for_function("document.querySelector('#error').textContent.length > 0", timeout=300_000)
+        assert "422: inpainting (img2img with a mask) is not supported" in page.locator("#error").inner_text()
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=60_000)
+    screenshot(page, tmp_path, "webui-inpainting.png")
+
+    page.click("#clear-mask")  # no mask: plain image to image
+    figures = page.locator("#gallery figure").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#gallery figure').length > {figures}", timeout=300_000)
+    assert "Denoising strength: 0.75" in page.locator("#gallery figcaption").first.inner_text()
+    assert page.locator("#error").inner_text() == ""
+
+
+def test_the_model_picker_switches_the_server_model(page, server):
+    def current() -> str:
+        with server.client() as client:
+            return client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+
+    page.select_option("#model", "sub/tiny-b")
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=300_000)
+    assert page.locator("#model-status").inner_text() == "" and current() == "sub/tiny-b"
+    page.select_option("#model", "tiny-a")
+    page.wait_for_function("!document.querySelector('#generate').disabled", timeout=300_000)
+    assert current() == "tiny-a"
