@@ -72,7 +72,7 @@ def test_cli_refuses_a_missing_file_and_a_png_output(tmp_path, capsys, model_dir
     assert main(["generate", "a cat", "--prompts", str(path), "--model", str(model_dir)]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir)]) == 2
-    assert "give a prompt" in capsys.readouterr().err
+    assert "give a PROMPT" in capsys.readouterr().err
 
 
 def test_a_batch_of_different_prompts_equals_each_alone():

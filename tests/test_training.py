@@ -214,8 +214,12 @@ def test_ddp_step_equals_single_process_step(tmp_path, frozen_parts):
     a = torch.load(single / "state.pt", weights_only=True)
     b = torch.load(ddp / "state.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6, rtol=1e-5), key
+    # AdamW's first step moves each weight by about lr * g / (|g| + eps): where a gradient is as small as eps,
+    # the rounding of the all-reduce shows; 1% of one step (lr = 1e-3) bounds that, and almost all weights agree
+    # to float precision
+    diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
+    assert diffs.max() < 1e-5, float(diffs.max())
+    assert (diffs > 1e-7).float().mean() < 1e-3
 
 
 def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path, frozen_parts):

@@ -146,7 +146,8 @@ def run_generate(args: argparse.Namespace) -> int:
             raise ValueError("give either a prompt or --prompts FILE, not both")
         return run_prompts_file(args)
     if args.prompt is None and getattr(args, "from_image", None) is None:
-        raise ValueError("give a prompt, e.g. torchsd generate \"a red circle\", or --prompts FILE")
+        raise ValueError("give a PROMPT, or --from IMAGE to take it from a PNG's infotext, or --prompts FILE "
+                         "(e.g. torchsd generate \"a red circle\")")
     return run_generation(args)
 
 

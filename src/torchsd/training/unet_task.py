@@ -100,12 +100,15 @@ class UNetTask:
         self.alphas_cumprod = alphas_cumprod(self.sd.config.schedule).float()
         self.prediction_type = PredictionType(config.prediction_type)
         self._contexts: dict[str, torch.Tensor] = {}
+        self._dataset = None
 
     def dataset(self):
-        if self.config.cache_latents:
-            return cache_latents(self.sd, self.config, self.dist)
-        return Indexed(build_dataset(self.config.data, self.config.resolution, self.config.seed, self.config.dataset_size),
-                       self.config.dataset_size)
+        """Built once: caching latents synchronises the ranks, which evaluation (rank 0 alone) must not do."""
+        if self._dataset is None:
+            self._dataset = cache_latents(self.sd, self.config, self.dist) if self.config.cache_latents else \
+                Indexed(build_dataset(self.config.data, self.config.resolution, self.config.seed,
+                                      self.config.dataset_size), self.config.dataset_size)
+        return self._dataset
 
     @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
