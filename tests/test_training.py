@@ -191,7 +191,7 @@ def test_output_folder_is_not_overwritten_without_resume(tmp_path):
 
 # --- distributed and faults ---------------------------------------------------------------------------
 
-def cli(*args, cwd=None):
+def cli(*args):
     return [sys.executable, "-m", "torchsd", "train", *args]
 
 

@@ -1,7 +1,7 @@
 """Trained components as safetensors files that carry their own config in the metadata.
 
-``vae.safetensors`` (an AutoencoderKL) and ``unet.safetensors``; CLIPs are written by
-``checkpoints.clip.save_clip``. ``torchsd.checkpoints`` turns them into a whole pipeline.
+``vae.safetensors`` (an AutoencoderKL); CLIPs are written by ``checkpoints.clip.save_clip`` and U-Nets
+as whole pipelines (``StableDiffusion.save``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch import nn
 
 from ..checkpoints.diffusers import load_into
 from ..checkpoints.io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
-from ..config import UNetConfig, VAEConfig
+from ..config import VAEConfig
 
-KINDS = {"vae": (VAEConfig,), "unet": (UNetConfig,)}
+KINDS = {"vae": (VAEConfig,)}
 
 
 def _config_dict(config) -> dict:

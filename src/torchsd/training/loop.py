@@ -3,6 +3,7 @@ EMA, atomic checkpoints with exact resumption, a progress bar, a metrics CSV and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -131,7 +132,7 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         logs: dict[str, float] = {}
         for i, part in enumerate(micro):
             sync = i == len(micro) - 1
-            with autocast, (trained.no_sync() if dist.enabled and not sync else _null()):
+            with autocast, (trained.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
                 loss, logs = task.loss(trained, part, step)
                 (loss / len(micro)).backward()
         loss_value = loss.item()
@@ -172,14 +173,6 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         for path in paths:
             print(f"wrote {path}")
     return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _collate(items):
