@@ -68,17 +68,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["prompts", "lora"], default=None)
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     sd = sd15(args.device, dtype)
     print(f"SD 1.5-size models, random weights, {args.device} {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
 
-    for chunks in (1, 2, 4):
+    for chunks in (1, 2, 4) if args.only != "lora" else ():
         prompt = " ".join(["cat"] * (75 * chunks - 5))
         print(f"encode_prompt, {chunks} chunk(s) ({77 * chunks} tokens): "
               f"{timed(lambda: sd.encode_prompt([prompt]), args.repeats, args.device)}")
 
+    if args.only == "prompts":
+        return
     lora = random_lora(sd, args.rank)
     applied = [AppliedLora(lora, 0.8, 0.8)]
     numel = sum(layer.up.shape[0] * layer.down.shape[1] for layer in lora.layers)

@@ -88,14 +88,17 @@ def test_a_batch_of_different_prompts_equals_each_alone():
         assert (a - b).abs().max() <= 1  # batched matmuls round differently: at most one 8-bit level
 
 
-def test_batched_latents_match_to_float32_tolerance():
+@pytest.mark.parametrize("sampler, scheduler", [("ddim", "automatic"), ("euler_a", "automatic"),
+                                                ("DPM++ 2M SDE Heun", "karras")])
+def test_batched_latents_match_to_float32_tolerance(sampler, scheduler):
     from torchsd import batch as batch_module
 
     sd = random_pipeline("sd1")
     captured = []
     original = sd.decode_latents
     sd.decode_latents = lambda latents: captured.append(latents) or original(latents)
-    requests = [DEFAULTS.replace(prompt=p, seed=s) for p, s in (("a cat", 1), ("a dog", 2))]
+    requests = [DEFAULTS.replace(prompt=p, seed=s, sampler=sampler, scheduler=scheduler)
+                for p, s in (("a cat", 1), ("a dog", 2))]
     batch_module.generate_batch(sd, requests)
     for k, request in enumerate(requests):
         assert max_rel_error(captured[0][k], sd.generate(request).latents[0]) < 1e-4

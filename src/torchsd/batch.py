@@ -16,7 +16,6 @@ lines starting with ``#`` are skipped. Every image is a job with a fixed output 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .diffusion.noise import make_generators, randn, random_seed
-from .diffusion.samplers import build_sigmas, get_sampler, initial_noise_scale
+from .diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler, sampler_options
 from .images import tensor_to_pil
 from .pipeline import GenerationRequest
 
@@ -102,7 +101,8 @@ def _parse_line(line: str, where: str) -> tuple[dict, int, str | None]:
 
 def shape_key(request: GenerationRequest) -> tuple:
     """Requests with equal keys can share U-Net calls: everything but prompts and seeds matches."""
-    return (request.width, request.height, request.steps, request.guidance_scale, get_sampler(request.sampler).name,
+    spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
+    return (request.width, request.height, request.steps, request.guidance_scale, spec.name, scheduler.name,
             request.eta, request.clip_skip)
 
 
@@ -123,7 +123,7 @@ def generate_batch(sd, requests: list[GenerationRequest]):
     first = requests[0]
     if any(shape_key(r) != shape_key(first) for r in requests) or any(r.batch_size != 1 for r in requests):
         raise ValueError("generate_batch needs one-image requests of the same shape (see shape_key)")
-    spec = get_sampler(first.sampler)
+    spec, scheduler = resolve_sampler(first.sampler, first.scheduler)
     width, height = first.width or sd.config.sample_size, first.height or sd.config.sample_size
     seeds = [r.seed if r.seed is not None else random_seed() for r in requests]
     generators = make_generators(seeds)
@@ -131,16 +131,12 @@ def generate_batch(sd, requests: list[GenerationRequest]):
     uncond = sd.encode_prompt([r.negative_prompt for r in requests], first.clip_skip) \
         if first.guidance_scale != 1.0 else None
 
-    sigmas = build_sigmas(sd.config.schedule, first.steps, spec)
+    sigmas = build_sigmas(sd.config.schedule, first.steps, spec, scheduler)
     f = sd.config.vae.downscale_factor
     shape = (len(requests), sd.config.vae.latent_channels, height // f, width // f)
     x = randn(shape, generators).to(sd.device) * initial_noise_scale(sigmas, spec)
     denoise = _guided(sd, cond, uncond, first.guidance_scale)
-    parameters = inspect.signature(spec.function).parameters
-    kwargs = {"eta": first.eta} if "eta" in parameters else {}
-    if spec.stochastic or "generator" in parameters:
-        kwargs["generator"] = generators
-    x = spec.function(denoise, x, sigmas.to(sd.device, torch.float32), **kwargs)
+    x = spec.function(denoise, x, sigmas.to(sd.device, torch.float32), **sampler_options(spec, generators, first.eta))
     latents = x / (1 + sigmas[-1].item() ** 2) ** 0.5
     images = tensor_to_pil(sd.decode_latents(latents))
     infotexts = [sd.infotext(dataclasses.replace(r, seed=s), s, width, height) for r, s in zip(requests, seeds)]

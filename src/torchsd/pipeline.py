@@ -8,7 +8,6 @@ image-to-image: image -> VAE encoder -> latents + noise at the level ``strength`
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from .config import ModelConfig
 from .diffusion import clip_guidance
 from .diffusion.denoisers import ModelDenoiser, classifier_free_guidance
 from .diffusion.noise import make_generators, random_seed
-from .diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler
+from .diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler, sampler_options
 from .diffusion.schedulers import img2img_start
 from .diffusion.variation import variation_noise
 from .hires import hires_pass, target_size as hires_target_size
@@ -393,10 +392,7 @@ class StableDiffusion:
         denoise = clip_guidance.guidance_for_request(self, request, denoise, seeds or [0] * x.shape[0])
         if latent_mask is not None:
             denoise = pin_unmasked(denoise, init_latents, latent_mask)
-        parameters = inspect.signature(spec.function).parameters
-        kwargs = dict(spec.options, generator=generators)
-        if request.eta is not None and "eta" in parameters:
-            kwargs["eta"] = request.eta
+        kwargs = sampler_options(spec, generators, request.eta)
         sigmas_dev = sigmas.to(self.device, torch.float32)
         bar = _progress_bar(len(sigmas) - 1) if progress else None
 

@@ -30,6 +30,7 @@ of the k-diffusion samplers, and DPM2's dropped next-to-last level. docs/sampler
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -102,7 +103,8 @@ register(SamplerSpec("dpmpp_2m_sde", sample_dpmpp_2m_sde, "DPM++ 2M SDE", aliase
                      stochastic=True, scheduler="exponential", **_K))
 register(SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde, "DPM++ 2M SDE Heun", aliases=("k_dpmpp_2m_sde_heun",),
                      stochastic=True, scheduler="exponential", options={"solver_type": "heun"}, **_K))
-# newer solvers. UniPC on AUTOMATIC1111's UniPC levels: n + 1 timesteps from 999 to 0, all visited, ending at the level of timestep 0.
+# newer solvers. UniPC on AUTOMATIC1111's UniPC levels: n + 1 timesteps from 999 to 0, all visited, ending
+# at the level of timestep 0.
 # (k-diffusion's linspace then a jump to 0 makes the step before the jump very uneven, which a multistep
 # solver extrapolates badly; diffusers' levels jump to 0 from timestep ~50, which blurs.)
 register(SamplerSpec("unipc", sample_unipc, "UniPC", final="alpha_bar_0", scheduler="sgm_uniform",
@@ -179,6 +181,15 @@ def build_sigmas(schedule: ScheduleConfig, steps: int, spec: SamplerSpec,
         return noise_levels(schedule, steps, chosen, spacing, last)
     sigmas = noise_levels(schedule, steps + 1, chosen, spacing, last)
     return torch.cat([sigmas[:-2], sigmas[-1:]])
+
+
+def sampler_options(spec: SamplerSpec, generator, eta: float | None = None) -> dict:
+    """The keyword arguments a run passes to ``spec.function``: its fixed options, the per-image generators,
+    and ``eta`` where the sampler takes one and it is set (None keeps the sampler's default)."""
+    options = dict(spec.options, generator=generator)
+    if eta is not None and "eta" in inspect.signature(spec.function).parameters:
+        options["eta"] = eta
+    return options
 
 
 def initial_noise_scale(sigmas: torch.Tensor, spec: SamplerSpec) -> float:

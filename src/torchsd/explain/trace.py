@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..diffusion.noise import make_generators, randn
-from ..diffusion.samplers import Step, build_sigmas, get_sampler
+from ..diffusion.samplers import Step, build_sigmas, resolve_sampler
 from ..diffusion.schedules import alphas_cumprod, q_sample
 from ..images import pil_to_tensor
 from ..models.unet import SpatialTransformer, UNet
@@ -152,7 +152,7 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
         result = sd.run(request, callback=on_step, observer=on_guidance)
 
     # sigmas of the levels visited, to put each x back on the U-Net's scale z = x / sqrt(1 + sigma^2)
-    sigmas = build_sigmas(sd.config.schedule, request.steps, get_sampler(request.sampler))
+    sigmas = build_sigmas(sd.config.schedule, request.steps, *resolve_sampler(request.sampler, request.scheduler))
     sigmas = sigmas[len(sigmas) - 1 - len(steps):].tolist() if steps else []
     records = [StepRecord(s.index, s.sigma, sigmas[i + 1], x / (1 + sigmas[i + 1] ** 2) ** 0.5, s.x0[0].float().cpu())
                for i, (s, x) in enumerate(steps)]
