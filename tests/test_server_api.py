@@ -190,14 +190,12 @@ def test_a1111_tolerates_what_clients_send(server):
     ({"enable_hr": True}, 422, "hires fix (enable_hr) is not supported"),
     ({"seed": "abc"}, 422, "seed must be an integer; got 'abc'"),
     ({"cfg_scale": "high"}, 422, "cfg_scale must be a finite number"),
-    ({"scheduler": "Karras"}, 422, "scheduler 'Karras'"),
+    ({"scheduler": "Karass"}, 422, "Karass"),
     ({"script_name": "x/y/z plot"}, 422, "script 'x/y/z plot' not found"),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, 422, "always-on script 'ControlNet' not found"),
     ({"override_settings": {"sd_model_checkpoint": "nope"}}, 404, "model 'nope' not found; available: 'sub/tiny-b', 'tiny-a'"),
 ])
 def test_a1111_errors_say_what_to_change(server, change, status, message):
-    if "scheduler" in change and "scheduler" in request_fields():
-        pytest.skip("this build's GenerationRequest has schedulers: 'Karras' may be valid")
     with server.client() as client:
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2,
                                                           "sampler_name": "DDIM", **change})
