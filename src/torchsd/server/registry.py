@@ -192,6 +192,9 @@ class ModelRegistry:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         options = {"vae": self.vae} if self.vae is not None else {}
+        if self.models_dir is not None:  # <lora:name:w> in prompts and embeddings by name, as A1111 finds them
+            options["lora_dirs"] = [p for p in [self.models_dir / LORA_FOLDER] if p.is_dir()]
+            options["embedding_dirs"] = [p for p in [self.models_dir / EMBEDDINGS_FOLDER] if p.is_dir()]
         sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
         sd.name = entry.model_name
         if entry.path.is_file() and entry.sha256 is None:
