@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, _load_safetensors
+from .io import CheckpointError, _load_safetensors, named_files
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -117,13 +117,8 @@ class EmbeddingLibrary:
             self.dirs.append(folder)
 
     def files(self) -> dict[str, Path]:
-        """name -> file, for every embedding file under the folders (the first of equal names wins)."""
-        found: dict[str, Path] = {}
-        for folder in self.dirs:
-            for path in sorted(folder.rglob("*")):
-                if path.suffix in SUFFIXES and path.is_file():
-                    found.setdefault(path.stem, path)
-        return found
+        """name -> file under the folders (the first of equal names wins)."""
+        return named_files(self.dirs, SUFFIXES)
 
     def load(self, name: str, path: Path) -> Embedding:
         stat = path.stat()

@@ -89,6 +89,17 @@ def flatten_state_dict(obj: object, path: Path | str = "checkpoint") -> dict[str
     raise CheckpointError(f"{path}: holds no tensors; it is not a model checkpoint")
 
 
+def named_files(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """name (file stem) -> file for every file with one of ``suffixes`` under ``folders``; the first of
+    equal names wins. How LoRA and embedding names in prompts are found, as AUTOMATIC1111 finds them."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.suffix in suffixes and path.is_file():
+                found.setdefault(path.stem, path)
+    return found
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""

@@ -29,7 +29,7 @@ from torch import nn
 
 from .diffusers import TEXT_PREFIX, TEXT_RULES, UNET_RULES, _rename
 from .embeddings import file_sha256
-from .io import CheckpointError, load_state_dict, safetensors_metadata
+from .io import CheckpointError, load_state_dict, named_files, safetensors_metadata
 
 if TYPE_CHECKING:
     from ..pipeline import GenerationRequest, StableDiffusion
@@ -243,12 +243,8 @@ class LoraLibrary:
             self.dirs.append(folder)
 
     def files(self) -> dict[str, Path]:
-        found: dict[str, Path] = {}
-        for folder in self.dirs:
-            for path in sorted(folder.rglob("*")):
-                if path.suffix in SUFFIXES and path.is_file():
-                    found.setdefault(path.stem, path)
-        return found
+        """name -> file under the folders (the first of equal names wins)."""
+        return named_files(self.dirs, SUFFIXES)
 
     def resolve(self, name_or_path: str | Path) -> Path:
         path = Path(name_or_path)
