@@ -25,6 +25,10 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+def random_bytes(size: int, seed: int) -> bytes:
+    return bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8).tolist())
+
+
 @pytest.fixture(scope="module")
 def sd1_state():
     return original_checkpoint(inferable_config("sd1"), seed=4)[0]
@@ -57,13 +61,13 @@ def test_truncated_and_corrupt_files(tmp_path, sd1_state):
     cases = {
         "truncated.safetensors": data[: len(data) // 2],
         "header-only.safetensors": data[:64],
-        "garbage.safetensors": os.urandom(4096),
+        "garbage.safetensors": random_bytes(4096, seed=1),
         "text.safetensors": b"this is a README, not weights\n" * 20,
     }
     ckpt = tmp_path / "whole.ckpt"
     torch.save({"state_dict": sd1_state}, ckpt)
     cases["truncated.ckpt"] = ckpt.read_bytes()[: ckpt.stat().st_size // 2]
-    cases["garbage.ckpt"] = os.urandom(4096)
+    cases["garbage.ckpt"] = random_bytes(4096, seed=2)
     cases["pickle-of-other-things.ckpt"] = pickle.dumps(RunsCode(tmp_path / "pwned"), protocol=5)
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
@@ -172,3 +176,21 @@ def test_corrupt_embedded_config_is_refused(tmp_path, sd1_state):
     save_file(sd1_state, str(tmp_path / "m.safetensors"), metadata={"torchsd_config": "{not json"})
     with pytest.raises(CheckpointError, match="embedded torchsd_config is not a valid torchsd config"):
         torchsd.load_pipeline(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_random_bytes_are_always_refused_as_corrupt(tmp_path, suffix):
+    """Random bytes make an unpickler fail in any way it likes (EOFError, IndexError, KeyError, ...); every one
+    must reach the user as the same CheckpointError, never as a traceback. Seeded, so a failure reproduces."""
+    from torchsd.checkpoints.io import load_state_dict
+
+    rng = torch.Generator().manual_seed(1234)
+    path = tmp_path / f"garbage{suffix}"
+    for i in range(400):
+        size = int(torch.randint(1, 4096, (1,), generator=rng))
+        blob = bytes(torch.randint(0, 256, (size,), generator=rng, dtype=torch.uint8).tolist())
+        if i % 2:  # a pickle protocol header first, so the unpickler goes deeper before failing
+            blob = b"\x80\x02" + blob
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointError, match="truncated or corrupt|holds no tensors|refused to load"):
+            load_state_dict(path)

@@ -70,8 +70,12 @@ def _load_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
             f"{path}: refused to load: the pickle holds more than tensors (it would import "
             f"{blocked.group(1)}: run code or build arbitrary objects, which torchsd never allows). Convert it to "
             f".safetensors with a tool you trust, or ask its author for a .safetensors file") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {err}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): it asks for more "
+                              f"memory than this machine has") from None
+    except Exception as err:  # noqa: BLE001 - random bytes make the unpickler fail in any way (IndexError, KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(err).__name__}: {err}") from None
     return flatten_state_dict(obj, path)
 
 
