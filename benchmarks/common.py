@@ -137,8 +137,9 @@ def compare(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict]:
                     fn()
                     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
                 r = results[name]
-                r["peak_extra"] = max(r["peak_extra"], mem.extra)
-                r["peak"] = max(r["peak"], mem.peak)
+                if rep >= warmup or reps == 0:  # a first call also allocates caches that stay
+                    r["peak_extra"] = max(r["peak_extra"], mem.extra)
+                    r["peak"] = max(r["peak"], mem.peak)
                 if rep >= warmup:
                     r["times"].append(seconds)
                     r["cpu"].append(cpu)

@@ -14,7 +14,7 @@ Phases (each prints torchsd and diffusers side by side, with the ratio torchsd /
   batched  images/s of a batch of prompts in one U-Net call against one at a time (torchsd)
 
 "Same precision" means same weight dtype on both sides; each side keeps its own default layout
-(torchsd: channels-last in bf16, see runtime.py; diffusers: NCHW). Peak RSS is sampled every 2 ms
+(torchsd on CPU: NHWC VAE, NCHW U-Net, see runtime.py; diffusers: NCHW). Peak RSS is sampled every 2 ms
 and given above the shared-weights baseline. The machine may be shared: the calls alternate
 (A B A B …) and the minimum and median are both printed.
 """
@@ -205,7 +205,8 @@ def main() -> None:
         free()
         pipe = diffusers_pipeline(sd, tokenizer_dir)  # built before torchsd's layout change: NCHW, shared
         apply_runtime(sd, RuntimeOptions(), "cpu", dtype)  # torchsd's defaults for this dtype
-        layout = "channels-last" if sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "NCHW"
+        layout = "U-Net {}, VAE {}".format(*("NHWC" if m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+                                             else "NCHW" for m in (sd.unet, sd.vae.decoder)))
         print(f"\n== {str(dtype).removeprefix('torch.')} (torchsd {layout}, diffusers NCHW) ; {load_note()}", flush=True)
         if "text" in phases:
             phase_text(sd, pipe, args.reps)

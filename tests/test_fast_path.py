@@ -67,6 +67,20 @@ def test_default_dtype_follows_the_hardware(monkeypatch):
     assert default_dtype("cpu") == torch.float32
 
 
+def test_channels_last_default_follows_the_measurements():
+    from torchsd.runtime import wants_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not wants_channels_last(RuntimeOptions(), cpu, "unet")  # measured slower in NHWC on CPU
+    assert wants_channels_last(RuntimeOptions(), cpu, "vae")
+    assert wants_channels_last(RuntimeOptions(), cuda, "unet") and wants_channels_last(RuntimeOptions(), cuda, "vae")
+    assert not wants_channels_last(RuntimeOptions(channels_last=False), cuda, "vae")
+    assert wants_channels_last(RuntimeOptions(channels_last=True), cpu, "unet")
+    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32)
+    assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bf16_channels_last_pipeline_stays_close_to_fp32():
     """What the CPU default runs: bf16 weights, NHWC convolutions. Measured here: PSNR ~35-40 dB on
     the tiny random model; the bound leaves room for other CPUs' rounding."""

@@ -20,6 +20,7 @@ from torchsd.pipeline import GenerationRequest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DEFAULTS = GenerationRequest(prompt="", steps=3, width=32, height=32)
+LONG = ", ".join(f"word{i}" for i in range(60))  # more than one 75-token chunk
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,8 @@ def test_cli_refuses_a_missing_file_and_a_png_output(tmp_path, capsys, model_dir
 def test_a_batch_of_different_prompts_equals_each_alone():
     sd = random_pipeline("sd1")
     requests = [DEFAULTS.replace(prompt=p, negative_prompt=n, seed=s)
-                for p, n, s in (("a cat", "", 1), ("a red dog on grass", "blurry", 7), ("x", "", 3))]
+                for p, n, s in (("a cat", "", 1), ("a red dog on grass", "blurry", 7), ("x", "", 3),
+                                (LONG, "", 4), ("(a cat:1.3) on a [mat]", "", 5))]
     images, infotexts = generate_batch(sd, requests)
     for request, image, infotext in zip(requests, images, infotexts):
         alone = sd.generate(request)
@@ -102,6 +104,14 @@ def test_batched_latents_match_to_float32_tolerance(sampler, scheduler):
     batch_module.generate_batch(sd, requests)
     for k, request in enumerate(requests):
         assert max_rel_error(captured[0][k], sd.generate(request).latents[0]) < 1e-4
+
+
+def test_requests_the_pipeline_must_run_alone_are_not_batched(tmp_path):
+    path = write(tmp_path, 'a cat\n<lora:style:0.5> a dog\na bird\n')
+    jobs = read_prompts(path, DEFAULTS, tmp_path, first_seed=0)
+    assert [[j.output.name for j in b] for b in batches(jobs, 8)] == [["00000.png", "00002.png"], ["00001.png"]]
+    hires = read_prompts(write(tmp_path, "a\nb\n"), DEFAULTS.replace(hires=True), tmp_path, first_seed=0)
+    assert [len(b) for b in batches(hires, 8)] == [1, 1]
 
 
 def test_mixed_shapes_are_refused_by_generate_batch():

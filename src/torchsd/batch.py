@@ -15,7 +15,6 @@ lines starting with ``#`` are skipped. Every image is a job with a fixed output 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -25,13 +24,14 @@ from pathlib import Path
 import torch
 
 from .diffusion.noise import make_generators, randn, random_seed
-from .diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler, sampler_options
+from .diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler
 from .images import tensor_to_pil
-from .pipeline import GenerationRequest
+from .pipeline import GenerationRequest, RunExtras
+from .text.prompts import extract_extra_networks
 
 # per-line keys: GenerationRequest fields that make sense in a file, plus "count" and "output"
-LINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "eta",
-               "seed", "clip_skip")
+LINE_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "sampler", "scheduler",
+               "eta", "seed", "clip_skip")
 MAX_COUNT = 1000
 
 
@@ -106,47 +106,77 @@ def shape_key(request: GenerationRequest) -> tuple:
             request.eta, request.clip_skip)
 
 
+def batchable(request: GenerationRequest) -> bool:
+    """Plain text-to-image: no init image, mask, hires pass, variation seed, CLIP guidance or LoRA, whose
+    per-run set-up the pipeline does for one request at a time. Other requests run alone."""
+    return (request.batch_size == 1 and request.init_image is None and request.mask is None and not request.hires
+            and request.latents is None and request.subseed_strength == 0 and request.seed_resize_from is None
+            and request.clip_guidance_scale == 0 and not request.loras
+            and not extract_extra_networks(request.prompt)[1] and not extract_extra_networks(request.negative_prompt)[1])
+
+
 def batches(jobs: list[Job], max_batch: int) -> list[list[Job]]:
-    """Group jobs by shape (in order of first appearance), then cut each group into batches."""
+    """Group batchable jobs by shape (in order of first appearance), then cut each group into batches;
+    other jobs form batches of one."""
     groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(shape_key(job.request), []).append(job)
+    for n, job in enumerate(jobs):
+        key = shape_key(job.request) if batchable(job.request) else ("alone", n)
+        groups.setdefault(key, []).append(job)
     return [group[i:i + max_batch] for group in groups.values() for i in range(0, len(group), max_batch)]
 
 
 @torch.no_grad()
 def generate_batch(sd, requests: list[GenerationRequest]):
-    """Text-to-image for requests of one shape in one sampling loop: one image per request.
-
-    The same stages as ``StableDiffusion.run`` with a prompt and a seed per image, so image k equals
-    ``sd.generate(requests[k])`` up to float rounding. Returns (PIL images, infotexts)."""
+    """Text-to-image for plain requests of one shape in one sampling loop, one image per request, so
+    that image k equals ``sd.generate(requests[k])`` up to float rounding. Prompts are encoded one by
+    one (a batch would pad short prompts to the longest's chunk count and change them); prompts of
+    different lengths go through separate loops. A single request that is not plain runs through
+    ``sd.run``. Returns (PIL images, infotexts) in the order of ``requests``."""
+    if len(requests) == 1 and not batchable(requests[0]):
+        result = sd.run(requests[0])
+        return result.images, result.infotexts
     first = requests[0]
-    if any(shape_key(r) != shape_key(first) for r in requests) or any(r.batch_size != 1 for r in requests):
-        raise ValueError("generate_batch needs one-image requests of the same shape (see shape_key)")
+    if not all(batchable(r) for r in requests) or any(shape_key(r) != shape_key(first) for r in requests):
+        raise ValueError("generate_batch needs plain one-image requests of the same shape (see shape_key)")
+    requests = [r if r.seed is not None else r.replace(seed=random_seed()) for r in requests]
+    guided = first.guidance_scale != 1.0
+    conditions = [(_condition(sd, r.prompt, first.clip_skip), _condition(sd, r.negative_prompt, first.clip_skip)
+                   if guided else None) for r in requests]
+    by_length: dict[tuple, list[int]] = {}
+    for k, (cond, uncond) in enumerate(conditions):
+        key = (cond.context.shape[1], uncond.context.shape[1] if uncond is not None else 0)
+        by_length.setdefault(key, []).append(k)
+    images, infotexts = [None] * len(requests), [None] * len(requests)
+    for indices in by_length.values():
+        group = [requests[k] for k in indices]
+        cond = torch.cat([conditions[k][0].context for k in indices]).to(sd.dtype)
+        uncond = torch.cat([conditions[k][1].context for k in indices]).to(sd.dtype) if guided else None
+        pictures = _sample_and_decode(sd, group, cond, uncond)
+        for k, picture in zip(indices, pictures):
+            used = conditions[k][0].embeddings + (conditions[k][1].embeddings if guided else [])
+            extras = RunExtras(embeddings=list({e.name: e for e in used}.values()))
+            width, height = picture.size
+            images[k] = picture
+            infotexts[k] = sd.infotext(requests[k], requests[k].seed, width, height, extras)
+    return images, infotexts
+
+
+def _condition(sd, prompt: str, clip_skip: int | None):
+    return sd.condition([extract_extra_networks(prompt)[0]], clip_skip)  # as the pipeline reads a prompt
+
+
+def _sample_and_decode(sd, requests: list[GenerationRequest], cond: torch.Tensor, uncond: torch.Tensor | None):
+    first = requests[0]
     spec, scheduler = resolve_sampler(first.sampler, first.scheduler)
     width, height = first.width or sd.config.sample_size, first.height or sd.config.sample_size
-    seeds = [r.seed if r.seed is not None else random_seed() for r in requests]
+    seeds = [r.seed for r in requests]
     generators = make_generators(seeds)
-    cond = sd.encode_prompt([r.prompt for r in requests], first.clip_skip)
-    uncond = sd.encode_prompt([r.negative_prompt for r in requests], first.clip_skip) \
-        if first.guidance_scale != 1.0 else None
-
     sigmas = build_sigmas(sd.config.schedule, first.steps, spec, scheduler)
     f = sd.config.vae.downscale_factor
     shape = (len(requests), sd.config.vae.latent_channels, height // f, width // f)
     x = randn(shape, generators).to(sd.device) * initial_noise_scale(sigmas, spec)
-    denoise = _guided(sd, cond, uncond, first.guidance_scale)
-    x = spec.function(denoise, x, sigmas.to(sd.device, torch.float32), **sampler_options(spec, generators, first.eta))
-    latents = x / (1 + sigmas[-1].item() ** 2) ** 0.5
-    images = tensor_to_pil(sd.decode_latents(latents))
-    infotexts = [sd.infotext(dataclasses.replace(r, seed=s), s, width, height) for r, s in zip(requests, seeds)]
-    return images, infotexts
-
-
-def _guided(sd, cond, uncond, scale):
-    from .diffusion.denoisers import classifier_free_guidance
-
-    return classifier_free_guidance(sd.denoiser, cond, uncond, scale)
+    latents = sd.sample(first, x, sigmas, cond, uncond, generators, seeds=seeds)
+    return tensor_to_pil(sd.decode_latents(latents))
 
 
 # --- the command ---------------------------------------------------------------------------------
