@@ -214,12 +214,15 @@ def test_ddp_step_equals_single_process_step(tmp_path, frozen_parts):
     a = torch.load(single / "state.pt", weights_only=True)
     b = torch.load(ddp / "state.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
-    # AdamW's first step moves each weight by about lr * g / (|g| + eps): where a gradient is as small as eps,
-    # the rounding of the all-reduce shows; 1% of one step (lr = 1e-3) bounds that, and almost all weights agree
-    # to float precision
+    # AdamW's first step moves each weight by about lr * g / (|g| + eps): where a gradient is as small as eps
+    # (cancellation), the rounding of the all-reduce, or of the order autograd sums a gradient in, decides a
+    # sizeable part of that step, so a few weights may differ by ~1% of it (seen: 1.9e-5 with lr = 1e-3).
+    # 10% of one step bounds those; a gradient that is not all-reduced (each rank stepping on its own half
+    # of the batch) moves nearly every weight differently, which the second line catches. (A sum in place
+    # of the mean would not show after one Adam step, which is scale-invariant.)
     diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
-    assert diffs.max() < 1e-5, float(diffs.max())
-    assert (diffs > 1e-7).float().mean() < 1e-3
+    assert diffs.max() < 1e-4, float(diffs.max())
+    assert (diffs > 1e-7).float().mean() < 1e-3, float((diffs > 1e-7).float().mean())
 
 
 def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path, frozen_parts):

@@ -65,6 +65,12 @@ def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
             module.attention_chunk = chunk
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh activation (a norm's output), in place when no gradient flows: one allocation
+    fewer per call, which on a CPU means fewer page faults (see ``benchmarks/cpu_vs_diffusers.py``)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, [cos | sin] as in the original LDM code."""
     half = dim // 2
@@ -90,12 +96,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        h = self.conv1(silu(self.norm1(x)))
+        if self.time_emb_proj is not None:  # in-place adds on a conv's output are safe under autograd too
+            h.add_(self.time_emb_proj(F.silu(temb))[:, :, None, None])
+        h = self.conv2(silu(self.norm2(h)))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Downsample(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, timestep_embedding
+from .layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, silu, timestep_embedding
 
 
 class CrossAttention(nn.Module):
@@ -52,7 +52,9 @@ class GEGLUFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(hidden * F.gelu(gate))
+        if torch.is_grad_enabled():
+            return self.proj_out(hidden * F.gelu(gate))
+        return self.proj_out(F.gelu(gate).mul_(hidden))  # one allocation fewer at inference
 
 
 class TransformerBlock(nn.Module):
@@ -68,9 +70,10 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # each residual is added in place to a Linear's fresh output (safe under autograd); a + b == b + a
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -102,7 +105,7 @@ class SpatialTransformer(nn.Module):
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
             h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
-        return x + h
+        return h.add_(x)
 
 
 class Level(nn.Module):
@@ -227,4 +230,4 @@ class UNet(nn.Module):
         h = self.mid_block(h, emb, context, self._run)
         for block in self.up_blocks:
             h, _ = block(h, emb, context, self._run, skips=skips)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))

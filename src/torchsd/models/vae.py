@@ -8,7 +8,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import VAEConfig
-from .layers import Downsample, ResnetBlock, Upsample, attention
+from .layers import Downsample, ResnetBlock, Upsample, attention, silu
 
 _EPS = 1e-6  # GroupNorm epsilon of the original autoencoder
 
@@ -90,7 +90,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -118,7 +118,7 @@ class Decoder(nn.Module):
         return _run(self._output, h, checkpoint)
 
     def _output(self, h: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(silu(self.conv_norm_out(h)))
 
 
 class DiagonalGaussian:
