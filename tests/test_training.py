@@ -272,3 +272,16 @@ def test_vae_patch_discriminator_joins_after_warm_up(tmp_path):
     assert len(rows) == 4 and float(rows[0]["g_loss"]) == 0.0 and float(rows[-1]["g_loss"]) != 0.0
     state = torch.load(tmp_path / "vae" / "state.pt", weights_only=True)
     assert state["task"]["discriminator"], "the discriminator's weights are checkpointed for --resume"
+
+
+def test_lr_warms_up_holds_then_decays_to_zero_at_the_last_step():
+    from torchsd.training.loop import lr_factor
+
+    config = TrainConfig(task="vae", steps=100, warmup_steps=10, decay_steps=20)
+    factors = [lr_factor(config, s) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[79] == 1.0 and factors[80] == 1.0
+    assert factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # never rises after warm-up
+    assert lr_factor(TrainConfig(task="vae", steps=100, warmup_steps=10), 99) == 1.0  # no decay: constant
+    with pytest.raises(ValueError, match="decay_steps must be between 0 and steps"):
+        TrainConfig(task="vae", steps=100, decay_steps=101)

@@ -31,6 +31,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    decay_steps: int = 0  # the lr falls linearly to 0 over the last N steps (warmup-stable-decay); 0: constant
     max_grad_norm: float = 1.0
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16" (autocast)
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must be in [0, 1); got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise ValueError(f"decay_steps must be between 0 and steps ({self.steps}); got {self.decay_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
         if self.decoder_only and not self.vae:

@@ -92,7 +92,7 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     ema = EMA(model, config.ema_decay) if task.use_ema and config.ema_decay > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
 
     start = 0
     if config.resume:
@@ -217,6 +217,16 @@ class Indexed(Dataset):
     def __getitem__(self, index: int):
         image, caption = self.dataset[index]
         return index, image, caption
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The lr multiplier after ``step`` optimizer steps: linear warm-up, constant, then (``decay_steps``) a
+    linear fall to 0 at ``steps``. The decay depends only on the final step count, so a constant-lr run can
+    be resumed with more steps and a decay at its end."""
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.decay_steps == 0:
+        return warm
+    return min(warm, max(0.0, (config.steps - step) / config.decay_steps))
 
 
 def save_grid(images: list, path: Path, columns: int = 8, captions: list[str] | None = None) -> None:
