@@ -185,6 +185,7 @@ def main() -> None:
     p.add_argument("--batch-count", type=int, default=4)
     p.add_argument("--batch-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prepack", action="store_true", help="torchsd with RuntimeOptions(prepack=True)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,10 +205,12 @@ def main() -> None:
             model.to(dtype=dtype, memory_format=torch.contiguous_format)
         free()
         pipe = diffusers_pipeline(sd, tokenizer_dir)  # built before torchsd's layout change: NCHW, shared
-        apply_runtime(sd, RuntimeOptions(), "cpu", dtype)  # torchsd's defaults for this dtype
+        apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)  # torchsd's defaults for this dtype
         layout = "U-Net {}, VAE {}".format(*("NHWC" if m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
                                              else "NCHW" for m in (sd.unet, sd.vae.decoder)))
-        print(f"\n== {str(dtype).removeprefix('torch.')} (torchsd {layout}, diffusers NCHW) ; {load_note()}", flush=True)
+        packed = ", prepacked convolutions" if args.prepack else ""
+        print(f"\n== {str(dtype).removeprefix('torch.')} (torchsd {layout}{packed}, diffusers NCHW) ; {load_note()}",
+              flush=True)
         if "text" in phases:
             phase_text(sd, pipe, args.reps)
         for size in sizes:

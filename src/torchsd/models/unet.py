@@ -105,7 +105,9 @@ class SpatialTransformer(nn.Module):
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
             h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
-        return h.add_(x)
+        # h comes back in NHWC strides from the permute; x first keeps the result in x's layout, or the
+        # following convolutions would reorder their weights on every call
+        return x + h
 
 
 class Level(nn.Module):
