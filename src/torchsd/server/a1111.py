@@ -107,8 +107,7 @@ def router(state) -> APIRouter:
 
     @api.get("/progress")
     def progress(skip_current_image: bool = False):
-        control = worker.current
-        job_count = worker.job_count
+        control, job_count = worker.snapshot()
         state_dict = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
                       "job_count": job_count, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
                       "sampling_steps": 0}

@@ -159,6 +159,11 @@ class Worker:
         with self._lock:
             return self._waiting + (self._current is not None)
 
+    def snapshot(self) -> tuple[JobControl | None, int]:
+        """The running job and the job count, read together (one consistent /progress answer)."""
+        with self._lock:
+            return self._current, self._waiting + (self._current is not None)
+
     def preview(self) -> Image.Image | None:
         """The running job's latest decoded prediction of the clean image; asks for a fresher one."""
         control = self._current
@@ -178,15 +183,20 @@ class Worker:
                 if not job.future.set_running_or_notify_cancel():
                     continue  # its client went away while it waited
                 control = self._current = JobControl(self, job.name)
+            result, error = None, None
             try:
-                job.future.set_result(job.function(control))
+                result = job.function(control)
             except Exception as err:  # the job fails, its request gets the error; the worker goes on
-                job.future.set_exception(err)
-            finally:
-                elapsed = time.monotonic() - control.started
-                with self._lock:
-                    self._current = None
-                    self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+                error = err
+            elapsed = time.monotonic() - control.started
+            with self._lock:
+                self._current = None
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+            # only now answer the client: whoever got the result and asks /progress next finds the worker idle
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
         self._fail_waiting()
 
     def _fail_waiting(self) -> None:
