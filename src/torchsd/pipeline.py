@@ -249,13 +249,9 @@ class StableDiffusion:
     def model_hash(self) -> str | None:
         """sha256[:10] of the weights file, as AUTOMATIC1111 shows it."""
         if self._hash is None and self.source is not None and self.source.is_file():
-            import hashlib
+            from .checkpoints.io import file_sha256
 
-            digest = hashlib.sha256()
-            with open(self.source, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            self._hash = digest.hexdigest()[:10]
+            self._hash = file_sha256(self.source)[:10]
         return self._hash
 
     # --- the stages ----------------------------------------------------------------------------

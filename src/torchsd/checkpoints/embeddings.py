@@ -13,7 +13,6 @@ in a folder never stops the others from working.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, _load_safetensors, named_files
+from .io import CheckpointError, _load_safetensors, file_sha256, named_files
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -39,14 +38,6 @@ class Embedding:
     @property
     def width(self) -> int:
         return self.vectors.shape[1]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_embedding(path: str | Path, name: str | None = None) -> Embedding:

@@ -6,6 +6,7 @@ safetensors files are memory-mapped; pickled ``.ckpt``/``.pt``/``.bin`` files ar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -91,6 +92,16 @@ def flatten_state_dict(obj: object, path: Path | str = "checkpoint") -> dict[str
         if tensors:
             return tensors
     raise CheckpointError(f"{path}: holds no tensors; it is not a model checkpoint")
+
+
+def file_sha256(path: str | Path, offset: int = 0) -> str:
+    """sha256 of a file's bytes from ``offset`` on, read in 1 MiB blocks (the hashes A1111 shows are prefixes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def named_files(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, Path]:

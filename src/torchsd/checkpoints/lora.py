@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .diffusers import TEXT_PREFIX, TEXT_RULES, UNET_RULES, _rename
-from .embeddings import file_sha256
-from .io import CheckpointError, load_state_dict, named_files, safetensors_metadata
+from .io import CheckpointError, file_sha256, load_state_dict, named_files, safetensors_metadata
 
 if TYPE_CHECKING:
     from ..pipeline import GenerationRequest, StableDiffusion
@@ -212,15 +211,9 @@ def lora_shorthash(path: Path) -> str:
     "addnet" hash, which ignores the metadata header), or of the whole file otherwise."""
     if path.suffix != ".safetensors":
         return file_sha256(path)[:12]
-    import hashlib
-
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         header_length = struct.unpack("<Q", f.read(8))[0]
-        f.seek(8 + header_length)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path, offset=8 + header_length)[:12]
 
 
 # --- where LoRAs come from -------------------------------------------------------------------------

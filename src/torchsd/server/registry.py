@@ -9,7 +9,6 @@ symlinks that lead out of the folder are left out of the list.
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import re
 from collections import OrderedDict
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..checkpoints.io import file_sha256
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -109,14 +110,6 @@ def scan_models(root: Path) -> list[ModelEntry]:
     return found
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ModelRegistry:
     """The model list, the loaded pipelines (least recently used first out) and the current model.
 
@@ -198,7 +191,10 @@ class ModelRegistry:
         sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
         sd.name = entry.model_name
         if entry.path.is_file() and entry.sha256 is None:
-            entry.sha256 = self._hashes.setdefault(self._hash_key(entry.path), file_sha256(entry.path))
+            key = self._hash_key(entry.path)
+            if key not in self._hashes:  # hashing reads the whole file: once per (path, mtime, size)
+                self._hashes[key] = file_sha256(entry.path)
+            entry.sha256 = self._hashes[key]
         self._loaded[entry.path] = sd
         return sd
 
