@@ -233,8 +233,9 @@ def main() -> None:
         free()
     if "tiled" in phases or "batched" in phases:
         dtype = default_dtype("cpu")
-        apply_runtime(sd, RuntimeOptions(), "cpu", dtype)
-        print(f"\n== torchsd defaults ({str(dtype).removeprefix('torch.')}) ; {load_note()}", flush=True)
+        apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)
+        packed = ", prepacked" if args.prepack else ""
+        print(f"\n== torchsd defaults ({str(dtype).removeprefix('torch.')}{packed}) ; {load_note()}", flush=True)
         if "tiled" in phases:
             phase_tiled(sd, args.tiled_size, args.untiled_too)
         if "batched" in phases:
