@@ -44,13 +44,18 @@ def _usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
 
 
-def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if not _usable(conv, x):
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The reordered weight of a prepacked ``conv`` for input ``x``, made again if the weight changed."""
     packed = conv._prepacked
     if packed is None or packed.source != _source(conv):
         packed = conv._prepacked = _Packed(conv, x)
-    return torch.ops.mkldnn._convolution_pointwise(x, packed.weight, conv.bias, list(conv.padding),
+    return packed.weight
+
+
+def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if not _usable(conv, x):
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv, x), conv.bias, list(conv.padding),
                                                    list(conv.stride), list(conv.dilation), conv.groups,
                                                    "none", [], "")
 

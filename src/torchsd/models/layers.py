@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
               causal: bool = False, mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
@@ -96,11 +98,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(silu(self.norm1(x)))
-        if self.time_emb_proj is not None:  # in-place adds on a conv's output are safe under autograd too
-            h.add_(self.time_emb_proj(F.silu(temb))[:, :, None, None])
-        h = self.conv2(silu(self.norm2(h)))
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+        # the adds ride on the convolutions (fused.conv2d): the time embedding as a (B, C, 1, 1) broadcast
+        t = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = fused.conv2d(silu(self.norm1(x)), self.conv1, residual=t)
+        skip = x if self.conv_shortcut is None else fused.conv2d(x, self.conv_shortcut)
+        return fused.conv2d(silu(self.norm2(h)), self.conv2, residual=skip)
 
 
 class Downsample(nn.Module):

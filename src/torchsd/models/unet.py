@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
+from . import fused
 from .layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, silu, timestep_embedding
 
 
@@ -33,12 +33,15 @@ class CrossAttention(nn.Module):
         # averaged over heads, (B, Tq, Tk). Computing them costs an extra matmul, so only then.
         self.observer: Callable[[torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output, plus ``residual`` if given (added inside the output projection)."""
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = fused.linear(x, self.to_q), fused.linear(context, self.to_k), fused.linear(context, self.to_v)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
-        return self.to_out(attention(q, k, v, self.num_heads, chunk=self.attention_chunk))
+        out = attention(q, k, v, self.num_heads, chunk=self.attention_chunk)
+        return fused.linear(out, self.to_out, residual=residual)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -50,11 +53,8 @@ class GEGLUFeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2)
         self.proj_out = nn.Linear(inner, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return self.proj_out(hidden * F.gelu(gate))
-        return self.proj_out(F.gelu(gate).mul_(hidden))  # one allocation fewer at inference
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return fused.linear(fused.geglu(x, self.proj_in), self.proj_out, residual=residual)
 
 
 class TransformerBlock(nn.Module):
@@ -70,10 +70,10 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # each residual is added in place to a Linear's fresh output (safe under autograd); a + b == b + a
-        x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        # each residual is added by the last Linear of its branch (fused, or in place on its fresh output)
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -96,15 +96,15 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
-            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
+            h = fused.linear(h.permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in)  # (B, HW, C)
         else:
-            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
+            h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear_projection:
-            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
+            h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
-            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
+            h = fused.conv2d(h.reshape(B, H, W, C).permute(0, 3, 1, 2), self.proj_out)
         # h comes back in NHWC strides from the permute; x first keeps the result in x's layout, or the
         # following convolutions would reorder their weights on every call
         return x + h

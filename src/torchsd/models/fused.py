@@ -1,0 +1,82 @@
+"""Linear and convolution layers with their epilogue fused in, for CPU inference.
+
+A layer's output is usually consumed at once by one cheap elementwise step: a residual add, the
+time-embedding add, GEGLU's GELU and product. Done separately, each step reads and writes the whole
+activation again, and on a CPU that memory traffic is a visible share of a U-Net step. oneDNN can apply
+such a step to each output block while it is still in cache (its "post-ops"); PyTorch exposes that as
+``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``, the ops Inductor emits for the
+same fusions. They also bring oneDNN's matmul, faster here than the BLAS behind ``F.linear``
+(fp32 8192x320 @ 320x320, 1 thread: 106 against 76 GFLOP/s), with the bias added in the kernel
+rather than copied into the output first.
+
+Every function here means exactly its plain PyTorch expression, which it falls back to wherever the
+fused kernel does not apply: under autograd, off the CPU, in float16, while ``torch.compile`` traces
+(Inductor fuses on its own), and for any layer that is not a plain ``nn.Linear`` / ``nn.Conv2d``
+(a LoRA wrapper, a layer with hooks such as sequential offload's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_mkldnn = getattr(torch.ops, "mkldnn", None)
+_AVAILABLE = (torch.backends.mkldnn.is_available() and _mkldnn is not None
+              and hasattr(_mkldnn, "_linear_pointwise") and hasattr(_mkldnn, "_convolution_pointwise"))
+
+
+def _plain(layer: nn.Module) -> bool:
+    """A bare Linear/Conv2d whose call is just its weights: no hooks, no replaced forward (except
+    ``prepacked``'s, whose weights this module uses itself)."""
+    return (type(layer) in (nn.Linear, nn.Conv2d) and not layer._forward_hooks and not layer._forward_pre_hooks
+            and ("forward" not in layer.__dict__ or hasattr(layer, "_prepacked")))
+
+
+def _fusable(x: torch.Tensor, layer: nn.Module) -> bool:
+    return (_AVAILABLE and x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled()
+            and _plain(layer) and layer.weight.dtype == x.dtype and not torch.compiler.is_compiling()
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
+def linear(x: torch.Tensor, layer: nn.Module, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer(x) + residual``."""
+    if _fusable(x, layer):
+        if residual is None:
+            return _mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        return _mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    y = layer(x)
+    return y if residual is None else y.add_(residual)  # a fresh output: in place is safe under autograd
+
+
+def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """GEGLU (Shazeer 2020): ``hidden * gelu(gate)`` where ``hidden, gate = proj(x).chunk(2, -1)``.
+
+    Fused: the gate half of ``proj`` with GELU as its epilogue, then the hidden half with "multiply by
+    the gate" as its epilogue; the (tokens, 2 * inner) projection is never written out."""
+    if _fusable(x, proj):
+        inner = proj.out_features // 2
+        w, b = proj.weight, proj.bias
+        b_hidden, b_gate = (None, None) if b is None else (b[:inner], b[inner:])
+        gate = _mkldnn._linear_pointwise(x, w[inner:], b_gate, "gelu", [], "none")  # "none": exact (erf) GELU
+        return _mkldnn._linear_pointwise.binary(x, gate, w[:inner], b_hidden, "mul")
+    hidden, gate = proj(x).chunk(2, dim=-1)
+    if torch.is_grad_enabled():
+        return hidden * F.gelu(gate)
+    return F.gelu(gate).mul_(hidden)  # one allocation fewer at inference
+
+
+def conv2d(x: torch.Tensor, conv: nn.Conv2d, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x) + residual``; residual has the output's shape or broadcasts over H, W as (B, C, 1, 1)."""
+    if _fusable(x, conv) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
+        weight = conv.weight
+        if hasattr(conv, "_prepacked"):
+            from ..prepacked import packed_weight
+            weight = packed_weight(conv, x)
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is None:
+            return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
+        return _mkldnn._convolution_pointwise.binary(x, residual, weight, conv.bias, *args, "add", None, None, [], None)
+    y = conv(x)
+    return y if residual is None else y.add_(residual)

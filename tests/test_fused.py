@@ -1,0 +1,100 @@
+"""Fused layers mean exactly their plain expressions, take the oneDNN kernel only where it applies, and
+leave LoRA wrappers, hooks and autograd working."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reference import max_rel_error, random_pipeline
+from torchsd.models import fused
+from torchsd.prepacked import prepack_convolutions
+from torchsd.training.lora import LoRALinear
+
+pytestmark = pytest.mark.skipif(not fused._AVAILABLE, reason="this PyTorch build has no oneDNN")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def kernels_run(fn) -> set[str]:
+    """The mkldnn kernels a call ran, from the profiler (proof that the fused path was taken)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("mkldnn::")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_geglu_conv_equal_their_plain_expressions(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 32, dtype=dtype)
+    lin = nn.Linear(32, 48).to(dtype)
+    proj = nn.Linear(32, 2 * 48).to(dtype)
+    residual = torch.randn(2, 50, 48, dtype=dtype)
+    m = torch.randn(2, 16, 9, 7, dtype=dtype)
+    conv, conv1x1 = nn.Conv2d(16, 24, 3, padding=1).to(dtype), nn.Conv2d(16, 24, 1).to(dtype)
+    full, per_channel = torch.randn(2, 24, 9, 7, dtype=dtype), torch.randn(2, 24, 1, 1, dtype=dtype)
+    hidden, gate = proj(x).chunk(2, dim=-1)
+    cases = [
+        (lambda: fused.linear(x, lin), lin(x)),
+        (lambda: fused.linear(x, lin, residual=residual), lin(x) + residual),
+        (lambda: fused.geglu(x, proj), hidden * F.gelu(gate)),
+        (lambda: fused.conv2d(m, conv), conv(m)),
+        (lambda: fused.conv2d(m, conv, residual=full), conv(m) + full),
+        (lambda: fused.conv2d(m, conv, residual=per_channel), conv(m) + per_channel),
+        (lambda: fused.conv2d(m, conv1x1, residual=full), conv1x1(m) + full),
+    ]
+    for run, expected in cases:
+        with torch.no_grad():
+            assert kernels_run(run), "the fused kernel did not run"
+            assert max_rel_error(run().float(), expected.float()) < TOLERANCE[dtype]
+
+
+def test_channels_last_input_and_prepacked_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    m = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 24, 12, 10)
+    expected = conv(m) + residual
+    with torch.no_grad():
+        assert max_rel_error(fused.conv2d(m, conv, residual=residual), expected) < 1e-5
+        prepack_convolutions(conv)
+        assert max_rel_error(fused.conv2d(m, conv, residual=residual), expected) < 1e-5
+        assert conv._prepacked is not None  # the fused call used (and made) the reordered weight
+
+
+def test_plain_path_under_autograd_float16_lora_and_hooks():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 16)
+    lin = nn.Linear(16, 16)
+    residual = torch.randn(3, 8, 16)
+    # autograd: plain ops, and gradients reach the weights and the input
+    y = fused.linear(x.requires_grad_(), lin, residual=residual)
+    assert not fused._fusable(x, lin)
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    x = x.detach()
+    with torch.no_grad():
+        assert not fused._fusable(x.half(), lin.half())
+        lin.float()
+        # a LoRA wrapper is called as a module, so its low-rank update is part of the result
+        lora = LoRALinear(lin, rank=2, alpha=2.0)
+        nn.init.normal_(lora.up.weight)
+        assert torch.allclose(fused.linear(x, lora), lin(x) + lora.up(lora.down(x)), atol=1e-5)
+        # a hook (sequential offload moves weights in one) is honoured: the module is called
+        seen = []
+        handle = lin.register_forward_pre_hook(lambda module, args: seen.append(1))
+        fused.linear(x, lin, residual=residual)
+        handle.remove()
+        assert seen == [1]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_unet_fused_equals_unet_plain(family):
+    """The whole U-Net at inference (fused) against the same weights under autograd (plain ops)."""
+    sd = random_pipeline(family)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, sd.config.unet.context_dim)
+    plain = sd.unet(x, t, context).detach()
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in kernels_run(lambda: sd.unet(x, t, context))
+        assert max_rel_error(sd.unet(x, t, context), plain) < 1e-5
