@@ -98,3 +98,56 @@ def test_unet_fused_equals_unet_plain(family):
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in kernels_run(lambda: sd.unet(x, t, context))
         assert max_rel_error(sd.unet(x, t, context), plain) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_few_pixel_convolutions_as_a_matmul(dtype, channels_last):
+    """Below 8x8 outputs (float32) the convolution runs as unfold + matmul; stride 2 and residuals too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 4, 4, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv, down = nn.Conv2d(32, 24, 3, padding=1).to(dtype), nn.Conv2d(32, 32, 3, stride=2, padding=1).to(dtype)
+    full, per_channel = torch.randn(2, 24, 4, 4, dtype=dtype), torch.randn(2, 24, 1, 1, dtype=dtype)
+    with torch.no_grad():
+        assert fused._as_matmul_wins(x, conv)
+        for run, expected in [(lambda: fused.conv2d(x, conv), conv(x)),
+                              (lambda: fused.conv2d(x, conv, residual=full), conv(x) + full),
+                              (lambda: fused.conv2d(x, conv, residual=per_channel), conv(x) + per_channel),
+                              (lambda: fused.conv2d(x, down), down(x))]:
+            assert "mkldnn::_linear_pointwise" in kernels_run(run)
+            y = run()
+            assert y.shape == expected.shape and fused.is_channels_last(y) == channels_last  # layout kept
+            assert max_rel_error(y.float(), expected.float()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_as_a_subpixel_convolution(dtype, channels_last):
+    """conv3x3(nearest 2x upsample) folded into four 2x2 kernels at the input resolution: same values
+    (float32: rounding of the summed weights), same layout, same gradients."""
+    from torchsd.models.layers import Upsample, _subpixel_applies
+
+    torch.manual_seed(0)
+    up = Upsample(16).to(dtype)
+    x = torch.randn(2, 16, 32, 40, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = F.conv2d(F.interpolate(x.float(), scale_factor=2.0), up.conv.weight.float(),
+                            up.conv.bias.float(), padding=1)
+    assert _subpixel_applies(x, up.conv)
+    with torch.no_grad():
+        y = up(x)
+    assert y.shape == (2, 16, 64, 80) and fused.is_channels_last(y) == channels_last
+    assert max_rel_error(y.float(), expected) < TOLERANCE[dtype]
+    assert not _subpixel_applies(x[:, :, :16, :16], up.conv)  # small maps: the plain path (measured faster)
+    if dtype == torch.float32:
+        x = x.detach().requires_grad_()
+        up(x).square().sum().backward()
+        grads = x.grad.clone(), up.conv.weight.grad.clone()
+        x.grad, up.conv.weight.grad = None, None
+        up.conv(F.interpolate(x, scale_factor=2.0)).square().sum().backward()
+        for ours, theirs in zip(grads, (x.grad, up.conv.weight.grad)):
+            assert max_rel_error(ours, theirs) < 1e-5

@@ -188,7 +188,8 @@ def test_sequential_offload_uploads_one_layer_at_a_time_and_keeps_the_numbers():
     for network in (sd.text_encoder, sd.unet, sd.vae):
         _spy(network, offload, seen)
     result = sd.generate("a cat", steps=2, seed=2, width=32, height=32)
-    assert torch.equal(result.latents, expected.latents)
+    # hooked layers take the plain kernels (models/fused.py), so equal up to float rounding, not bit for bit
+    assert max_rel_error(result.latents, expected.latents) < 1e-5
     assert len(seen) > 100 and all(all(flags) for _, flags in seen)  # each layer is up when it runs
     everything = [p for n in (sd.text_encoder, sd.unet, sd.vae) for p in n.parameters()]
     assert not any(offload.is_uploaded(p) for p in everything)  # and dropped afterwards

@@ -116,7 +116,7 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_pad:
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+        return fused.conv2d(x, self.conv)
 
 
 class Upsample(nn.Module):
@@ -127,8 +127,48 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _subpixel_applies(x, self.conv):
+            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias)
         # bf16 nearest-upsampling is missing on MPS; the result is exact in any dtype. Elsewhere the
         # direct bf16 kernel is 2-4x faster than a float32 round trip (measured on CPU, NCHW and NHWC)
         if x.dtype == torch.bfloat16 and x.device.type == "mps":
             return self.conv(F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return fused.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
+
+
+def _subpixel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """On a CPU from 32x32 inputs up, where it measured 0.48-0.69x the time of upsample-then-conv (fp32 and
+    bf16, 256-1280 channels; at 16x16 0.8-1.0x, below that slower, as the weight is folded on each call).
+    Not on CUDA, whose 3x3 convolutions already use Winograd's saving."""
+    return (x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= 1024 and fused.is_plain(conv)
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+# _SUBPIXEL_TAPS[p, a, k]: for output pixels of parity p, which source offset a (0: the earlier of the two
+# source pixels the 3-tap window covers, 1: the later) each kernel tap k reads after nearest 2x upsampling.
+_SUBPIXEL_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],    # even: tap 0 -> i-1; taps 1, 2 -> i
+                               [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])   # odd: taps 0, 1 -> i; tap 2 -> i+1
+
+
+def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3x3(upsample_nearest_2x(x))`` without the upsampled map: each of the four output parities
+    (even/odd row x even/odd column) sees only a 2x2 window of x, so the 3x3 kernel folds into four 2x2
+    kernels (taps that land on the same source pixel summed), run as one convolution with 4x the output
+    channels at the input's resolution. 16 instead of 36 multiply-adds per input pixel and channel pair,
+    the same result up to float rounding of the summed weights (the "resize-convolution" identity)."""
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    taps = _SUBPIXEL_TAPS.to(x.device)
+    fold = torch.einsum("pak,qcl->klpqac", taps, taps).reshape(9, 16)  # (3x3 taps, parities x 2x2 taps)
+    folded = (weight.reshape(O * C, 9).float() @ fold).view(O, C, 2, 2, 2, 2)  # (O, C, py, px, a, c)
+    folded = folded.permute(2, 3, 0, 1, 4, 5).reshape(4 * O, C, 2, 2).to(weight.dtype)
+    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded, None if bias is None else bias.repeat(4))  # (B, 4O, H+1, W+1)
+    y = torch.empty((B, O, 2 * H, 2 * W), dtype=out.dtype, device=x.device,
+                    memory_format=torch.channels_last if fused.is_channels_last(x) else torch.contiguous_format)
+    parities = y.view(B, O, H, 2, W, 2)
+    for py in range(2):
+        for px in range(2):
+            k = 2 * py + px
+            parities[:, :, :, py, :, px] = out[:, k * O:(k + 1) * O, py:py + H, px:px + W]
+    return y
