@@ -1,5 +1,5 @@
-"""The fast path keeps the numbers: on-device timesteps, chunked attention, bf16/channels-last
-defaults and options, and runtime option errors."""
+"""The fast path keeps the numbers: on-device timesteps, chunked attention, one latent for both guidance
+contexts, bf16/channels-last defaults and options, and runtime option errors."""
 
 import argparse
 
@@ -22,6 +22,34 @@ def test_timestep_stays_on_the_sigmas_device():
     sigma = torch.tensor([14.6, 1.0, 0.03, 0.0292])
     expected = timestep_of_sigma(denoiser.log_sigmas, sigma.double())
     assert torch.allclose(denoiser.timestep(sigma).double(), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_one_latent_under_several_contexts_equals_the_repeated_batch(family):
+    """UNet(x, t, [c1; c2]) runs the layers before the first cross-attention once per latent; the result
+    must be what the (2B) batch of repeated latents gives, under autograd (plain kernels) and without."""
+    sd = random_pipeline(family)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10.0, 700.0])
+    context = torch.randn(4, 77, sd.config.unet.context_dim, generator=gen)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            shared = sd.unet(x, t, context)
+            repeated = sd.unet(torch.cat([x, x]), torch.cat([t, t]), context)
+        assert shared.shape == repeated.shape == (4, 4, 8, 8)
+        assert max_rel_error(shared.detach(), repeated.detach()) < 1e-5
+    with pytest.raises(ValueError, match="3 rows for 2 latents"):
+        sd.unet(x, t, context[:3])
+    # classifier-free guidance hands the U-Net the latent once (the denoiser repeats x for x0)
+    assert sd.denoiser.accepts_several_contexts
+    plain = ModelDenoiser(lambda z, timesteps, c: sd.unet(z.repeat(c.shape[0] // z.shape[0], 1, 1, 1),
+                                                          timesteps.repeat(c.shape[0] // z.shape[0]), c),
+                          sd.config.schedule)
+    assert not plain.accepts_several_contexts
+    sigma = torch.tensor([3.0, 0.5])
+    with torch.no_grad():
+        assert max_rel_error(sd.denoiser(x, sigma, context), plain(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                                                    context)) < 1e-5
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -35,6 +35,8 @@ class ModelDenoiser:
 
     def __init__(self, unet: UNetLike, schedule: ScheduleConfig):
         self.unet = unet
+        # the U-Net can take one latent for several contexts (UNet.forward); a plain UNetLike may not
+        self.accepts_several_contexts = getattr(unet, "accepts_several_contexts", False)
         self.prediction_type = schedule.prediction_type
         self.log_sigmas = training_sigmas(schedule).log()  # float64, on the CPU: tiny
         self.sigma_min = float(self.log_sigmas[0].exp())
@@ -71,7 +73,12 @@ class ModelDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
                  concat: torch.Tensor | None = None) -> torch.Tensor:
-        return self.x0_from_output(x, sigma, self.model_output(x, sigma, context, concat))
+        """x0 for each row of ``context``: k*B rows if it holds k contexts per latent (see UNet.forward)."""
+        output = self.model_output(x, sigma, context, concat)
+        if output.shape[0] != x.shape[0]:
+            k = output.shape[0] // x.shape[0]
+            x, sigma = x.repeat(k, 1, 1, 1), sigma_per_image(sigma, x).repeat(k)
+        return self.x0_from_output(x, sigma, output)
 
 
 def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -94,6 +101,8 @@ def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: t
     def both_halves(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if context is None:  # lengths without a small common multiple: two calls, as AUTOMATIC1111 makes
             return model(x, sigma, uncond, concat), model(x, sigma, cond, concat)
+        if getattr(model, "accepts_several_contexts", False):  # the latent once, for both contexts
+            return model(x, sigma, context, concat).chunk(2)
         return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

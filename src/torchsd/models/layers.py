@@ -67,6 +67,12 @@ def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
             module.attention_chunk = chunk
 
 
+def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` repeated as a whole until it has ``rows`` rows: where the U-Net's latents, shared by several
+    contexts, part ways (see ``UNet.forward``). A no-op when the counts already agree."""
+    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], *(1,) * (t.ndim - 1))
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU of a fresh activation (a norm's output), in place when no gradient flows: one allocation
     fewer per call, which on a CPU means fewer page faults (see ``benchmarks/cpu_vs_diffusers.py``)."""
@@ -99,7 +105,8 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # the adds ride on the convolutions (fused.conv2d): the time embedding as a (B, C, 1, 1) broadcast
-        t = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        t = None if self.time_emb_proj is None else \
+            repeat_rows(self.time_emb_proj(F.silu(temb))[:, :, None, None], x.shape[0])
         h = fused.conv2d(silu(self.norm1(x)), self.conv1, residual=t)
         skip = x if self.conv_shortcut is None else fused.conv2d(x, self.conv_shortcut)
         return fused.conv2d(silu(self.norm2(h)), self.conv2, residual=skip)

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
 from . import fused
-from .layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, silu, timestep_embedding
+from .layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu,
+                     timestep_embedding)
 
 
 class CrossAttention(nn.Module):
@@ -72,6 +73,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # each residual is added by the last Linear of its branch (fused, or in place on its fresh output)
         x = self.attn1(self.norm1(x), residual=x)
+        x = repeat_rows(x, context.shape[0])  # latents shared by several contexts part ways here
         x = self.attn2(self.norm2(x), context, residual=x)
         return self.ff(self.norm3(x), residual=x)
 
@@ -101,13 +103,14 @@ class SpatialTransformer(nn.Module):
             h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
+        B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
             h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
             h = fused.conv2d(h.reshape(B, H, W, C).permute(0, 3, 1, 2), self.proj_out)
         # h comes back in NHWC strides from the permute; x first keeps the result in x's layout, or the
         # following convolutions would reorder their weights on every call
-        return x + h
+        return repeat_rows(x, h.shape[0]) + h
 
 
 class Level(nn.Module):
@@ -128,7 +131,7 @@ class Level(nn.Module):
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
-                h = torch.cat([h, skips.pop()], dim=1)
+                h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
             if self.attentions is not None:
                 h = run(self.attentions[i], h, context)
@@ -155,6 +158,8 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
+    accepts_several_contexts = True  # see forward
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
@@ -217,7 +222,16 @@ class UNet(nn.Module):
         return module(*args)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (B, T, context_dim)."""
+        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim).
+
+        With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
+        under the first, then under the second, ...), as classifier-free guidance asks for. Everything
+        before the first cross-attention depends on the latent alone, so it runs once per latent and the
+        result is repeated there: the same numbers as a (k*B) batch of repeated latents, for less work
+        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512)."""
+        if context.shape[0] % x.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
+                             "it needs the same number or a whole multiple of it")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
