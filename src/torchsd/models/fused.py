@@ -17,14 +17,33 @@ fused kernel does not apply: under autograd, off the CPU, in float16, while ``to
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
-_mkldnn = getattr(torch.ops, "mkldnn", None)
-_AVAILABLE = (torch.backends.mkldnn.is_available() and _mkldnn is not None
-              and hasattr(_mkldnn, "_linear_pointwise") and hasattr(_mkldnn, "_convolution_pointwise"))
+_mkldnn = torch.ops.mkldnn
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch has the oneDNN ops in the form used here (their signatures are internal and
+    have changed between releases): one tiny call of each, once."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w, b = torch.ones(1, 2, 3, 3), torch.ones(2, 2, 3, 3), torch.zeros(2)
+    try:
+        _mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+        _mkldnn._convolution_pointwise.binary(x, x, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        t, m = torch.ones(3, 2), torch.ones(2, 2)
+        _mkldnn._linear_pointwise(t, m, None, "gelu", [], "none")
+        _mkldnn._linear_pointwise.binary(t, t, m, b, "mul")
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return True
 
 
 def is_plain(layer: nn.Module) -> bool:
@@ -35,8 +54,8 @@ def is_plain(layer: nn.Module) -> bool:
 
 
 def _fusable(x: torch.Tensor, layer: nn.Module) -> bool:
-    return (_AVAILABLE and x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled()
-            and is_plain(layer) and layer.weight.dtype == x.dtype and not torch.compiler.is_compiling()
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled() and is_plain(layer)
+            and layer.weight.dtype == x.dtype and not _is_compiling() and available()
             and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 
@@ -108,7 +127,7 @@ def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor | N
     cols = cols.transpose(1, 2).reshape(B * h * w, -1)  # (B*hw, in*kh*kw): the matmul's "weight" operand
     y = _mkldnn._linear_pointwise(conv.weight.flatten(1), cols, None, "none", [], "")  # (out, B*hw)
     y = y.view(-1, B, h, w).transpose(0, 1)  # (B, out, h, w), a view
-    out = torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last if is_channels_last(x)
+    out = torch.empty(y.shape, dtype=y.dtype, device=x.device, memory_format=torch.channels_last if is_channels_last(x)
                       else torch.contiguous_format)
     if conv.bias is None:
         out.copy_(y)

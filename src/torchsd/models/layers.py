@@ -164,21 +164,25 @@ _SUBPIXEL_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],    # even: ta
 def upsample_conv_subpixel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv3x3(upsample_nearest_2x(x))`` without the upsampled map: each of the four output parities
     (even/odd row x even/odd column) sees only a 2x2 window of x, so the 3x3 kernel folds into four 2x2
-    kernels (taps that land on the same source pixel summed), run as one convolution with 4x the output
-    channels at the input's resolution. 16 instead of 36 multiply-adds per input pixel and channel pair,
-    the same result up to float rounding of the summed weights (the "resize-convolution" identity)."""
+    kernels (taps that land on the same source pixel summed), each run at the input's resolution.
+    16 instead of 36 multiply-adds per input pixel and channel pair, the same result up to float rounding
+    of the summed weights (the "resize-convolution" identity)."""
     B, C, H, W = x.shape
     O = weight.shape[0]
     taps = _SUBPIXEL_TAPS.to(x.device)
-    fold = torch.einsum("pak,qcl->klpqac", taps, taps).reshape(9, 16)  # (3x3 taps, parities x 2x2 taps)
-    folded = (weight.reshape(O * C, 9).float() @ fold).view(O, C, 2, 2, 2, 2)  # (O, C, py, px, a, c)
-    folded = folded.permute(2, 3, 0, 1, 4, 5).reshape(4 * O, C, 2, 2).to(weight.dtype)
-    out = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded, None if bias is None else bias.repeat(4))  # (B, 4O, H+1, W+1)
-    y = torch.empty((B, O, 2 * H, 2 * W), dtype=out.dtype, device=x.device,
+    # (3x3 taps, parity, 2x2 taps) of 0s and 1s: exact in any dtype, and a bf16 matmul sums in fp32, so
+    # each folded weight is rounded once, as folding in fp32 and casting would
+    fold = torch.einsum("pak,qcl->klpqac", taps, taps).reshape(9, 4, 4).to(weight.dtype)
+    w = weight.reshape(O * C, 9)
+    y = torch.empty((B, O, 2 * H, 2 * W), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if fused.is_channels_last(x) else torch.contiguous_format)
     parities = y.view(B, O, H, 2, W, 2)
     for py in range(2):
         for px in range(2):
-            k = 2 * py + px
-            parities[:, :, :, py, :, px] = out[:, k * O:(k + 1) * O, py:py + H, px:px + W]
+            folded = (w @ fold[:, 2 * py + px]).view(O, C, 2, 2)
+            # padded by 1 all round, a 2x2 kernel gives (H+1, W+1) outputs; even rows/columns read
+            # pixels i-1 and i (the first H), odd ones i and i+1 (the last H). One parity at a time: the
+            # peak is one (B, O, H+1, W+1) map beside the result, not four
+            out = F.conv2d(x, folded, bias, padding=1)
+            parities[:, :, :, py, :, px] = out[:, :, py:py + H, px:px + W]
     return y
