@@ -157,16 +157,22 @@ def test_two_gloo_ranks_write_every_image_exactly_once(tmp_path, model_dir):
     # one already there: it must be neither redone nor counted as missing
     out.mkdir()
     (out / "00003.png").write_bytes(b"kept")
+    logs = tmp_path / "logs"
+    # each rank's output to its own file: two processes writing one pipe can interleave within a line
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3",
            "-m", "torchsd", "generate", "--prompts", str(path), "--model", str(model_dir), "--steps", "2",
            "--size", "32x32", "--seed", "0", "-o", str(out), "--max-batch", "2", "--device", "cpu"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank_outputs = {p.parent.name: p.read_text() for p in logs.rglob("stdout.log")}
+    assert proc.returncode == 0, proc.stderr[-3000:] + "".join(p.read_text() for p in logs.rglob("stderr.log"))
+    assert sorted(rank_outputs) == ["0", "1"]
     assert _png_names(out) == [f"{i:05d}.png" for i in range(n)]
     assert (out / "00003.png").read_bytes() == b"kept"
-    written = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(")") and ".png" in line]
+    written = [line.split()[0] for text in rank_outputs.values() for line in text.splitlines()
+               if line.endswith(")") and ".png" in line]
     assert sorted(Path(w).name for w in written) == [f"{i:05d}.png" for i in range(n) if i != 3]  # once each
-    assert "[rank 0/2]" in proc.stdout and "[rank 1/2]" in proc.stdout
+    assert "[rank 0/2]" in rank_outputs["0"] and "[rank 1/2]" in rank_outputs["1"]
     seeds = {Path(w).name: int(parse_infotext(read_png_infotext(w))["Seed"]) for w in written}
     assert seeds == {f"{i:05d}.png": i for i in range(n) if i != 3}
 

@@ -3,9 +3,9 @@ the weights or the request; each choice is an explicit field of ``RuntimeOptions
 
 Defaults, and why:
 - dtype: float16 on CUDA; bfloat16 on a CPU with native bf16 dot products (AVX-512 BF16 or AMX), where
-  the U-Net runs about 2.4x faster than in float32 with images within a few PSNR-dB of float32
-  (``benchmarks/cpu_vs_diffusers.py`` measures both); float32 on other CPUs, where bf16 is emulated
-  and slower.
+  a U-Net step takes 0.6-0.7 of its float32 time and a VAE decode half, with images within 50 dB PSNR
+  of float32 (``benchmarks/cpu_vs_diffusers.py`` measures both; ``docs/performance.md``); float32 on
+  other CPUs, where bf16 is emulated and slower.
 - channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the VAE
   only, where oneDNN decoded 3-10% faster in NHWC, while the SD 1.5 U-Net ran 5-10% slower in it
   (measured here, 2 threads, fp32 and bf16).
