@@ -246,6 +246,8 @@ def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path, 
     proc.wait()
     killed_at = torch.load(state, weights_only=True)["step"]
     assert killed_at < steps, "the run finished before it could be killed"
+    # what a kill in the middle of writing a checkpoint leaves (the kill above lands there only sometimes)
+    (victim / ".state.pt.killedmidwrite.tmp").write_bytes(b"half a checkpoint")
     subprocess.run(cli(*unet_args(frozen_parts, victim, steps, extra=["--checkpoint-every", "3", "--resume"])),
                    check=True, env=ENV, timeout=600, capture_output=True)
     a = torch.load(reference / "state.pt", weights_only=True)
@@ -254,7 +256,7 @@ def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path, 
     for part in ("model", "ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
-    assert not list(victim.glob(".state.pt.*.tmp")), "a temporary checkpoint file was left behind"
+    assert not list(victim.glob(".state.pt.*.tmp")), "the resumed run left a temporary checkpoint file behind"
 
 
 def test_artifacts_refuse_the_wrong_kind(frozen_parts):

@@ -130,6 +130,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what ``atomic_path`` leaves in ``folder`` when its process is killed mid-write (a SIGKILL
+    runs no cleanup). Only for a folder the caller owns, such as a training run being resumed."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoints.io import atomic_path
+from ..checkpoints.io import atomic_path, remove_stale_temporaries
 from .config import TrainConfig, write_toml
 from .distributed import Distributed, DistributedBatchSampler, setup, teardown
 
@@ -86,6 +86,8 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     if dist.is_main:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         write_toml(config, out / "config.toml")
+        if config.resume:  # a run killed while writing a checkpoint or a grid left its temporary file
+            remove_stale_temporaries(out), remove_stale_temporaries(out / "samples")
     torch.manual_seed(config.seed)
     task = make_task(config, dist)
     model = task.model.to(dist.device)
