@@ -35,13 +35,17 @@ class ModelDenoiser:
 
     def __init__(self, unet: UNetLike, schedule: ScheduleConfig):
         self.unet = unet
-        # the U-Net can take one latent for several contexts (UNet.forward); a plain UNetLike may not
-        self.accepts_several_contexts = getattr(unet, "accepts_several_contexts", False)
         self.prediction_type = schedule.prediction_type
         self.log_sigmas = training_sigmas(schedule).log()  # float64, on the CPU: tiny
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())
         self._log_sigmas_on: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def accepts_several_contexts(self) -> bool:
+        """Whether the U-Net takes one latent for several contexts (UNet.forward); a plain UNetLike may not.
+        Asked each time: the runtime may swap the U-Net for a compiled one."""
+        return getattr(self.unet, "accepts_several_contexts", False)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The fractional training timestep of each sigma, computed where sigma lives: a copy to the
