@@ -8,21 +8,21 @@ Inductor's weight freezing does, without compiling anything. The price is memory
 weights (about 2.2 GB for an SD 1.5 U-Net in float32, 1.1 GB in bfloat16), hence opt-in.
 
 The copy is remade whenever the weight changes (in-place edits such as LoRA merges bump the tensor's
-version; a new Parameter is another object), and anything the copy cannot serve — gradients, another
-device, float16, padding modes — takes the ordinary path.
+version; a new Parameter is another object). The packed weight is used by ``models.fused`` wherever its
+oneDNN kernels apply; anything else (gradients, another device, float16, padding modes, hooks) takes the
+ordinary convolution.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-_DTYPES = (torch.float32, torch.bfloat16)
+from .models import fused
 
 
 def prepacking_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    return fused.available()
 
 
 class _Packed:
@@ -39,11 +39,6 @@ def _source(conv: nn.Conv2d) -> tuple:
     return id(w), w._version, w.data_ptr(), w.dtype
 
 
-def _usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in _DTYPES
-            and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
-
-
 def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The reordered weight of a prepacked ``conv`` for input ``x``, made again if the weight changed."""
     packed = conv._prepacked
@@ -53,11 +48,10 @@ def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if not _usable(conv, x):
-        return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return torch.ops.mkldnn._convolution_pointwise(x, packed_weight(conv, x), conv.bias, list(conv.padding),
-                                                   list(conv.stride), list(conv.dilation), conv.groups,
-                                                   "none", [], "")
+    """The replaced forward: ``fused`` uses the packed weight where its kernels apply (inference on the
+    CPU in fp32/bf16); anything else is the ordinary convolution, never this forward again."""
+    y = fused.try_conv2d(x, conv)
+    return y if y is not None else conv._conv_forward(x, conv.weight, conv.bias)
 
 
 def prepack_convolutions(model: nn.Module, enabled: bool = True) -> int:

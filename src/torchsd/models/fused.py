@@ -88,20 +88,28 @@ def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, conv: nn.Conv2d, *, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x) + residual``; residual has the output's shape or broadcasts over H, W as (B, C, 1, 1)."""
-    if _fusable(x, conv) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
-        if hasattr(conv, "_prepacked"):
-            from ..prepacked import packed_weight
-            weight = packed_weight(conv, x)
-        elif _as_matmul_wins(x, conv):
-            return _conv_as_matmul(x, conv, residual)
-        else:
-            weight = conv.weight
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        if residual is None:
-            return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
-        return _mkldnn._convolution_pointwise.binary(x, residual, weight, conv.bias, *args, "add", None, None, [], None)
+    y = try_conv2d(x, conv, residual=residual)
+    if y is not None:
+        return y
     y = conv(x)
     return y if residual is None else y.add_(residual)
+
+
+def try_conv2d(x: torch.Tensor, conv: nn.Conv2d, *, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``conv2d`` through oneDNN, or None where that does not apply (the caller then takes the plain path)."""
+    if not (_fusable(x, conv) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
+        return None
+    if hasattr(conv, "_prepacked"):
+        from ..prepacked import packed_weight
+        weight = packed_weight(conv, x)
+    elif _as_matmul_wins(x, conv):
+        return _conv_as_matmul(x, conv, residual)
+    else:
+        weight = conv.weight
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is None:
+        return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
+    return _mkldnn._convolution_pointwise.binary(x, residual, weight, conv.bias, *args, "add", None, None, [], None)
 
 
 def _output_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:

@@ -87,7 +87,8 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         (out / "samples").mkdir(parents=True, exist_ok=True)
         write_toml(config, out / "config.toml")
         if config.resume:  # a run killed while writing a checkpoint or a grid left its temporary file
-            remove_stale_temporaries(out), remove_stale_temporaries(out / "samples")
+            for folder in (out, out / "samples"):
+                remove_stale_temporaries(folder)
     torch.manual_seed(config.seed)
     task = make_task(config, dist)
     model = task.model.to(dist.device)
