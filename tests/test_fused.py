@@ -122,6 +122,17 @@ def test_few_pixel_convolutions_as_a_matmul(dtype, channels_last):
             assert max_rel_error(y.float(), expected.float()) < TOLERANCE[dtype]
 
 
+def test_bf16_wide_input_convolutions_at_8x8_as_a_matmul():
+    """bf16 at 8x8: the up path's concatenated inputs (over 1280 channels) go through the matmul, 1280 not."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1288, 8, 8, dtype=torch.bfloat16)
+    wide, narrow = nn.Conv2d(1288, 16, 3, padding=1).bfloat16(), nn.Conv2d(1280, 16, 3, padding=1).bfloat16()
+    with torch.no_grad():
+        assert fused._as_matmul_wins(x, wide) and not fused._as_matmul_wins(x[:, :1280], narrow)
+        assert not fused._as_matmul_wins(torch.randn(1, 1288, 16, 16, dtype=torch.bfloat16), wide)
+        assert max_rel_error(fused.conv2d(x, wide).float(), wide(x).float()) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_as_a_subpixel_convolution(dtype, channels_last):

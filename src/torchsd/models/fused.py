@@ -121,9 +121,11 @@ def _as_matmul_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """At a few output pixels, oneDNN's direct convolution spends much of its time reordering the weight.
     As a matmul with the weight as the left operand, the weight is read as it is and only the (small)
     unfolded input is reordered. Measured here, 1 thread, 1280 channels at 4x4 / 8x8 outputs: float32
-    40 / 64 ms direct against 11 / 42 ms as a matmul; bfloat16 9.8 / 21 against 6.1 / 22."""
+    40 / 64 ms direct against 11 / 42 ms as a matmul; bfloat16 9.8 / 21 against 6.1 / 22. With the wider
+    inputs of the up path's skip concatenations bf16 gains at 8x8 too (2560 -> 1280: 68 against 45 ms,
+    1920 -> 1280: 51 against 32), but not at 16x16 (163 against 180)."""
     h, w = _output_size(x, conv)
-    limit = 64 if x.dtype == torch.float32 else 16
+    limit = 64 if x.dtype == torch.float32 or x.shape[1] > 1280 else 16
     return conv.groups == 1 and conv.kernel_size != (1, 1) and h * w <= limit
 
 
