@@ -85,6 +85,36 @@ def test_attention_chunk_option_reaches_every_attention_layer():
         set_attention_chunk(sd.unet, 0)
 
 
+def test_cross_attention_reuses_the_keys_and_values_of_an_unchanged_context():
+    """At CPU inference the text context's keys and values are kept between steps; edits to the context
+    (in place too) or to the weights (a LoRA merge) make them new, and under autograd nothing is kept."""
+    from torchsd.models.unet import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 24, 4)
+    x, context = torch.randn(2, 16, 32), torch.randn(2, 7, 24)
+
+    def fresh():  # the plain computation, with nothing kept
+        with torch.no_grad():
+            q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+            return attn.to_out(attention(q, k, v, 4))
+
+    with torch.no_grad():
+        first = attn(x, context)
+        kept = attn._context_cache[2]
+        assert torch.allclose(first, fresh(), atol=1e-6)
+        assert torch.equal(attn(x, context), first) and attn._context_cache[2] is kept  # reused
+        context[0, 3] += 1.0  # in place: same tensor, new values
+        assert attn._context_cache[2] is kept and torch.allclose(attn(x, context), fresh(), atol=1e-6)
+        assert attn._context_cache[2] is not kept
+        kept = attn._context_cache[2]
+        attn.to_v.weight.add_(0.5)  # a merge into the weights, in place
+        assert torch.allclose(attn(x, context), fresh(), atol=1e-6) and attn._context_cache[2] is not kept
+    attn._context_cache = None
+    out = attn(x, context)  # autograd: computed, not kept
+    assert attn._context_cache is None and out.requires_grad
+
+
 def test_default_dtype_follows_the_hardware(monkeypatch):
     import torchsd.runtime as runtime
 
