@@ -193,3 +193,18 @@ def test_sequential_offload_uploads_one_layer_at_a_time_and_keeps_the_numbers():
     assert len(seen) > 100 and all(all(flags) for _, flags in seen)  # each layer is up when it runs
     everything = [p for n in (sd.text_encoder, sd.unet, sd.vae) for p in n.parameters()]
     assert not any(offload.is_uploaded(p) for p in everything)  # and dropped afterwards
+
+
+def test_offloaded_text_encoder_gets_its_tokens_on_the_execution_device(monkeypatch):
+    """Under offload the text encoder's weights wait in CPU memory, so the token ids must go where the
+    encoder runs (sd.execution_device), not where its weights are between calls."""
+    import torchsd.pipeline as pipeline
+
+    sd = random_pipeline("sd1")
+    enable_model_offload(sd, "cpu")
+    sd.execution_device = torch.device("cpu", 0)  # stands for the accelerator: distinguishable from "cpu"
+    seen = []
+    real = pipeline.encode_prompts
+    monkeypatch.setattr(pipeline, "encode_prompts", lambda *a, **k: seen.append(k.get("device")) or real(*a, **k))
+    sd.condition(["a cat"])
+    assert seen == [torch.device("cpu", 0)]

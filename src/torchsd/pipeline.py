@@ -265,7 +265,7 @@ class StableDiffusion:
     def condition(self, prompts: list[str], clip_skip: int | None = None) -> Conditioning:
         """``encode_prompt`` that also tells which embeddings the prompts used."""
         return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip or self.config.clip_skip,
-                              self.embeddings)
+                              self.embeddings, device=self.execution_device)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -389,7 +389,9 @@ class StableDiffusion:
         if latent_mask is not None:
             denoise = pin_unmasked(denoise, init_latents, latent_mask)
         kwargs = sampler_options(spec, generators, request.eta)
-        sigmas_dev = sigmas.to(self.device, torch.float32)
+        # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
+        # waits for the accelerator, and in float32, the precision they had on the device
+        levels = sigmas.to("cpu", torch.float32)
         bar = _progress_bar(len(sigmas) - 1) if progress else None
 
         def on_step(step: Step) -> None:
@@ -399,10 +401,8 @@ class StableDiffusion:
                 callback(step)
 
         try:
-            # a callback reads each step's sigma on the host: skip it when nobody listens, so that
-            # the loop never waits for the accelerator
             watched = bar is not None or callback is not None
-            x = spec.function(denoise, x, sigmas_dev, callback=on_step if watched else None, **kwargs)
+            x = spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
         finally:
             if bar is not None:
                 bar.close()

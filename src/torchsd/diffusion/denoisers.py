@@ -23,7 +23,10 @@ class UNetLike(Protocol):
 
 
 def sigma_per_image(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Any scalar or (B,) sigma -> (B,) float32 on x's device."""
+    """Any scalar or (B,) sigma -> (B,) float32 on x's device. A Python number, as the samplers pass, is
+    filled in on the device: copying it from the host would make the host wait for the device every step."""
+    if isinstance(sigma, (int, float)):
+        return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
     return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
 

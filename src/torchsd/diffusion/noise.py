@@ -30,6 +30,8 @@ def randn(shape: tuple[int, ...], generator: Generators, *, device: torch.device
         noise = torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
     else:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if torch.device(device).type == "cuda":  # pinned, so that the upload does not make the host wait
+        return noise.pin_memory().to(device, non_blocking=True).to(dtype)
     return noise.to(device=device, dtype=dtype)
 
 

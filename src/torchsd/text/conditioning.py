@@ -151,10 +151,11 @@ def encode_chunk(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, chunk: P
 
 
 def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], clip_skip: int,
-                   embeddings: EmbeddingLibrary | None = None) -> Conditioning:
+                   embeddings: EmbeddingLibrary | None = None, device: torch.device | None = None) -> Conditioning:
     """Each distinct prompt is encoded once; prompts of fewer chunks are padded with empty-prompt chunks
-    (what AUTOMATIC1111 does within a batch) so that the batch has one sequence length."""
-    device = next(text_encoder.parameters()).device
+    (what AUTOMATIC1111 does within a batch) so that the batch has one sequence length. ``device``: where
+    the encoder runs, by default where its weights are (under offload they wait in CPU memory)."""
+    device = device or next(text_encoder.parameters()).device
     matcher = EmbeddingMatcher(tokenizer, embeddings) if embeddings is not None and embeddings.dirs else None
     encoded: dict[str, torch.Tensor] = {}
     used: dict[str, Embedding] = {}
