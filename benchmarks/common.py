@@ -31,33 +31,51 @@ def _public(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
+def _share(model, state):
+    """Load ``state`` into a model built on the meta device, taking the tensors themselves (no copy;
+    ``.contiguous()`` copies only weights that torchsd keeps channels-last)."""
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()}, assign=True, strict=False)
+    return model.eval().requires_grad_(False)
+
+
+def _assert_shared(name: str, model) -> None:
+    left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"diffusers {name}: tensors not shared: {left[:5]}"
+
+
+def diffusers_unet(sd: StableDiffusion):
+    """A diffusers UNet2DConditionModel holding the *same tensors* as ``sd.unet`` (see ``_share``)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_public(unet_config_to_diffusers(sd.config.unet, sd.config.sample_size // 8)))
+    _share(unet, to_diffusers_keys(sd.unet.state_dict(), "unet"))
+    _assert_shared("unet", unet)
+    return unet
+
+
 def diffusers_pipeline(sd: StableDiffusion, tokenizer_dir: str):
     """A diffusers StableDiffusionPipeline whose networks hold the *same tensors* as ``sd`` (no copy;
     ``.contiguous()`` copies only weights that torchsd keeps channels-last). DDIM, as torchsd's default."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    def share(model, state):
-        model.load_state_dict({k: v.contiguous() for k, v in state.items()}, assign=True, strict=False)
-        return model.eval().requires_grad_(False)
-
     size = sd.config.sample_size
+    unet = diffusers_unet(sd)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**_public(unet_config_to_diffusers(sd.config.unet, size // 8)))
         vae = AutoencoderKL(**_public(vae_config_to_diffusers(sd.config.vae, size)))
         text = CLIPTextModel(CLIPTextConfig(**text_config_to_transformers(sd.config.text)))
-    share(unet, to_diffusers_keys(sd.unet.state_dict(), "unet"))
-    share(vae, to_diffusers_keys(sd.vae.state_dict(), "vae"))
+    _share(vae, to_diffusers_keys(sd.vae.state_dict(), "vae"))
     state = to_diffusers_keys(sd.text_encoder.state_dict(), "text_encoder")
     if not any(k.startswith("text_model.") for k in text.state_dict()):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    share(text, state)
+    _share(text, state)
     embeddings = getattr(text, "text_model", text).embeddings
     if embeddings.position_ids.is_meta:  # a non-persistent buffer: not in any state dict
-        embeddings.position_ids = torch.arange(sd.config.text.max_positions)[None]
-    for name, model in (("unet", unet), ("vae", vae), ("text", text)):
-        left = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        assert not left, f"diffusers {name}: tensors not shared: {left[:5]}"
+        embeddings.position_ids = torch.arange(sd.config.text.max_positions,
+                                               device=embeddings.token_embedding.weight.device)[None]
+    for name, model in (("vae", vae), ("text", text)):
+        _assert_shared(name, model)
     scheduler = DDIMScheduler(**_public(schedule_config_to_diffusers(sd.config.schedule)))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -165,7 +165,7 @@ def torchsd_run(sd: StableDiffusion, size: int, steps: int, noise: torch.Tensor,
             return x0
 
         x = noise.to(device) * initial_noise_scale(sigmas, spec)
-        x = spec.function(denoise, x, sigmas.to(device, torch.float32))
+        x = spec.function(denoise, x, sigmas.to("cpu", torch.float32))
         latents = x / (1 + sigmas[-1].item() ** 2) ** 0.5
         images = sd.decode_latents(latents)
     return images, latents, clock
