@@ -153,8 +153,12 @@ def test_upsample_as_a_subpixel_convolution(dtype, channels_last):
         y = up(x)
     assert y.shape == (2, 16, 64, 80) and fused.is_channels_last(y) == channels_last
     assert max_rel_error(y.float(), expected) < TOLERANCE[dtype]
-    assert not _subpixel_applies(x[:, :, :8, :8], up.conv)  # small maps: the plain path (measured faster)
-    assert not _subpixel_applies(torch.randn(2, 1280, 16, 16), nn.Conv2d(1280, 1280, 3, padding=1))
+    wide = nn.Conv2d(1280, 1280, 3, padding=1).to(dtype)
+    assert _subpixel_applies(torch.randn(2, 1280, 16, 16, dtype=dtype), wide)
+    assert not _subpixel_applies(x[:, :, :4, :4], up.conv)  # small maps: the plain path (measured faster)
+    # 8x8: only bf16, and only with enough batch for the channels
+    assert _subpixel_applies(x[:, :, :8, :8], up.conv) == (dtype == torch.bfloat16)
+    assert not _subpixel_applies(torch.randn(1, 1280, 8, 8, dtype=dtype), wide)
     if dtype == torch.float32:
         x = x.detach().requires_grad_()
         up(x).square().sum().backward()

@@ -149,13 +149,15 @@ class Upsample(nn.Module):
 
 
 def _subpixel_applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """On a CPU, where there are enough pixels to pay for folding the weight on each call: at least half
-    an input pixel (over the batch) per input channel, from 16x16 up. Measured here (1 thread, fp32 and
-    bf16) against upsample-then-conv: 0.48-0.69x the time for 256-1280 channels at 32x32 and up and for
-    640 channels at 16x16 (batch 2); 1280 channels at 16x16 were 0.83x in fp32 but 1.34x in bf16, and
-    smaller maps slower still. Not on CUDA, whose 3x3 convolutions already use Winograd's saving."""
+    """On a CPU, where there are enough pixels to pay for folding the weight on each call: from 16x16 up,
+    and in bf16 from 8x8 where the batch has at least a tenth of an input pixel per channel. Measured here
+    (1 thread) against upsample-then-conv: 0.48-0.69x the time at 32x32 and up; at 16x16, 1280 channels
+    0.68x in fp32 and 0.53x in bf16 (batch 2; batch 1: 0.89x, 0.61x); at 8x8 in bf16 0.82x for 1280
+    channels at batch 2 but 1.14x at batch 1, and in fp32 1.3-1.7x; 4x4 slower still. Not on CUDA,
+    whose 3x3 convolutions already use Winograd's saving."""
     B, C, H, W = x.shape
-    return (x.device.type == "cpu" and H * W >= 256 and 2 * B * H * W >= C and fused.is_plain(conv)
+    enough = H * W >= 256 or (x.dtype == torch.bfloat16 and H * W >= 64 and 10 * B * H * W >= C)
+    return (x.device.type == "cpu" and enough and fused.is_plain(conv)
             and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
