@@ -99,9 +99,14 @@ def test_block_size_does_not_change_the_result():
     assert torch.equal(cpu_attention.attention(q, k, v, 4), cpu_attention.attention(q, k, v, 4, block=100))
 
 
-def test_layers_attention_takes_it_only_for_bf16_inference_over_many_keys():
+def test_layers_attention_takes_it_only_for_bf16_inference_over_many_keys_without_amx(monkeypatch):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1024, 64, generator=g).bfloat16() for _ in range(3))
+    monkeypatch.setattr(cpu_attention, "MIN_KEYS_PER_THREAD", 1024 / torch.get_num_threads())  # from 1024 keys
+    monkeypatch.setattr(cpu_attention, "_has_amx", lambda: True)  # PyTorch's kernel uses AMX: faster
+    with torch.inference_mode():
+        assert torch.equal(layers.attention(q, k, v, 2), sdpa_bf16(q, k, v, 2))
+    monkeypatch.setattr(cpu_attention, "_has_amx", lambda: False)
     with torch.inference_mode():
         assert torch.equal(layers.attention(q, k, v, 2), cpu_attention.attention(q, k, v, 2))
         assert torch.equal(layers.attention(q, k[:, :1000], v[:, :1000], 2), sdpa_bf16(q, k[:, :1000], v[:, :1000], 2))
@@ -111,3 +116,20 @@ def test_layers_attention_takes_it_only_for_bf16_inference_over_many_keys():
     out = layers.attention(qg, k, v, 2)  # autograd: SDPA, which has a backward
     out.float().sum().backward()
     assert qg.grad is not None and torch.equal(out.detach(), sdpa_bf16(q, k, v, 2))
+
+
+def test_more_threads_need_more_keys(monkeypatch):
+    """PyTorch's kernel spreads heads over threads and gains more from them: 1024 keys per thread."""
+    monkeypatch.setattr(cpu_attention, "_has_amx", lambda: False)
+    threads = torch.get_num_threads()
+    q, k = torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.zeros(1, 2048, 64, dtype=torch.bfloat16)
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            assert cpu_attention.applies(q, k[:, :1024], False, None)
+            torch.set_num_threads(2)
+            assert not cpu_attention.applies(q, k[:, :1024], False, None) and cpu_attention.applies(q, k, False, None)
+            assert not cpu_attention.applies(q.float(), k.float(), False, None)  # bf16 only
+        assert not cpu_attention.applies(q, k, False, None)  # autograd: PyTorch's kernel, which has a backward
+    finally:
+        torch.set_num_threads(threads)

@@ -1,8 +1,9 @@
 """bfloat16 attention on the CPU as per-head oneDNN matmuls, with the softmax folded into their operands.
 
-PyTorch's CPU flash-attention kernel runs bfloat16 no faster than float32 (1 thread here, 2 x 8 heads x
-4096 tokens x 40: 640 ms in bf16, 600 ms in fp32), while oneDNN's bf16 matmuls run at about twice its
-float32 rate. This computes softmax(Q K^T / sqrt(d)) V for one head and one block of queries at a time
+On a CPU with AVX-512 BF16 but no AMX (this project's AMD EPYC), PyTorch's CPU flash-attention kernel
+runs bfloat16 no faster than float32 (1 thread, 2 x 8 heads x 4096 tokens x 40: 640 ms in bf16, 600 ms
+in fp32), while oneDNN's bf16 matmuls run at about twice its float32 rate. (With AMX, PyTorch's kernel
+uses the tiles and is faster than this one; see ``_has_amx``.) This computes softmax(Q K^T / sqrt(d)) V for one head and one block of queries at a time
 with two such matmuls, and moves the softmax's own bookkeeping into them:
 
 - The shift. A bf16 matmul rounds its output, and rounding the logits themselves costs precision where
@@ -25,22 +26,36 @@ against float64 attention, including rows whose peak the estimate misses.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import fused
 
 DELTA = 2.0  # largest shifted logit left in place; exp(2) keeps the top weights' rounding under 1%
 _DELTA_BITS = int(torch.tensor(DELTA, dtype=torch.bfloat16).view(torch.int16))
-MIN_KEYS = 1024  # below this PyTorch's kernel is as fast or faster (measured, heads of 40 to 512)
+# Keys per thread from which this is faster: its per-head matmuls gain less from more threads than
+# PyTorch's kernel, which splits heads and query blocks across them. Measured here, ours / PyTorch's at
+# 1024 keys: 0.81-0.94 on 1 thread, 1.04-1.27 on 2; at 4096: 0.55-0.68 on 1, 0.57-0.74 on 2.
+MIN_KEYS_PER_THREAD = 1024
 BLOCK = 256  # queries per matmul: a (256, keys) bf16 score block stays in this CPU's L2 at 4096 keys
 _STRIDE = 8  # every 8th key for the estimate of the row maximum: 1/8 of a Q K^T matmul
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> bool:
-    """CPU bfloat16 inference without a mask, over enough keys to pay off."""
+    """CPU bfloat16 inference without a mask, over enough keys to pay off, on a CPU without AMX."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16 and not causal and mask is None
-            and k.shape[1] >= MIN_KEYS and not torch.is_grad_enabled() and not fused._is_compiling()
-            and fused.available())
+            and k.shape[1] >= MIN_KEYS_PER_THREAD * torch.get_num_threads() and not torch.is_grad_enabled() and not fused._is_compiling()
+            and fused.available() and not _has_amx())
+
+
+@functools.cache
+def _has_amx() -> bool:
+    """With AMX tiles PyTorch's flash kernel runs bf16 through them and is the faster one: on a 16-core
+    Xeon with AMX, 2 x 8 heads x 4096 tokens x 40 took 275 ms against 536 here at 1 thread, 23 against 127
+    at 16 (benchmarks/cpu_attention_threads.py). Unknown counts as present: PyTorch's kernel is the safe side."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return True if probe is None else bool(probe())
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
