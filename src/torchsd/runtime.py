@@ -14,7 +14,7 @@ Defaults, and why:
   on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as constants: only for
   weights that do not change afterwards (apply LoRAs first).
 - ``prepack``: off. Reordering the 3x3 conv weights for oneDNN once (``prepacked.py``) made the SD 1.5
-  U-Net step 1-10% faster than the default path here (0.73-0.88x diffusers against 0.74-0.92x), but holds
+  U-Net step 1-5% faster than the default path here (0.72-0.85x diffusers against 0.75-0.89x), but holds
   a second copy of those weights (2.2 GB in float32, 1.1 GB in bf16).
 """
 

@@ -3,8 +3,9 @@
 On a CPU with AVX-512 BF16 but no AMX (this project's AMD EPYC), PyTorch's CPU flash-attention kernel
 runs bfloat16 no faster than float32 (1 thread, 2 x 8 heads x 4096 tokens x 40: 640 ms in bf16, 600 ms
 in fp32), while oneDNN's bf16 matmuls run at about twice its float32 rate. (With AMX, PyTorch's kernel
-uses the tiles and is faster than this one; see ``_has_amx``.) This computes softmax(Q K^T / sqrt(d)) V for one head and one block of queries at a time
-with two such matmuls, and moves the softmax's own bookkeeping into them:
+uses the tiles and is faster than this one; see ``_has_amx``.) This computes softmax(Q K^T / sqrt(d)) V
+for one head and one block of queries at a time with two such matmuls, and moves the softmax's own
+bookkeeping into them:
 
 - The shift. A bf16 matmul rounds its output, and rounding the logits themselves costs precision where
   they are large (a logit of 8 is rounded by up to 0.03, which moves its weight by 3%). So the row's
@@ -45,15 +46,16 @@ _STRIDE = 8  # every 8th key for the estimate of the row maximum: 1/8 of a Q K^T
 def applies(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> bool:
     """CPU bfloat16 inference without a mask, over enough keys to pay off, on a CPU without AMX."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16 and not causal and mask is None
-            and k.shape[1] >= MIN_KEYS_PER_THREAD * torch.get_num_threads() and not torch.is_grad_enabled() and not fused._is_compiling()
-            and fused.available() and not _has_amx())
+            and k.shape[1] >= MIN_KEYS_PER_THREAD * torch.get_num_threads() and not torch.is_grad_enabled()
+            and not fused._is_compiling() and fused.available() and not _has_amx())
 
 
 @functools.cache
 def _has_amx() -> bool:
     """With AMX tiles PyTorch's flash kernel runs bf16 through them and is the faster one: on a 16-core
-    Xeon with AMX, 2 x 8 heads x 4096 tokens x 40 took 275 ms against 536 here at 1 thread, 23 against 127
-    at 16 (benchmarks/cpu_attention_threads.py). Unknown counts as present: PyTorch's kernel is the safe side."""
+    Xeon with AMX, 2 x 8 heads x 4096 tokens x 40 took 275 ms against this kernel's 536 at 1 thread, 23
+    against 127 at 16 (benchmarks/cpu_attention_threads.py). Unknown counts as present: PyTorch's kernel
+    is the safe side."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return True if probe is None else bool(probe())
 
@@ -70,8 +72,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     Tk, d = k.shape[1], C // num_heads
     block = min(block or BLOCK, BLOCK)
     out = torch.empty(B, Tq, C, dtype=q.dtype)
-    heads = (t.view(B, -1, num_heads, d) for t in (q, k, v, out))
-    q, k, v, out = heads
+    q, k, v, heads_out = (t.view(B, -1, num_heads, d) for t in (q, k, v, out))  # (B, T, heads, d) views
     # Augmented operands, reused for every head: Qa = [Q / sqrt(d), -m, 0], Ka = [K, 1, 0] (the zero
     # column keeps the inner size even, as oneDNN's bf16 kernels take values in pairs), Vt = [V, 1]^T.
     Qa, Ka, Vt = q.new_zeros(Tq, d + 2), k.new_zeros(Tk, d + 2), v.new_empty(d + 1, Tk)
@@ -90,8 +91,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
             for i in range(0, Tq, block):
                 s = _shifted_logits(Qa[i:i + block], Ka, d)
                 o = _matmul(Vt, s.exp_())  # (d + 1, block): P V and, last, l
-                torch.div(o[:d], o[d], out=out[b, i:i + block, h].t())
-    return out.view(B, Tq, C)
+                torch.div(o[:d], o[d], out=heads_out[b, i:i + block, h].t())
+    return out
 
 
 def _shifted_logits(Qa: torch.Tensor, Ka: torch.Tensor, d: int) -> torch.Tensor:
