@@ -84,7 +84,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
             K = k[b, :, h]
             m = _matmul(Q, K[::_STRIDE].contiguous()).amax(-1)
             if Tq == Tk:
-                m = torch.maximum(m, (Q.float() * K.float()).sum(-1).to(m.dtype))  # q_i . k_i
+                m = torch.maximum(m, (Q * K).sum(-1))  # q_i . k_i, in bf16: any value near an attained one will do
             Qa[:, :d], Qa[:, d] = Q, -m
             Ka[:, :d] = K
             Vt[:d] = v[b, :, h].t()
