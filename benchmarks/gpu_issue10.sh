@@ -8,6 +8,8 @@
 # then prints one summary. Each stage has its own time limit, so the summary always comes.
 #
 #   bash benchmarks/gpu_issue10.sh                       # GPU machine; logs in $OUT (carry .whl)
+#   # .whl/ (git-ignored) holds what that machine lacks; fill it here first:
+#   #   python3 -m pip download --no-deps -d .whl diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.9.4
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_issue10.sh --cpu-smoke     # here: tiny models, CPU
 #
 # Files written to $OUT (a temporary folder if unset): env.txt, issue10.log, issue10.json,
