@@ -97,6 +97,11 @@ def test_block_size_does_not_change_the_result():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 1024, 64, generator=g).bfloat16() for _ in range(3))
     assert torch.equal(cpu_attention.attention(q, k, v, 4), cpu_attention.attention(q, k, v, 4, block=100))
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="positive number of queries"):
+            cpu_attention.attention(q, k, v, 4, block=bad)
+        with torch.inference_mode(), pytest.raises(ValueError, match="positive number of queries"):
+            layers.attention(q, k, v, 4, chunk=bad)
 
 
 def test_layers_attention_takes_it_only_for_bf16_inference_over_many_keys_without_amx(monkeypatch):

@@ -68,6 +68,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
               block: int | None = None) -> torch.Tensor:
     """q (B, Tq, C), k and v (B, Tk, C), all bf16 -> (B, Tq, C); ``block`` caps the queries per matmul."""
+    if block is not None and block < 1:
+        raise ValueError(f"attention block must be a positive number of queries; got {block}")
     B, Tq, C = q.shape
     Tk, d = k.shape[1], C // num_heads
     block = min(block or BLOCK, BLOCK)

@@ -21,6 +21,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     ``chunk``: attend at most this many queries at a time, so that a kernel that materialises the
     (Tq, Tk) score matrix holds only (chunk, Tk) of it (large images on backends without flash kernels).
     """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"attention chunk must be a positive number of queries; got {chunk}")
     if cpu_attention.applies(q, k, causal, mask):
         return cpu_attention.attention(q, k, v, num_heads, block=chunk)
     B, Tq, C = q.shape
@@ -29,8 +31,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     if chunk is None or chunk >= Tq:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     else:
-        if chunk < 1:
-            raise ValueError(f"attention chunk must be a positive number of queries; got {chunk}")
         if causal:  # query i attends to keys 0..i: an explicit mask keeps each chunk's offset right
             mask = _causal_mask(Tq, k.shape[2], q.dtype, q.device) if mask is None else \
                 mask + _causal_mask(Tq, k.shape[2], mask.dtype, mask.device)
