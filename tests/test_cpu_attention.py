@@ -48,7 +48,7 @@ def test_matches_float64_attention_as_closely_as_sdpa(B, Tq, Tk, C, heads):
     assert rel(ours, ref) < max(2.5 * rel(theirs, ref), 6e-3)
 
 
-def test_rows_whose_peak_the_estimate_misses_are_shifted_again():
+def test_rows_whose_peak_the_estimate_misses_are_shifted_again(monkeypatch):
     """Two keys, neither sampled (indices 3 and 5 are not multiples of 8) nor on the diagonal for most of
     the first 64 queries, far above the rest for those queries (logits near 12 and 11.4): their shifted
     logits come out near 12, where bf16 rounds by up to 0.03, unless the rows are shifted again."""
@@ -63,22 +63,16 @@ def test_rows_whose_peak_the_estimate_misses_are_shifted_again():
     q, k, v = q.bfloat16(), k.bfloat16(), torch.randn(1, T, C, generator=g).bfloat16()
     ref = reference(q, k, v, 1)
     calls = []
-    real = cpu_attention._matmul
-    try:
-        cpu_attention._matmul = lambda a, b: calls.append(a.shape[0]) or real(a, b)
+    real = fused.matmul_nt
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "matmul_nt", lambda a, b: calls.append(a.shape[0]) or real(a, b))
         ours = cpu_attention.attention(q, k, v, 1)
-    finally:
-        cpu_attention._matmul = real
     fixed = [n for n in calls if n not in (T, cpu_attention.BLOCK, C + 1)]  # the recomputed rows
     assert fixed and sum(fixed) >= 32, calls
     assert rel(ours[0, :64], ref[0, :64]) < 6e-3
 
-    old = cpu_attention._DELTA_BITS
-    try:
-        cpu_attention._DELTA_BITS = torch.iinfo(torch.int16).max  # never fix up: the same rows lose precision
-        unfixed = cpu_attention.attention(q, k, v, 1)
-    finally:
-        cpu_attention._DELTA_BITS = old
+    monkeypatch.setattr(cpu_attention, "_DELTA_BITS", torch.iinfo(torch.int16).max)  # never fix up:
+    unfixed = cpu_attention.attention(q, k, v, 1)  # the same rows lose precision
     assert rel(unfixed[0, :64], ref[0, :64]) > 1.5 * rel(ours[0, :64], ref[0, :64])
 
 

@@ -10,6 +10,7 @@ from reference import max_rel_error, pixels, random_pipeline
 from torchsd.config import ScheduleConfig
 from torchsd.diffusion.denoisers import ModelDenoiser
 from torchsd.diffusion.schedules import timestep_of_sigma
+from torchsd.models import fused
 from torchsd.models.layers import attention, set_attention_chunk
 from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, runtime_options_from_args
 
@@ -85,6 +86,7 @@ def test_attention_chunk_option_reaches_every_attention_layer():
         set_attention_chunk(sd.unet, 0)
 
 
+@pytest.mark.skipif(not fused.available(), reason="kept only where the oneDNN inference path runs")
 def test_cross_attention_reuses_the_keys_and_values_of_an_unchanged_context():
     """At CPU inference the text context's keys and values are kept between steps; edits to the context
     (in place too) or to the weights (a LoRA merge) make them new, and under autograd nothing is kept."""

@@ -45,9 +45,8 @@ _STRIDE = 8  # every 8th key for the estimate of the row maximum: 1/8 of a Q K^T
 
 def applies(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> bool:
     """CPU bfloat16 inference without a mask, over enough keys to pay off, on a CPU without AMX."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == torch.bfloat16 and not causal and mask is None
-            and k.shape[1] >= MIN_KEYS_PER_THREAD * torch.get_num_threads() and not torch.is_grad_enabled()
-            and not fused._is_compiling() and fused.available() and not _has_amx())
+    return (q.dtype == k.dtype == torch.bfloat16 and fused.cpu_inference(q) and not causal and mask is None
+            and k.shape[1] >= MIN_KEYS_PER_THREAD * torch.get_num_threads() and not _has_amx())
 
 
 @functools.cache
@@ -58,11 +57,6 @@ def _has_amx() -> bool:
     is the safe side."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return True if probe is None else bool(probe())
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T -> (M, N) through oneDNN (fp32 accumulation, output in the inputs' dtype)."""
-    return fused._mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
@@ -84,7 +78,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
         for h in range(num_heads):
             Q = torch.mul(q[b, :, h], d ** -0.5)  # rounded once, scaled in fp32
             K = k[b, :, h]
-            m = _matmul(Q, K[::_STRIDE].contiguous()).amax(-1)
+            m = fused.matmul_nt(Q, K[::_STRIDE].contiguous()).amax(-1)
             if Tq == Tk:
                 m = torch.maximum(m, (Q * K).sum(-1))  # q_i . k_i, in bf16: any value near an attained one will do
             Qa[:, :d], Qa[:, d] = Q, -m
@@ -92,7 +86,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
             Vt[:d] = v[b, :, h].t()
             for i in range(0, Tq, block):
                 s = _shifted_logits(Qa[i:i + block], Ka, d)
-                o = _matmul(Vt, s.exp_())  # (d + 1, block): P V and, last, l
+                o = fused.matmul_nt(Vt, s.exp_())  # (d + 1, block): P V and, last, l
                 torch.div(o[:d], o[d], out=heads_out[b, i:i + block, h].t())
     return out
 
@@ -103,10 +97,10 @@ def _shifted_logits(Qa: torch.Tensor, Ka: torch.Tensor, d: int) -> torch.Tensor:
     The check reads the bf16 bits as int16: for positive values their order is the same, and negative
     values (sign bit set) are negative integers, so ``bits > bits(DELTA)`` is ``value > DELTA``. NaN
     rows are flagged too, and stay NaN."""
-    s = _matmul(Qa, Ka)
+    s = fused.matmul_nt(Qa, Ka)
     high = s.view(torch.int16).amax(-1) > _DELTA_BITS
     if high.any():
         rows = high.nonzero()[:, 0]
         Qa[rows, d] -= s[rows].float().amax(-1).to(Qa.dtype)
-        s[rows] = _matmul(Qa[rows], Ka)
+        s[rows] = fused.matmul_nt(Qa[rows], Ka)
     return s

@@ -53,9 +53,20 @@ def is_plain(layer: nn.Module) -> bool:
             and ("forward" not in layer.__dict__ or hasattr(layer, "_prepacked")))
 
 
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Where the oneDNN kernels here (and ``cpu_attention``'s) may replace plain PyTorch: CPU inference
+    in fp32/bf16, not under autograd, not while ``torch.compile`` traces."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled() and not _is_compiling()
+            and available())
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for a (M, K) and b (N, K), through oneDNN: fp32 accumulation, output in the inputs' dtype."""
+    return _mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
 def _fusable(x: torch.Tensor, layer: nn.Module) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and not torch.is_grad_enabled() and is_plain(layer)
-            and layer.weight.dtype == x.dtype and not _is_compiling() and available()
+    return (cpu_inference(x) and is_plain(layer) and layer.weight.dtype == x.dtype
             and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 
@@ -135,7 +146,7 @@ def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor | N
     h, w = _output_size(x, conv)
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, in*kh*kw, hw)
     cols = cols.transpose(1, 2).reshape(B * h * w, -1)  # (B*hw, in*kh*kw): the matmul's "weight" operand
-    y = _mkldnn._linear_pointwise(conv.weight.flatten(1), cols, None, "none", [], "")  # (out, B*hw)
+    y = matmul_nt(conv.weight.flatten(1), cols)  # (out, B*hw)
     y = y.view(-1, B, h, w).transpose(0, 1)  # (B, out, h, w), a view
     out = torch.empty(y.shape, dtype=y.dtype, device=x.device, memory_format=torch.channels_last if is_channels_last(x)
                       else torch.contiguous_format)

@@ -52,8 +52,8 @@ class CrossAttention(nn.Module):
         The context is compared by value (a copy is kept), so a context edited in place or rebuilt equal is
         handled. Not on accelerators, where a captured CUDA graph would replay a stale pair."""
         weights = _weight_state(self.to_k), _weight_state(self.to_v)
-        if not (context.device.type == "cpu" and None not in weights and fused.is_plain(self.to_k)
-                and fused.is_plain(self.to_v) and not torch.is_grad_enabled() and not fused._is_compiling()):
+        if not (fused.cpu_inference(context) and None not in weights and fused.is_plain(self.to_k)
+                and fused.is_plain(self.to_v)):
             return fused.linear(context, self.to_k), fused.linear(context, self.to_v)
         cached = self._context_cache
         if (cached is not None and cached[1] == weights and cached[0].shape == context.shape
