@@ -43,25 +43,29 @@ def _assert_shared(name: str, model) -> None:
     assert not left, f"diffusers {name}: tensors not shared: {left[:5]}"
 
 
-def diffusers_unet(sd: StableDiffusion):
-    """A diffusers UNet2DConditionModel holding the *same tensors* as ``sd.unet`` (see ``_share``)."""
+def diffusers_unet(sd: StableDiffusion, copy: bool = False):
+    """A diffusers UNet2DConditionModel holding the *same tensors* as ``sd.unet`` (see ``_share``), or
+    with ``copy`` its own copy of them: torchsd's sampling loop packs weights only where no other tensor
+    shares them (``torchsd.prepacked``), so a benchmark of that loop must not share."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_public(unet_config_to_diffusers(sd.config.unet, sd.config.sample_size // 8)))
-    _share(unet, to_diffusers_keys(sd.unet.state_dict(), "unet"))
+    state = to_diffusers_keys(sd.unet.state_dict(), "unet")
+    _share(unet, {k: v.clone() for k, v in state.items()} if copy else state)
     _assert_shared("unet", unet)
     return unet
 
 
-def diffusers_pipeline(sd: StableDiffusion, tokenizer_dir: str):
+def diffusers_pipeline(sd: StableDiffusion, tokenizer_dir: str, copy_unet: bool = False):
     """A diffusers StableDiffusionPipeline whose networks hold the *same tensors* as ``sd`` (no copy;
-    ``.contiguous()`` copies only weights that torchsd keeps channels-last). DDIM, as torchsd's default."""
+    ``.contiguous()`` copies only weights that torchsd keeps channels-last), except the U-Net's with
+    ``copy_unet`` (see ``diffusers_unet``). DDIM, as torchsd's default."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     size = sd.config.sample_size
-    unet = diffusers_unet(sd)
+    unet = diffusers_unet(sd, copy=copy_unet)
     with torch.device("meta"):
         vae = AutoencoderKL(**_public(vae_config_to_diffusers(sd.config.vae, size)))
         text = CLIPTextModel(CLIPTextConfig(**text_config_to_transformers(sd.config.text)))

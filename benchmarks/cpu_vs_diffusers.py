@@ -35,7 +35,8 @@ from common import NEGATIVE, PROMPT, PeakRSS, build, compare, diffusers_pipeline
 from torchsd import autoencoding  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
-from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype  # noqa: E402
+from torchsd.prepacked import packed_weights  # noqa: E402
+from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, wants_prepack  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,7 +76,31 @@ def phase_unet(sd, pipe, size, reps):
         uncond_out, cond_out = out.chunk(2)
         return uncond_out + scale * (cond_out - uncond_out)
 
-    row(f"guided U-Net step {size}x{size}", compare({"torchsd": lambda: denoise(x, sigma), "diffusers": theirs}, reps))
+    # torchsd's steps run as ``StableDiffusion.sample`` runs them: inside one ``packed_weights`` context for
+    # the whole loop (the first call, a warm-up not counted, packs; the cost is reported below)
+    with packed_weights(sd.unet, sd.prepack):
+        row(f"guided U-Net step {size}x{size}", compare({"torchsd": lambda: denoise(x, sigma), "diffusers": theirs},
+                                                        reps))
+    if sd.prepack:
+        packing_cost(sd, lambda: denoise(x, sigma))
+
+
+def packing_cost(sd, step) -> None:
+    """What a sampling loop pays once for packing: its first step against the next, and the unpacking."""
+    with torch.inference_mode():
+        with packed_weights(sd.unet):
+            start = time.perf_counter()
+            step()
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            step()
+            steady = time.perf_counter() - start
+            packed = sum(1 for m in sd.unet.modules() if m.__dict__.get("_prepacked"))
+            start = time.perf_counter()
+        unpack = time.perf_counter() - start
+    once = first - steady + unpack
+    print(f"    once per sampling loop: packing {packed} convolutions adds {first - steady:.2f} s to the first step, "
+          f"unpacking {unpack:.2f} s after the last ({once:.2f} s)", flush=True)
 
 
 def phase_vae(sd, pipe, size, reps):
@@ -185,7 +210,8 @@ def main() -> None:
     p.add_argument("--batch-count", type=int, default=4)
     p.add_argument("--batch-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--prepack", action="store_true", help="torchsd with RuntimeOptions(prepack=True)")
+    p.add_argument("--no-prepack", dest="prepack", action="store_false", default=None,
+                   help="torchsd with RuntimeOptions(prepack=False): no conv weights packed while sampling")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,11 +230,13 @@ def main() -> None:
         for model in (sd.unet, sd.vae, sd.text_encoder):
             model.to(dtype=dtype, memory_format=torch.contiguous_format)
         free()
-        pipe = diffusers_pipeline(sd, tokenizer_dir)  # built before torchsd's layout change: NCHW, shared
-        apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)  # torchsd's defaults for this dtype
+        options = RuntimeOptions(prepack=args.prepack)
+        # built before torchsd's layout change: NCHW, shared (the U-Net copied where torchsd packs)
+        pipe = diffusers_pipeline(sd, tokenizer_dir, copy_unet=wants_prepack(options, torch.device("cpu")))
+        apply_runtime(sd, options, "cpu", dtype)  # torchsd's defaults for this dtype
         layout = "U-Net {}, VAE {}".format(*("NHWC" if m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
                                              else "NCHW" for m in (sd.unet, sd.vae.decoder)))
-        packed = ", prepacked convolutions" if args.prepack else ""
+        packed = ", U-Net convolutions packed while sampling" if sd.prepack else ""
         print(f"\n== {str(dtype).removeprefix('torch.')} (torchsd {layout}{packed}, diffusers NCHW) ; {load_note()}",
               flush=True)
         if "text" in phases:
@@ -234,7 +262,7 @@ def main() -> None:
     if "tiled" in phases or "batched" in phases:
         dtype = default_dtype("cpu")
         apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)
-        packed = ", prepacked" if args.prepack else ""
+        packed = ", packed while sampling" if sd.prepack else ""
         print(f"\n== torchsd defaults ({str(dtype).removeprefix('torch.')}{packed}) ; {load_note()}", flush=True)
         if "tiled" in phases:
             phase_tiled(sd, args.tiled_size, args.untiled_too)

@@ -1,64 +1,188 @@
-"""Prepacked convolutions give the same numbers as plain ones and follow every change of the weights."""
+"""Weights packed for oneDNN while sampling: the same numbers, one copy in memory, and every weight back
+bit for bit afterwards, whatever happened inside."""
 
+import argparse
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from reference import max_rel_error, random_pipeline
-from torchsd.prepacked import prepack_convolutions, prepacking_available
-from torchsd.runtime import RuntimeOptions, apply_runtime
+from torchsd import prepacked
+from torchsd.models.layers import Upsample
+from torchsd.pipeline import GenerationRequest
+from torchsd.prepacked import packed_weights, prepacking_available
+from torchsd.runtime import (RuntimeOptions, add_runtime_arguments, apply_runtime, runtime_options_from_args,
+                             wants_prepack)
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this PyTorch build has no oneDNN")
 
 
+def conv3x3s(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+
+
+def snapshot(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    return {name: (id(p), p.detach().clone()) for name, p in model.named_parameters()}
+
+
+def assert_restored(model: nn.Module, before: dict) -> None:
+    """The same Parameter objects, holding exactly the values they had, with no trace of the context."""
+    for name, p in model.named_parameters():
+        assert id(p) == before[name][0], name
+        assert torch.equal(p, before[name][1]), name
+    for m in model.modules():
+        assert "_prepacked" not in m.__dict__ and "forward" not in m.__dict__
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_prepacked_unet_and_vae_match_plain(dtype, tolerance):
+def test_packed_unet_gives_the_same_output_with_one_copy_of_each_weight(dtype, tolerance):
     sd = random_pipeline("sd1")
-    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 77, sd.config.unet.context_dim)
-    latents = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        sd.unet.to(dtype), sd.vae.to(dtype)
-        plain = sd.unet(x.to(dtype), t, context.to(dtype)).float(), sd.vae.decode(latents.to(dtype)).float()
-        assert prepack_convolutions(sd.unet) > 0 and prepack_convolutions(sd.vae) > 0
-        packed = sd.unet(x.to(dtype), t, context.to(dtype)).float(), sd.vae.decode(latents.to(dtype)).float()
-    assert any(getattr(m, "_prepacked", None) is not None for m in sd.unet.modules())  # the fast path ran
-    for a, b in zip(plain, packed):
-        assert max_rel_error(b, a) < tolerance
+    unet = sd.unet.to(dtype)
+    x, t = torch.randn(2, 4, 8, 8, dtype=dtype), torch.tensor([10.0, 700.0])
+    context = torch.randn(2, 77, sd.config.unet.context_dim, dtype=dtype)
+    before = snapshot(unet)
+    bytes_before = sum(c.weight.untyped_storage().nbytes() for c in conv3x3s(unet))
+    with torch.inference_mode():
+        plain = unet(x, t, context).float()
+        with packed_weights(unet):
+            first, second = unet(x, t, context).float(), unet(x, t, context).float()
+            packed = [c for c in conv3x3s(unet) if c._prepacked]
+            assert packed, "no convolution ran packed"
+            assert all(c.weight.untyped_storage().nbytes() == 0 for c in packed)  # the plain copy is gone
+            bytes_inside = sum(c.weight.untyped_storage().nbytes() for c in conv3x3s(unet))
+            assert bytes_inside < bytes_before
+        after = unet(x, t, context).float()
+    assert max_rel_error(first, plain) < tolerance
+    assert torch.equal(first, second)
+    assert torch.equal(after, plain)
+    assert_restored(unet, before)
 
 
-def test_a_changed_weight_is_repacked_and_gradients_take_the_plain_path():
+def test_weights_shared_with_other_tensors_are_left_alone():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
-    reference = nn.Conv2d(8, 16, 3, padding=1)
-    reference.load_state_dict(conv.state_dict())
-    prepack_convolutions(conv)
-    x = torch.randn(2, 8, 6, 6)
+    kept = conv.state_dict()  # shares the weight's storage: releasing it would empty these too
+    x = torch.randn(2, 8, 8, 8)  # 128 output pixels: where packing is used
     with torch.no_grad():
-        assert torch.allclose(conv(x), reference(x), atol=1e-5)
-        first = conv._prepacked
-        for edit in (lambda c: c.weight.mul_(2), lambda c: c.load_state_dict({"weight": torch.randn(16, 8, 3, 3),
-                                                                              "bias": torch.randn(16)})):
-            edit(conv)  # as a LoRA merge or a new checkpoint would
-            reference.load_state_dict(conv.state_dict())
-            assert torch.allclose(conv(x), reference(x), atol=1e-4)
-        assert conv._prepacked is not first
-    y = conv(x.requires_grad_())  # autograd: the ordinary convolution, so backward works
-    y.sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None
-    prepack_convolutions(conv, enabled=False)
-    assert "forward" not in conv.__dict__
+        expected = conv(x)
+        with packed_weights(conv):
+            assert torch.allclose(conv(x), expected, atol=1e-6)
+            assert conv._prepacked is False
+            assert conv.weight.untyped_storage().nbytes() > 0
+    assert torch.equal(kept["weight"], conv.weight)
 
 
-def test_runtime_option_and_flag():
-    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(prepack=True), "cpu", torch.float32)
-    assert "forward" in sd.unet.conv_in.__dict__ and "forward" in sd.vae.decoder.conv_in.__dict__
-    with pytest.raises(ValueError, match="does not mix with offload"):
+def test_autograd_inside_takes_the_plain_weight_back_and_stays_plain():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    before = snapshot(conv)
+    x = torch.randn(2, 8, 8, 8)  # 128 output pixels: where packing is used
+    with torch.no_grad():
+        expected = conv(x)
+    with packed_weights(conv):
+        with torch.no_grad():
+            conv(x)
+        assert conv.weight.untyped_storage().nbytes() == 0
+        y = conv(x.clone().requires_grad_())  # as CLIP guidance differentiates through a model
+        assert torch.allclose(y, expected, atol=1e-6)
+        y.sum().backward()
+        assert conv.weight.grad is not None and conv._prepacked is False
+        with torch.no_grad():
+            assert torch.allclose(conv(x), expected, atol=1e-6) and conv._prepacked is False
+    conv.weight.grad = None
+    assert_restored(conv, before)
+
+
+def test_an_error_inside_still_gives_every_weight_back():
+    sd = random_pipeline("sd1")
+    before = snapshot(sd.unet)
+    with pytest.raises(RuntimeError, match="interrupted"), torch.inference_mode():
+        with packed_weights(sd.unet):
+            sd.unet(torch.randn(1, 4, 8, 8), torch.tensor([5.0]), torch.randn(1, 77, sd.config.unet.context_dim))
+            raise RuntimeError("interrupted")
+    assert_restored(sd.unet, before)
+
+
+def test_nested_contexts_and_a_parameter_replaced_inside():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        with packed_weights(conv):
+            with packed_weights(conv):  # the inner one leaves the work to the outer
+                conv(x)
+            assert conv._prepacked and conv.weight.untyped_storage().nbytes() == 0
+            new = nn.Parameter(torch.randn(16, 8, 3, 3))
+            conv.weight = new  # as loading other weights would
+            expected = torch.nn.functional.conv2d(x, new, conv.bias, padding=1)
+            assert torch.allclose(conv(x), expected, atol=1e-5)
+        assert conv.weight is new and torch.equal(conv.weight, new)
+        assert "_prepacked" not in conv.__dict__
+
+
+def test_code_that_reads_the_weight_itself_gets_it_back():
+    """Upsample reads its conv's weight directly (sub-pixel path): after the conv ran packed, it must see the
+    plain weight, not a released one."""
+    torch.manual_seed(0)
+    up = Upsample(16)
+    before = snapshot(up)
+    small, large = torch.randn(2, 16, 4, 4), torch.randn(1, 16, 16, 16)
+    with torch.no_grad():
+        expected = up(large)
+        with packed_weights(up):
+            up(small)  # 4x4 at batch 2: upsample, then the conv through its (packed) forward
+            assert up.conv.weight.untyped_storage().nbytes() == 0
+            assert torch.allclose(up(large), expected, atol=1e-5)  # 16x16: the sub-pixel path
+    assert_restored(up, before)
+
+
+def test_sampling_packs_the_unet_and_gives_the_same_image(monkeypatch):
+    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32)
+    assert sd.prepack  # the default on a CPU
+    made = []
+    original = prepacked._Packed.__init__
+
+    def counting(self, conv, x):
+        made.append(conv)
+        original(self, conv, x)
+
+    monkeypatch.setattr(prepacked._Packed, "__init__", counting)
+    before = snapshot(sd.unet)
+    request = GenerationRequest(prompt="a red circle", width=64, height=64, steps=3, seed=1, sampler="euler")
+    packed_image = sd.generate(request).images[0]
+    assert made, "sampling did not pack any convolution"
+    assert_restored(sd.unet, before)
+    sd.prepack = False
+    count = len(made)
+    plain_image = sd.generate(request).images[0]
+    assert len(made) == count
+    diff = np.abs(np.asarray(packed_image, dtype=np.int16) - np.asarray(plain_image, dtype=np.int16))
+    assert diff.max() <= 1  # the same convolutions, at most a last-bit rounding apart in 8 bits
+
+
+def test_runtime_option_and_flags():
+    cpu = torch.device("cpu")
+    assert wants_prepack(RuntimeOptions(), cpu)
+    assert not wants_prepack(RuntimeOptions(prepack=False), cpu)
+    assert not wants_prepack(RuntimeOptions(), torch.device("cuda"))
+    assert not wants_prepack(RuntimeOptions(offload="model"), cpu)
+    with pytest.raises(ValueError, match="offloading"):
         RuntimeOptions(prepack=True, offload="model")
-    import argparse
-
-    from torchsd.runtime import add_runtime_arguments, runtime_options_from_args
-
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser)
-    assert runtime_options_from_args(parser.parse_args(["--prepack"])).prepack
-    assert not runtime_options_from_args(parser.parse_args([])).prepack
+    assert runtime_options_from_args(parser.parse_args(["--prepack"])).prepack is True
+    assert runtime_options_from_args(parser.parse_args(["--no-prepack"])).prepack is False
+    assert runtime_options_from_args(parser.parse_args([])).prepack is None
+
+
+def test_only_sizes_where_packing_repays_itself_are_packed():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    with torch.no_grad(), packed_weights(conv):
+        for x in (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 32, 32).bfloat16()):  # 32 and 2048 output pixels
+            conv.to(x.dtype)(x)
+            assert conv._prepacked is None and conv.weight.untyped_storage().nbytes() > 0
+        conv.float()(torch.randn(2, 8, 8, 8))
+        assert conv._prepacked

@@ -34,6 +34,7 @@ from .models.clip import CLIP, CLIPTextModel
 from .models.tiling import VAETiling
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .prepacked import packed_weights
 from .text.conditioning import Conditioning, encode_prompts
 from .text.prompts import extract_extra_networks
 from .text.tokenizer import CLIPTokenizer
@@ -222,6 +223,7 @@ class StableDiffusion:
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
         self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
+        self.prepack = False  # hold the U-Net's conv weights in oneDNN's layout while sampling (runtime.py)
         self.execution_device: torch.device | None = None  # where offloaded networks run (offload.py)
 
     @classmethod
@@ -402,7 +404,8 @@ class StableDiffusion:
 
         try:
             watched = bar is not None or callback is not None
-            x = spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
+            with packed_weights(self.unet, self.prepack):
+                x = spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
         finally:
             if bar is not None:
                 bar.close()

@@ -1,72 +1,139 @@
-"""Convolutions with weights reordered once for oneDNN, not on every call (CPU inference).
+"""Convolution weights kept in oneDNN's own layout for the length of a sampling loop (CPU inference).
 
 A plain ``F.conv2d`` on a CPU hands oneDNN a weight in PyTorch's OIHW layout, which oneDNN reorders into
 its blocked layout on every call. For the U-Net's wide 3x3 convolutions at low resolution that reorder
 costs as much as the convolution (measured here, 1 thread, fp32: 1280 channels at 8x8, 61 ms plain against
-33 ms prepacked). ``prepack_convolutions`` keeps a reordered copy beside each 3x3 weight, as
-Inductor's weight freezing does, without compiling anything. The price is memory: a second copy of those
-weights (about 2.2 GB for an SD 1.5 U-Net in float32, 1.1 GB in bfloat16), hence opt-in.
+33 ms reordered once), and a sampling loop makes the same reorders at every step.
 
-The copy is remade whenever the weight changes (in-place edits such as LoRA merges bump the tensor's
-version; a new Parameter is another object). The packed weight is used by ``models.fused`` wherever its
-oneDNN kernels apply; anything else (gradients, another device, float16, padding modes, hooks) takes the
-ordinary convolution.
+``packed_weights(model)`` is a context for such a loop. Inside it, each 3x3 convolution reorders its
+weight at its first call, as Inductor's weight freezing does, and then *releases the plain copy* (its
+storage is resized to nothing), so the model holds one copy of each weight, never two. On leaving, the
+plain weights are written back from the reordered ones: a reorder only moves numbers, so they come back
+bit for bit, in the same tensors. What the loop costs is one reorder in and one out per weight, against
+one per weight per step without it.
+
+Inside the context:
+- a weight whose storage other tensors share (a state dict kept aside, another model built on the same
+  tensors) is left as it is: releasing it would break them, and keeping both would be a second copy;
+- anything that needs the plain weight (autograd, float16, a hook, a replaced Parameter, code that reads
+  ``conv.weight`` itself through ``plain_weight``) gets it back first, and that convolution then stays
+  plain until the context ends.
 """
 
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .models import fused
 
+_lock = threading.Lock()
+_depth: dict[int, int] = {}  # id(model) -> how many contexts are open on it (nested or from threads)
+
 
 def prepacking_available() -> bool:
-    return fused.available()
+    return fused.available() and hasattr(torch._C, "_storage_Use_Count")
 
 
 class _Packed:
-    """The reordered weight of one convolution and what it was made from."""
+    """The reordered weight of one convolution, and what is needed to give the plain one back."""
 
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
-        self.source = _source(conv)
+        w = conv.weight
+        self.weight_id = id(w)
+        self.stride = w.stride()
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
-            conv.weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
+        w.untyped_storage().resize_(0)  # the plain copy's memory goes back now
 
 
-def _source(conv: nn.Conv2d) -> tuple:
+def _releasable(w: torch.Tensor) -> bool:
+    """Whether ``w``'s memory is this Parameter's alone: one storage reference from the tensor, one from
+    the temporary asked here. Views, ``.data``/``detach()`` aliases and state dicts each hold another."""
+    storage = w.untyped_storage()
+    return (storage.resizable() and storage.nbytes() > 0 and w.storage_offset() == 0
+            and storage.nbytes() == w.numel() * w.element_size()
+            and torch._C._storage_Use_Count(storage._cdata) == 2)
+
+
+def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """The reordered weight of ``conv`` for input ``x`` inside ``packed_weights`` (made at the first call),
+    or None where the plain weight is to be used."""
+    state = conv.__dict__.get("_prepacked", False)
+    if state is None:  # released and not yet made
+        if not _releasable(conv.weight):
+            conv._prepacked = False
+            return None
+        state = conv._prepacked = _Packed(conv, x)
+    if state is False:
+        return None
+    if state.weight_id != id(conv.weight):  # a new Parameter was assigned inside the loop: use it as it is
+        _restore(conv, state)
+        return None
+    return state.weight
+
+
+def plain_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """``conv.weight``, written back first if it is packed: for code that reads the weight itself."""
+    state = conv.__dict__.get("_prepacked")
+    if state:
+        _restore(conv, state)
+    return conv.weight
+
+
+def _restore(conv: nn.Conv2d, state: _Packed) -> None:
+    """Write the plain weight back from the packed one; the convolution stays plain from now on."""
+    conv._prepacked = False
+    if state.weight_id != id(conv.weight):
+        return  # that Parameter was replaced; nothing else refers to the released one through ``conv``
     w = conv.weight
-    return id(w), w._version, w.data_ptr(), w.dtype
-
-
-def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The reordered weight of a prepacked ``conv`` for input ``x``, made again if the weight changed."""
-    packed = conv._prepacked
-    if packed is None or packed.source != _source(conv):
-        packed = conv._prepacked = _Packed(conv, x)
-    return packed.weight
+    dense = state.weight.to_dense()  # contiguous OIHW
+    if dense.stride() != state.stride:  # the layout it had (channels-last weights)
+        dense = torch.empty_strided(dense.shape, state.stride, dtype=dense.dtype).copy_(dense)
+    w.data = dense  # the same Parameter, on a new storage: nothing else referred to the released one
 
 
 def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The replaced forward: ``fused`` uses the packed weight where its kernels apply (inference on the
-    CPU in fp32/bf16); anything else is the ordinary convolution, never this forward again."""
+    """The forward inside the context: ``fused`` uses the packed weight where its kernels apply (CPU
+    inference in fp32/bf16); anything else writes the plain weight back and takes the ordinary path."""
     y = fused.try_conv2d(x, conv)
-    return y if y is not None else conv._conv_forward(x, conv.weight, conv.bias)
+    if y is not None:
+        return y
+    plain_weight(conv)
+    return conv._conv_forward(x, conv.weight, conv.bias)
 
 
-def prepack_convolutions(model: nn.Module, enabled: bool = True) -> int:
-    """Route every 3x3 ``Conv2d`` of ``model`` through a prepacked weight (or back, ``enabled=False``).
-    Returns how many convolutions changed. The state dict is untouched; copies are made at first use."""
-    if enabled and not prepacking_available():
-        raise RuntimeError("prepacked convolutions need PyTorch built with oneDNN (mkldnn); this build has none")
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-            if enabled:
-                module._prepacked = None
-                module.forward = _forward.__get__(module)
-            else:
-                module.__dict__.pop("forward", None)
-                module.__dict__.pop("_prepacked", None)
-            changed += 1
-    return changed
+def _convolutions(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if type(m) is nn.Conv2d and m.kernel_size == (3, 3) and fused.is_plain(m)]
+
+
+@contextmanager
+def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside: ``model``'s 3x3 convolutions use weights reordered once (see the module doc). Opened again
+    on the same model (nested, or from another thread), the outermost context does the work."""
+    if not (enabled and prepacking_available()):
+        yield
+        return
+    with _lock:
+        first = _depth.get(id(model), 0) == 0
+        _depth[id(model)] = _depth.get(id(model), 0) + 1
+        convs = _convolutions(model) if first else []
+        for conv in convs:
+            conv._prepacked = None
+            conv.forward = _forward.__get__(conv)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth[id(model)] -= 1
+            if _depth[id(model)] == 0:
+                del _depth[id(model)]
+                for conv in model.modules():
+                    if "_prepacked" in conv.__dict__:
+                        plain_weight(conv)
+                        del conv._prepacked
+                        conv.__dict__.pop("forward", None)

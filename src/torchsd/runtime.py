@@ -13,9 +13,9 @@ Defaults, and why:
   eager in float32 (with and without freezing) and no faster in bf16, after minutes of compilation;
   on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as constants: only for
   weights that do not change afterwards (apply LoRAs first).
-- ``prepack``: off. Reordering the 3x3 conv weights for oneDNN once (``prepacked.py``) made the SD 1.5
-  U-Net step 1-5% faster than the default path here (0.72-0.85x diffusers against 0.75-0.89x), but holds
-  a second copy of those weights (2.2 GB in float32, 1.1 GB in bf16).
+- ``prepack``: on for CPU inference. During each sampling loop the U-Net's 3x3 conv weights are held
+  in oneDNN's layout in place of PyTorch's (``prepacked.py``: one copy, never two), which saves the
+  reorder oneDNN otherwise makes at every call; see docs/performance.md for the figures.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class RuntimeOptions:
     compile: str | None = None
     compile_fullgraph: bool = False
     freeze: bool = False
-    prepack: bool = False  # CPU: reorder conv weights for oneDNN once (faster, more memory; prepacked.py)
+    prepack: bool | None = None  # CPU: conv weights in oneDNN's layout while sampling; None: on for CPUs
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -75,7 +75,7 @@ class RuntimeOptions:
         if self.attention_chunk is not None and self.attention_chunk < 1:
             raise ValueError(f"attention_chunk must be a positive number of queries; got {self.attention_chunk}")
         if self.prepack and self.offload != "none":
-            raise ValueError("prepack keeps CPU copies of the weights for CPU inference; it does not mix with offload")
+            raise ValueError("prepack is for a U-Net that runs on the CPU; offloading runs it on an accelerator")
         if self.compile is not None and self.offload != "none":
             raise ValueError("compile and offload do not mix (offloading moves weights under the compiled "
                              "graph); choose one")
@@ -88,6 +88,18 @@ def wants_channels_last(options: RuntimeOptions, device: torch.device, network: 
     if options.channels_last is not None:
         return options.channels_last
     return device.type == "cuda" or (device.type == "cpu" and network == "vae")
+
+
+def wants_prepack(options: RuntimeOptions, device: torch.device) -> bool:
+    """Whether sampling holds the U-Net's conv weights in oneDNN's layout (``prepacked.packed_weights``)."""
+    from .prepacked import prepacking_available
+
+    if options.prepack is None:
+        return device.type == "cpu" and options.offload == "none" and options.compile is None \
+            and prepacking_available()
+    if options.prepack and not prepacking_available():
+        raise ValueError("prepack needs PyTorch built with oneDNN (mkldnn); this build has none (drop --prepack)")
+    return options.prepack
 
 
 def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None = None,
@@ -104,11 +116,7 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
         set_attention_chunk(model, options.attention_chunk)
     sd.vae_tiling = options.vae_tiling
-    if options.prepack:
-        from .prepacked import prepack_convolutions
-
-        for model in (sd.unet, sd.vae):
-            prepack_convolutions(model)
+    sd.prepack = wants_prepack(options, device)
     if options.offload == "model":
         enable_model_offload(sd, device)
     elif options.offload == "sequential":
@@ -192,9 +200,9 @@ def add_runtime_arguments(p) -> None:
                    help="keep networks in CPU memory until they run: whole ('model') or layer by layer")
     p.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="default", default=None,
                    help="torch.compile the U-Net (minutes of compilation first)")
-    p.add_argument("--prepack", action="store_true",
-                   help="CPU: reorder convolution weights for oneDNN once, not every step (faster; a second "
-                        "copy of the 3x3 conv weights in memory)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: hold the U-Net's conv weights in oneDNN's layout while sampling, so that they are "
+                        "reordered once, not at every step (default: on when the U-Net runs on the CPU)")
 
 
 def runtime_options_from_args(args) -> RuntimeOptions:
@@ -202,7 +210,7 @@ def runtime_options_from_args(args) -> RuntimeOptions:
     return RuntimeOptions(channels_last=getattr(args, "channels_last", None),
                           attention_chunk=getattr(args, "attention_chunk", None),
                           vae_tiling=getattr(args, "vae_tiling", None), offload=getattr(args, "offload", "none"),
-                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", False))
+                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", None))
 
 
 def _tiling(text: str) -> VAETiling:

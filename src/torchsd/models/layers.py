@@ -140,7 +140,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _subpixel_applies(x, self.conv):
-            return upsample_conv_subpixel(x, self.conv.weight, self.conv.bias)
+            from ..prepacked import plain_weight  # the weight is read here, not through the conv's forward
+            return upsample_conv_subpixel(x, plain_weight(self.conv), self.conv.bias)
         # bf16 nearest-upsampling is missing on MPS; the result is exact in any dtype. Elsewhere the
         # direct bf16 kernel is 2-4x faster than a float32 round trip (measured on CPU, NCHW and NHWC)
         if x.dtype == torch.bfloat16 and x.device.type == "mps":

@@ -1,0 +1,93 @@
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016), for float32 on a CPU.
+
+Each 2x2 block of outputs comes from a 4x4 tile d of the (padded) input. With the fixed matrices B, G, A
+below, Y = A^T [ (G g G^T) . (B^T d B) ] A, where . multiplies elementwise over the 4x4 positions. Summed
+over input channels, the 16 positions become 16 independent matrix products:
+
+    M[k] = U[k] @ V[k],   U[k] = (G g G^T)[k]  (out, in),   V[k] = (B^T d B)[k]  (in, tiles)
+
+16 multiplies per 2x2 outputs and channel pair instead of 36: 2.25x fewer for the matmuls that dominate, for
+the price of the transforms (adds and subtracts over the input and output). cuDNN uses it for the same
+convolutions; oneDNN on this CPU does not. In float32 the result differs from direct convolution only by
+rounding (a few 1e-7 relative, measured in ``tests/test_winograd.py``); in bfloat16 the rounded transforms
+tripled the error, so it is float32 only.
+
+The work goes in bands of tile rows, so that V and M stay small enough to be reused from cache and the
+allocator instead of being faulted in fresh at every call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# G (4x3): the filter transform. B^T and A^T are applied below as explicit adds and subtracts:
+#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+# (G kron G): row 4i+j maps the 9 taps of g to position (i, j) of G g G^T
+_GG = torch.kron(_G, _G).to(torch.float32)  # (16, 9)
+
+BAND_BYTES = 8 << 20  # V of one band: 8 MB; 4 MB and 16 MB were both slower here (1 thread, SD 1.5 shapes)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> bool:
+    """What ``conv3x3`` computes: float32 in NCHW, a 3x3 kernel with stride 1, padding 1, no dilation or
+    groups, even height and width. (In NHWC the transforms' strided reads made it slower than oneDNN's
+    direct convolution from 128 channels at 256x256 up.)"""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.ndim == 4 and x.is_contiguous()
+            and tuple(weight.shape[2:]) == (3, 3) and tuple(padding) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
+
+
+def filter_transform(weight: torch.Tensor) -> torch.Tensor:
+    """U = G g G^T for every (out, in) pair: (out, in, 3, 3) -> (16, out, in)."""
+    O, C = weight.shape[:2]
+    return (_GG.to(weight.device) @ weight.reshape(O * C, 9).t()).view(16, O, C)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1) + residual`` (residual: the output's shape, or (B, O, 1, 1))."""
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    th, tw = H // 2, W // 2
+    U = filter_transform(weight)
+    xp = F.pad(x, (1, 1, 1, 1))
+    y = torch.empty(B, O, H, W, dtype=x.dtype, device=x.device)
+    # y's 2x2 output blocks as (row parity, column parity, O, B, tile row, tile column)
+    blocks = y.view(B, O, th, 2, tw, 2).permute(3, 5, 1, 0, 2, 4)
+    rows_per_band = max(1, min(th, BAND_BYTES // (16 * C * B * tw * x.element_size())))
+    V = torch.empty(16, C, B, rows_per_band, tw, dtype=x.dtype, device=x.device)
+    M = torch.empty(16, O, B * rows_per_band * tw, dtype=x.dtype, device=x.device)
+    for t0 in range(0, th, rows_per_band):
+        n = min(rows_per_band, th - t0)
+        Vb, Mb = (V, M) if n == rows_per_band else (V[:, :, :, :n], M[:, :, :B * n * tw])
+        _input_transform(xp[:, :, 2 * t0:2 * (t0 + n) + 2], Vb, n, W)
+        torch.bmm(U, Vb.reshape(16, C, B * n * tw), out=Mb)
+        _output_transform(Mb.view(4, 4, O, B, n, tw), blocks[:, :, :, :, t0:t0 + n])
+    if bias is not None:
+        y += bias.view(1, O, 1, 1)
+    if residual is not None:
+        y += residual
+    return y
+
+
+def _input_transform(xp: torch.Tensor, V: torch.Tensor, n: int, W: int) -> None:
+    """V[4i+j] = (B^T d B)[i, j] for the 4x4 tiles of ``xp`` (padded input rows of one band) at stride 2."""
+    r = [xp[:, :, i:i + 2 * n:2] for i in range(4)]  # row i of every tile: (B, C, n, W+2)
+    t = (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])
+    for i in range(4):
+        c = [t[i][..., j:j + W:2] for j in range(4)]  # column j of every tile: (B, C, n, W/2)
+        out = [V[4 * i + j].transpose(0, 1) for j in range(4)]  # (B, C, n, W/2) views into V
+        torch.sub(c[0], c[2], out=out[0])
+        torch.add(c[1], c[2], out=out[1])
+        torch.sub(c[2], c[1], out=out[2])
+        torch.sub(c[1], c[3], out=out[3])
+
+
+def _output_transform(M: torch.Tensor, blocks: torch.Tensor) -> None:
+    """blocks[p, q] = (A^T m A)[p, q] from M (4, 4, O, B, n, tw) into the output's (2, 2, O, B, n, tw) view."""
+    s = (M[0] + M[1] + M[2], M[1] - M[2] - M[3])  # A^T applied to the rows: (4, O, B, n, tw) each
+    for p in range(2):
+        torch.add(s[p][0] + s[p][1], s[p][2], out=blocks[p, 0])
+        torch.sub(s[p][1] - s[p][2], s[p][3], out=blocks[p, 1])
