@@ -132,13 +132,16 @@ def test_channels_last_default_follows_the_measurements():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not wants_channels_last(RuntimeOptions(), cpu, "unet")  # measured slower in NHWC on CPU
-    assert wants_channels_last(RuntimeOptions(), cpu, "vae")
+    assert wants_channels_last(RuntimeOptions(), cpu, "vae", torch.bfloat16)
+    assert not wants_channels_last(RuntimeOptions(), cpu, "vae", torch.float32)  # NCHW for Winograd
     assert wants_channels_last(RuntimeOptions(), cuda, "unet") and wants_channels_last(RuntimeOptions(), cuda, "vae")
     assert not wants_channels_last(RuntimeOptions(channels_last=False), cuda, "vae")
     assert wants_channels_last(RuntimeOptions(channels_last=True), cpu, "unet")
-    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32)
+    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.bfloat16)
     assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    sd = apply_runtime(sd, RuntimeOptions(), "cpu", torch.float32)
+    assert not sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_channels_last_pipeline_stays_close_to_fp32():

@@ -6,9 +6,11 @@ Defaults, and why:
   a U-Net step takes 0.6-0.7 of its float32 time and a VAE decode half, with images within 50 dB PSNR
   of float32 (``benchmarks/cpu_vs_diffusers.py`` measures both; ``docs/performance.md``); float32 on
   other CPUs, where bf16 is emulated and slower.
-- channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the VAE
-  only, where oneDNN decoded 3-10% faster in NHWC, while the SD 1.5 U-Net ran 5-10% slower in it
-  (measured here, 2 threads, fp32 and bf16).
+- channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the bf16
+  VAE only, where oneDNN decoded 3-10% faster in NHWC, while the SD 1.5 U-Net ran 5-10% slower in it
+  (measured here, 2 threads, fp32 and bf16). An fp32 VAE stays NCHW on a CPU, where its 3x3
+  convolutions run by Winograd's algorithm (``models/winograd.py``, NCHW only): 1 thread, 4.4 against
+  5.1 s at 256 px and 19.3 against 21.9 s at 512 px.
 - ``torch.compile``: off. On this CPU (torch 2.13) the compiled U-Net ran about 20% *slower* than
   eager in float32 (with and without freezing) and no faster in bf16, after minutes of compilation;
   on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as constants: only for
@@ -83,11 +85,12 @@ class RuntimeOptions:
             raise ValueError("freeze only applies to a compiled U-Net; set compile as well")
 
 
-def wants_channels_last(options: RuntimeOptions, device: torch.device, network: str) -> bool:
+def wants_channels_last(options: RuntimeOptions, device: torch.device, network: str,
+                        dtype: torch.dtype = torch.bfloat16) -> bool:
     """``network``: "unet", "vae" or "text" (which has no convolutions)."""
     if options.channels_last is not None:
         return options.channels_last
-    return device.type == "cuda" or (device.type == "cpu" and network == "vae")
+    return device.type == "cuda" or (device.type == "cpu" and network == "vae" and dtype != torch.float32)
 
 
 def wants_prepack(options: RuntimeOptions, device: torch.device) -> bool:
@@ -111,7 +114,7 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
     dtype = dtype or default_dtype(device)
     networks = (sd.unet, sd.vae, sd.text_encoder)
     for name, model in zip(("unet", "vae", "text"), networks):
-        layout = torch.channels_last if wants_channels_last(options, device, name) else torch.contiguous_format
+        layout = torch.channels_last if wants_channels_last(options, device, name, dtype) else torch.contiguous_format
         model.to(dtype=dtype)
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
         set_attention_chunk(model, options.attention_chunk)
