@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reference import max_rel_error, pixels, random_pipeline
 from torchsd.config import ScheduleConfig
@@ -115,6 +116,29 @@ def test_cross_attention_reuses_the_keys_and_values_of_an_unchanged_context():
     attn._context_cache = None
     out = attn(x, context)  # autograd: computed, not kept
     assert attn._context_cache is None and out.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feed_forward_in_bands_of_rows_equals_whole(monkeypatch, dtype):
+    from torchsd.models.unet import GEGLUFeedForward
+
+    torch.manual_seed(0)
+    ff = GEGLUFeedForward(16).to(dtype)
+    x, residual = torch.randn(2, 37, 16, dtype=dtype), torch.randn(2, 37, 16, dtype=dtype)
+    with torch.no_grad():
+        whole = ff(x, residual=residual)
+        monkeypatch.setattr(GEGLUFeedForward, "band_bytes", 10 * 64 * x.element_size())  # bands of 10 rows
+        bands = []
+        geglu = fused.geglu
+        monkeypatch.setattr(fused, "geglu", lambda h, proj: bands.append(h.shape[0]) or geglu(h, proj))
+        banded = ff(x, residual=residual)
+    assert bands == [10] * 7 + [4]  # 74 rows
+    expected = F.linear(F.gelu(F.linear(x.float(), ff.proj_in.weight.float()[64:], ff.proj_in.bias.float()[64:]))
+                        * F.linear(x.float(), ff.proj_in.weight.float()[:64], ff.proj_in.bias.float()[:64]),
+                        ff.proj_out.weight.float(), ff.proj_out.bias.float()) + residual.float()
+    assert banded.shape == whole.shape == x.shape
+    assert torch.allclose(banded.float(), whole.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert max_rel_error(banded.float(), expected) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_default_dtype_follows_the_hardware(monkeypatch):

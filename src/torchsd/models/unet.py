@@ -82,8 +82,23 @@ class GEGLUFeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2)
         self.proj_out = nn.Linear(inner, dim)
 
+    # On a CPU, glibc maps a block over 32 MB fresh from the OS at every allocation, and page faults fill
+    # it in: the (tokens, inner) activations of SD 1.5's 64x64 level in fp32 are 42 MB, and faulting them in
+    # took 15% of the feed-forward's time (1 thread: 236 against 200 ms in bands of rows). In bands of at
+    # most this many bytes the activations come from reused memory, and the peak is smaller too.
+    band_bytes = 16 << 20
+
     def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return fused.linear(fused.geglu(x, self.proj_in), self.proj_out, residual=residual)
+        rows = x.numel() // x.shape[-1]
+        band = max(1, self.band_bytes // (self.proj_out.in_features * x.element_size()))
+        if rows <= band or not fused.cpu_inference(x) or residual is None:
+            return fused.linear(fused.geglu(x, self.proj_in), self.proj_out, residual=residual)
+        flat, skip = x.reshape(rows, -1), residual.reshape(rows, -1)
+        out = torch.empty_like(skip)
+        for i in range(0, rows, band):
+            out[i:i + band] = fused.linear(fused.geglu(flat[i:i + band], self.proj_in), self.proj_out,
+                                           residual=skip[i:i + band])
+        return out.view(residual.shape)
 
 
 class TransformerBlock(nn.Module):
