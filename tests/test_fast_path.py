@@ -118,6 +118,7 @@ def test_cross_attention_reuses_the_keys_and_values_of_an_unchanged_context():
     assert attn._context_cache is None and out.requires_grad
 
 
+@pytest.mark.skipif(not fused.available(), reason="bands are for the oneDNN path, which this build lacks")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_feed_forward_in_bands_of_rows_equals_whole(monkeypatch, dtype):
     from torchsd.models.unet import GEGLUFeedForward
@@ -132,10 +133,10 @@ def test_feed_forward_in_bands_of_rows_equals_whole(monkeypatch, dtype):
         geglu = fused.geglu
         monkeypatch.setattr(fused, "geglu", lambda h, proj: bands.append(h.shape[0]) or geglu(h, proj))
         banded = ff(x, residual=residual)
+        expected = F.linear(F.gelu(F.linear(x.float(), ff.proj_in.weight.float()[64:], ff.proj_in.bias.float()[64:]))
+                            * F.linear(x.float(), ff.proj_in.weight.float()[:64], ff.proj_in.bias.float()[:64]),
+                            ff.proj_out.weight.float(), ff.proj_out.bias.float()) + residual.float()
     assert bands == [10] * 7 + [4]  # 74 rows
-    expected = F.linear(F.gelu(F.linear(x.float(), ff.proj_in.weight.float()[64:], ff.proj_in.bias.float()[64:]))
-                        * F.linear(x.float(), ff.proj_in.weight.float()[:64], ff.proj_in.bias.float()[:64]),
-                        ff.proj_out.weight.float(), ff.proj_out.bias.float()) + residual.float()
     assert banded.shape == whole.shape == x.shape
     assert torch.allclose(banded.float(), whole.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
     assert max_rel_error(banded.float(), expected) < (1e-5 if dtype == torch.float32 else 2e-2)
