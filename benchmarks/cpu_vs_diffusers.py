@@ -210,8 +210,8 @@ def main() -> None:
     p.add_argument("--batch-count", type=int, default=4)
     p.add_argument("--batch-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-prepack", dest="prepack", action="store_false", default=None,
-                   help="torchsd with RuntimeOptions(prepack=False): no conv weights packed while sampling")
+    p.add_argument("--prepack", action="store_true",
+                   help="torchsd with RuntimeOptions(prepack=True): conv weights packed while sampling")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

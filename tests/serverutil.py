@@ -148,9 +148,10 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(models_dir):
-    """One server for the API, security and web page tests: key set, 2 MiB body limit, max side 512."""
+    """One server for the API, security and web page tests: key set, 2 MiB body limit, max side 512, and
+    float32, whose results do not depend on the thread count (the tests compare with in-process runs)."""
     instance = Server(models_dir, "--model", str(models_dir / "tiny-a"), "--max-body-mb", "2", "--max-side", "512",
-                      "--max-steps", "150")
+                      "--max-steps", "150", "--dtype", "fp32")
     yield instance
     instance.stop()
 

@@ -52,8 +52,8 @@ def test_linear_geglu_conv_equal_their_plain_expressions(dtype):
 def test_channels_last_input_and_prepacked_weights():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)
-    m = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(2, 24, 12, 10)
+    m = torch.randn(2, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 24, 16, 16)
     with torch.no_grad():
         expected = F.conv2d(m, conv.weight, conv.bias, padding=1) + residual
         assert max_rel_error(fused.conv2d(m, conv, residual=residual), expected) < 1e-5

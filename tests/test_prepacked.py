@@ -40,7 +40,7 @@ def assert_restored(model: nn.Module, before: dict) -> None:
 def test_packed_unet_gives_the_same_output_with_one_copy_of_each_weight(dtype, tolerance):
     sd = random_pipeline("sd1")
     unet = sd.unet.to(dtype)
-    x, t = torch.randn(2, 4, 8, 8, dtype=dtype), torch.tensor([10.0, 700.0])
+    x, t = torch.randn(2, 4, 16, 16, dtype=dtype), torch.tensor([10.0, 700.0])
     context = torch.randn(2, 77, sd.config.unet.context_dim, dtype=dtype)
     before = snapshot(unet)
     bytes_before = sum(c.weight.untyped_storage().nbytes() for c in conv3x3s(unet))
@@ -64,7 +64,7 @@ def test_weights_shared_with_other_tensors_are_left_alone():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
     kept = conv.state_dict()  # shares the weight's storage: releasing it would empty these too
-    x = torch.randn(2, 8, 8, 8)  # 128 output pixels: where packing is used
+    x = torch.randn(2, 8, 16, 16)  # 512 output pixels: where packing is used
     with torch.no_grad():
         expected = conv(x)
         with packed_weights(conv):
@@ -78,7 +78,7 @@ def test_autograd_inside_takes_the_plain_weight_back_and_stays_plain():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
     before = snapshot(conv)
-    x = torch.randn(2, 8, 8, 8)  # 128 output pixels: where packing is used
+    x = torch.randn(2, 8, 16, 16)  # 512 output pixels: where packing is used
     with torch.no_grad():
         expected = conv(x)
     with packed_weights(conv):
@@ -108,7 +108,7 @@ def test_an_error_inside_still_gives_every_weight_back():
 def test_nested_contexts_and_a_parameter_replaced_inside():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
-    x = torch.randn(2, 8, 8, 8)
+    x = torch.randn(2, 8, 16, 16)
     with torch.no_grad():
         with packed_weights(conv):
             with packed_weights(conv):  # the inner one leaves the work to the outer
@@ -128,19 +128,19 @@ def test_code_that_reads_the_weight_itself_gets_it_back():
     torch.manual_seed(0)
     up = Upsample(16)
     before = snapshot(up)
-    small, large = torch.randn(2, 16, 4, 4), torch.randn(1, 16, 16, 16)
+    small, large = torch.randn(2, 16, 8, 8), torch.randn(1, 16, 16, 16)
     with torch.no_grad():
         expected = up(large)
         with packed_weights(up):
-            up(small)  # 4x4 at batch 2: upsample, then the conv through its (packed) forward
+            up(small)  # 8x8 at batch 2: upsample, then the conv through its (packed) forward
             assert up.conv.weight.untyped_storage().nbytes() == 0
             assert torch.allclose(up(large), expected, atol=1e-5)  # 16x16: the sub-pixel path
     assert_restored(up, before)
 
 
 def test_sampling_packs_the_unet_and_gives_the_same_image(monkeypatch):
-    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32)
-    assert sd.prepack  # the default on a CPU
+    assert not apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32).prepack  # opt-in
+    sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(prepack=True), "cpu", torch.float32)
     made = []
     original = prepacked._Packed.__init__
 
@@ -150,7 +150,7 @@ def test_sampling_packs_the_unet_and_gives_the_same_image(monkeypatch):
 
     monkeypatch.setattr(prepacked._Packed, "__init__", counting)
     before = snapshot(sd.unet)
-    request = GenerationRequest(prompt="a red circle", width=64, height=64, steps=3, seed=1, sampler="euler")
+    request = GenerationRequest(prompt="a red circle", width=32, height=32, steps=3, seed=1, sampler="euler")
     packed_image = sd.generate(request).images[0]
     assert made, "sampling did not pack any convolution"
     assert_restored(sd.unet, before)
@@ -164,25 +164,24 @@ def test_sampling_packs_the_unet_and_gives_the_same_image(monkeypatch):
 
 def test_runtime_option_and_flags():
     cpu = torch.device("cpu")
-    assert wants_prepack(RuntimeOptions(), cpu)
-    assert not wants_prepack(RuntimeOptions(prepack=False), cpu)
-    assert not wants_prepack(RuntimeOptions(), torch.device("cuda"))
-    assert not wants_prepack(RuntimeOptions(offload="model"), cpu)
+    assert wants_prepack(RuntimeOptions(prepack=True), cpu)
+    assert not wants_prepack(RuntimeOptions(), cpu)
+    assert not wants_prepack(RuntimeOptions(prepack=True), torch.device("cuda"))
     with pytest.raises(ValueError, match="offloading"):
         RuntimeOptions(prepack=True, offload="model")
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser)
     assert runtime_options_from_args(parser.parse_args(["--prepack"])).prepack is True
-    assert runtime_options_from_args(parser.parse_args(["--no-prepack"])).prepack is False
-    assert runtime_options_from_args(parser.parse_args([])).prepack is None
+    assert runtime_options_from_args(parser.parse_args([])).prepack is False
 
 
 def test_only_sizes_where_packing_repays_itself_are_packed():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
     with torch.no_grad(), packed_weights(conv):
-        for x in (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 32, 32).bfloat16()):  # 32 and 2048 output pixels
+        # 32 and 2048 output pixels, and 128 in float32 (whose slower reorder of twice the bytes repays later)
+        for x in (torch.randn(2, 8, 4, 4), torch.randn(2, 8, 32, 32).bfloat16(), torch.randn(2, 8, 8, 8)):
             conv.to(x.dtype)(x)
             assert conv._prepacked is None and conv.weight.untyped_storage().nbytes() > 0
-        conv.float()(torch.randn(2, 8, 8, 8))
+        conv.bfloat16()(torch.randn(2, 8, 8, 8).bfloat16())
         assert conv._prepacked

@@ -10,11 +10,13 @@ import time
 import numpy as np
 import openai
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
 from serverutil import KEY, one_thread, save_tiny
 from torchsd import GenerationRequest, load_pipeline
+from torchsd.runtime import RuntimeOptions, apply_runtime
 from torchsd.server.schema import request_fields
 
 
@@ -26,8 +28,10 @@ def api(server):
 
 @pytest.fixture(scope="module")
 def local(models_dir):
-    """The same weights loaded in this process: what the server's images must equal."""
-    return load_pipeline(models_dir / "tiny-a")
+    """The same weights loaded in this process as the server loads them (the CLI's runtime defaults, in
+    float32 as the ``server`` fixture asks): what the server's images must equal."""
+    return apply_runtime(load_pipeline(models_dir / "tiny-a", device="cpu", dtype=torch.float32), RuntimeOptions(),
+                         "cpu", torch.float32)
 
 
 def pixels(image: Image.Image) -> np.ndarray:

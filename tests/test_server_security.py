@@ -155,3 +155,38 @@ def test_serve_refuses_bad_setups_with_exit_code_2(tmp_path, capsys, monkeypatch
     if not bundled_model_path().exists():  # with the bundled model installed, this would start serving it
         assert cli_main(["serve", "--models-dir", str(empty)]) == 2
         assert "no model to serve" in capsys.readouterr().err
+
+
+def test_serve_loads_models_as_the_cli_does(tmp_path, monkeypatch):
+    """``torchsd serve`` takes the runtime flags it lists (they were once parsed and dropped) and the CLI's
+    default dtype, and applies them to every model it loads."""
+    import torch
+
+    from torchsd.runtime import RuntimeOptions, default_dtype
+    from torchsd.server import app as app_module
+    from torchsd.server.registry import ModelRegistry
+
+    from types import SimpleNamespace
+
+    import uvicorn
+
+    seen = {}
+
+    def fake_app(config):  # what ``run`` reads from the app before it serves
+        seen["config"] = config
+        current = SimpleNamespace(title="tiny")
+        return SimpleNamespace(state=SimpleNamespace(torchsd=SimpleNamespace(registry=SimpleNamespace(current=current))))
+
+    monkeypatch.setattr(app_module, "create_app", fake_app)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    save_tiny(tmp_path / "tiny", seed=0)
+    assert cli_main(["serve", "--models-dir", str(tmp_path), "--channels-last", "--prepack",
+                     "--attention-chunk", "64"]) == 0
+    config = seen["config"]
+    assert config.runtime == RuntimeOptions(channels_last=True, attention_chunk=64, prepack=True)
+    assert ServerConfig().dtype_or_default == default_dtype("cpu")
+
+    registry = ModelRegistry(tmp_path, device="cpu", dtype=torch.float32, runtime=config.runtime)
+    sd = registry.pipeline()
+    assert sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert sd.prepack and sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1.attention_chunk == 64

@@ -22,6 +22,8 @@ Inside the context:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -49,6 +51,26 @@ class _Packed:
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
         w.untyped_storage().resize_(0)  # the plain copy's memory goes back now
+        _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages of just-freed blocks back to the system. glibc keeps blocks under 32 MB (a bf16
+    1280-channel weight is 29 MB) for reuse instead, so the packed copies made next would stack on top of
+    the released plain ones: measured here, a first bf16 step at 256 px peaked 0.45 GiB higher, the size
+    of the packed weights."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _releasable(w: torch.Tensor) -> bool:
@@ -137,3 +159,4 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                         plain_weight(conv)
                         del conv._prepacked
                         conv.__dict__.pop("forward", None)
+                _return_freed_memory()  # the packed copies', now that the plain weights are back

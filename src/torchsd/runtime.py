@@ -15,9 +15,10 @@ Defaults, and why:
   eager in float32 (with and without freezing) and no faster in bf16, after minutes of compilation;
   on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as constants: only for
   weights that do not change afterwards (apply LoRAs first).
-- ``prepack``: on for CPU inference. During each sampling loop the U-Net's 3x3 conv weights are held
-  in oneDNN's layout in place of PyTorch's (``prepacked.py``: one copy, never two), which saves the
-  reorder oneDNN otherwise makes at every call; see docs/performance.md for the figures.
+- ``prepack``: off. During each sampling loop it holds the U-Net's 3x3 conv weights whose per-call
+  reorder is a large share (``fused._packing_pays``) in oneDNN's layout in place of PyTorch's
+  (``prepacked.py``: one copy, never two). Each step gets 2-6% faster, but packing and unpacking cost
+  about as much once per loop as 20 steps save (docs/performance.md): a win for long loops only.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class RuntimeOptions:
     compile: str | None = None
     compile_fullgraph: bool = False
     freeze: bool = False
-    prepack: bool | None = None  # CPU: conv weights in oneDNN's layout while sampling; None: on for CPUs
+    prepack: bool = False  # CPU: conv weights in oneDNN's layout while sampling (long loops; prepacked.py)
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -94,15 +95,13 @@ def wants_channels_last(options: RuntimeOptions, device: torch.device, network: 
 
 
 def wants_prepack(options: RuntimeOptions, device: torch.device) -> bool:
-    """Whether sampling holds the U-Net's conv weights in oneDNN's layout (``prepacked.packed_weights``)."""
+    """Whether sampling holds the U-Net's conv weights in oneDNN's layout (``prepacked.packed_weights``):
+    asked for, and the U-Net runs on the CPU."""
     from .prepacked import prepacking_available
 
-    if options.prepack is None:
-        return device.type == "cpu" and options.offload == "none" and options.compile is None \
-            and prepacking_available()
     if options.prepack and not prepacking_available():
         raise ValueError("prepack needs PyTorch built with oneDNN (mkldnn); this build has none (drop --prepack)")
-    return options.prepack
+    return options.prepack and device.type == "cpu"
 
 
 def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None = None,
@@ -203,9 +202,9 @@ def add_runtime_arguments(p) -> None:
                    help="keep networks in CPU memory until they run: whole ('model') or layer by layer")
     p.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="default", default=None,
                    help="torch.compile the U-Net (minutes of compilation first)")
-    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU: hold the U-Net's conv weights in oneDNN's layout while sampling, so that they are "
-                        "reordered once, not at every step (default: on when the U-Net runs on the CPU)")
+    p.add_argument("--prepack", action="store_true",
+                   help="CPU: hold the U-Net's conv weights in oneDNN's layout while sampling, reordered once "
+                        "rather than at every step (faster steps for a one-time cost: for long runs)")
 
 
 def runtime_options_from_args(args) -> RuntimeOptions:
@@ -213,7 +212,7 @@ def runtime_options_from_args(args) -> RuntimeOptions:
     return RuntimeOptions(channels_last=getattr(args, "channels_last", None),
                           attention_chunk=getattr(args, "attention_chunk", None),
                           vae_tiling=getattr(args, "vae_tiling", None), offload=getattr(args, "offload", "none"),
-                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", None))
+                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", False))
 
 
 def _tiling(text: str) -> VAETiling:

@@ -146,13 +146,14 @@ def _winograd_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def _packing_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Where a weight reordered once (``prepacked``) beats reordering it at every call by enough to repay
-    the reorder in and out within a few steps: 128-512 output pixels in the batch (8x8 and 16x16 at batch
-    2), where the weights are widest. Measured here, 1 thread, SD 1.5 U-Net, summed over those layers:
-    bf16 at 256 px 97 ms a step saved for 0.69 s of packing and unpacking; fp32 at 512 px 0.5 s a step for
-    3.8 s. At 4x4 the packing took 35-80 steps to repay; from 32x32 up the reorder is a small share."""
+    the reorder in and out within a few steps: 256-512 output pixels in the batch (16x16 at batch 2), and
+    in bf16 from 128 (8x8). Measured here, 1 thread, SD 1.5 U-Net, per layer and step against its one-time
+    cost: bf16 8x8 and 16x16 repaid in 4-9 steps; fp32 16x16 in 3-4, fp32 8x8 in 13 (its reorder is slower
+    and its weight twice the bytes). At 4x4 packing took 35-80 steps to repay; from 32x32 up the per-call
+    reorder is a small share of the convolution."""
     B = x.shape[0]
     h, w = _output_size(x, conv)
-    return 128 <= B * h * w <= 512
+    return (128 if x.dtype == torch.bfloat16 else 256) <= B * h * w <= 512
 
 
 def _as_matmul_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs FastAPI and uvicorn ({err}); install them with "
                          f"pip install 'torchsd[server]'") from None
 
+    from ..runtime import runtime_options_from_args
     from .app import create_app
     from .config import ServerConfig
 
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, models_dir=args.models_dir, model=Path(args.model) if args.model else None,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, device=args.device, dtype=args.dtype,
         queue_size=args.queue_size, max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-        max_body_bytes=args.max_body_mb * 1024 * 1024, vae=getattr(args, "vae", None))
+        max_body_bytes=args.max_body_mb * 1024 * 1024, vae=getattr(args, "vae", None),
+        runtime=runtime_options_from_args(args))
     if not config.is_loopback and config.api_key is None:
         print(f"torchsd: warning: listening on {config.host} without --api-key: anyone who can reach this "
               f"address can use the server", file=sys.stderr)

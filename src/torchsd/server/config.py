@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..runtime import RuntimeOptions, default_dtype
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
     max_loaded_models: int = 1
     vae: Path | None = None  # a VAE for every model, where this build's load_pipeline takes one
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # as the CLI's flags give it (runtime.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,6 +60,7 @@ class ServerConfig:
 
     @property
     def dtype_or_default(self) -> torch.dtype:
+        """As the CLI's: float16 on accelerators, bfloat16 on CPUs with native bf16, else float32."""
         if self.dtype is not None:
             return self.dtype
-        return torch.float16 if self.device_or_default.startswith("cuda") else torch.float32
+        return default_dtype(self.device_or_default)

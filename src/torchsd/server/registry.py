@@ -116,9 +116,11 @@ class ModelRegistry:
     ``load``/``select`` run on the worker thread only, so a switch never races a generation."""
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None):
+                 dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None,
+                 runtime=None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
+        self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: load_pipeline's as they are)
         self.vae = vae  # the operator's VAE swap (--vae), for every model
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._loaded: OrderedDict[Path, object] = OrderedDict()
@@ -188,7 +190,13 @@ class ModelRegistry:
         if self.models_dir is not None:  # <lora:name:w> in prompts and embeddings by name, as A1111 finds them
             options["lora_dirs"] = [p for p in [self.models_dir / LORA_FOLDER] if p.is_dir()]
             options["embedding_dirs"] = [p for p in [self.models_dir / EMBEDDINGS_FOLDER] if p.is_dir()]
-        sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
+        if self.runtime is None:
+            sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
+        else:  # as the CLI loads: on the CPU, then placed (or offloaded) by the runtime options
+            from ..runtime import apply_runtime
+
+            sd = apply_runtime(load_pipeline(entry.path, device="cpu", dtype=self.dtype, **options), self.runtime,
+                               self.device, self.dtype)
         sd.name = entry.model_name
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)
