@@ -108,16 +108,19 @@ def test_an_error_inside_still_gives_every_weight_back():
 def test_nested_contexts_and_a_parameter_replaced_inside():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, padding=1)
+    before = snapshot(conv)
     x = torch.randn(2, 8, 16, 16)
     with torch.no_grad():
         with packed_weights(conv):
             with packed_weights(conv):  # the inner one leaves the work to the outer
                 conv(x)
             assert conv._prepacked and conv.weight.untyped_storage().nbytes() == 0
+            old, old_values = conv.weight, before["weight"][1]
             new = nn.Parameter(torch.randn(16, 8, 3, 3))
-            conv.weight = new  # as loading other weights would
+            conv.weight = new  # as loading other weights, or swapping them for a while, would
             expected = torch.nn.functional.conv2d(x, new, conv.bias, padding=1)
             assert torch.allclose(conv(x), expected, atol=1e-5)
+            assert torch.equal(old, old_values)  # the released Parameter got its values back at once
         assert conv.weight is new and torch.equal(conv.weight, new)
         assert "_prepacked" not in conv.__dict__
 

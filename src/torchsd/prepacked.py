@@ -5,12 +5,13 @@ its blocked layout on every call. For the U-Net's wide 3x3 convolutions at low r
 costs as much as the convolution (measured here, 1 thread, fp32: 1280 channels at 8x8, 61 ms plain against
 33 ms reordered once), and a sampling loop makes the same reorders at every step.
 
-``packed_weights(model)`` is a context for such a loop. Inside it, each 3x3 convolution reorders its
-weight at its first call, as Inductor's weight freezing does, and then *releases the plain copy* (its
-storage is resized to nothing), so the model holds one copy of each weight, never two. On leaving, the
-plain weights are written back from the reordered ones: a reorder only moves numbers, so they come back
-bit for bit, in the same tensors. What the loop costs is one reorder in and one out per weight, against
-one per weight per step without it.
+``packed_weights(model)`` is a context for such a loop. Inside it, each 3x3 convolution at the sizes where
+the per-call reorder is a large share (``fused._packing_pays``) reorders its weight at its first call, as
+Inductor's weight freezing does, and then *releases the plain copy* (its storage is resized to nothing),
+so the model holds one copy of each weight, never two. On leaving, the plain weights are written back
+from the reordered ones: a reorder only moves numbers, so they come back bit for bit, in the same
+Parameters. What the loop costs is one reorder in and one out per weight, against one per weight per
+step without it (docs/performance.md has both).
 
 Inside the context:
 - a weight whose storage other tensors share (a state dict kept aside, another model built on the same
@@ -45,8 +46,7 @@ class _Packed:
     """The reordered weight of one convolution, and what is needed to give the plain one back."""
 
     def __init__(self, conv: nn.Conv2d, x: torch.Tensor):
-        w = conv.weight
-        self.weight_id = id(w)
+        w = self.param = conv.weight  # the Parameter to give the weight back to, even if conv.weight changes
         self.stride = w.stride()
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
@@ -93,7 +93,7 @@ def packed_weight(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
         state = conv._prepacked = _Packed(conv, x)
     if state is False:
         return None
-    if state.weight_id != id(conv.weight):  # a new Parameter was assigned inside the loop: use it as it is
+    if state.param is not conv.weight:  # a new Parameter was assigned inside the loop: use it as it is
         _restore(conv, state)
         return None
     return state.weight
@@ -108,11 +108,10 @@ def plain_weight(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _restore(conv: nn.Conv2d, state: _Packed) -> None:
-    """Write the plain weight back from the packed one; the convolution stays plain from now on."""
+    """Write the plain weight back from the packed one into the Parameter it came from (``conv.weight``,
+    unless another was assigned since); the convolution stays plain from now on."""
     conv._prepacked = False
-    if state.weight_id != id(conv.weight):
-        return  # that Parameter was replaced; nothing else refers to the released one through ``conv``
-    w = conv.weight
+    w = state.param
     dense = state.weight.to_dense()  # contiguous OIHW
     if dense.stride() != state.stride:  # the layout it had (channels-last weights)
         dense = torch.empty_strided(dense.shape, state.stride, dtype=dense.dtype).copy_(dense)
@@ -136,7 +135,8 @@ def _convolutions(model: nn.Module) -> list[nn.Conv2d]:
 @contextmanager
 def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Inside: ``model``'s 3x3 convolutions use weights reordered once (see the module doc). Opened again
-    on the same model (nested, or from another thread), the outermost context does the work."""
+    on the same model (nested), the outermost context does the work. One sampling loop per model at a
+    time, as the server's single worker runs them: the first call of each convolution packs its weight."""
     if not (enabled and prepacking_available()):
         yield
         return
