@@ -17,8 +17,8 @@ Defaults, and why:
   weights that do not change afterwards (apply LoRAs first).
 - ``prepack``: off. During each sampling loop it holds the U-Net's 3x3 conv weights whose per-call
   reorder is a large share (``fused._packing_pays``) in oneDNN's layout in place of PyTorch's
-  (``prepacked.py``: one copy, never two). Each step gets 2-6% faster, but packing and unpacking cost
-  about as much once per loop as 20 steps save (docs/performance.md): a win for long loops only.
+  (``prepacked.py``: one copy, never two). Each step gets 2-5% faster for a one-time cost per loop that
+  512 px images repay in 3-6 steps, but 256 px bf16 only in 26 (docs/performance.md): hence opt-in.
 """
 
 from __future__ import annotations
