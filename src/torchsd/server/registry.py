@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.io import file_sha256
+from ..runtime import RuntimeOptions, apply_runtime
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -117,7 +118,7 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None,
-                 runtime=None):
+                 runtime: RuntimeOptions | None = None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
         self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: load_pipeline's as they are)
@@ -193,8 +194,6 @@ class ModelRegistry:
         if self.runtime is None:
             sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
         else:  # as the CLI loads: on the CPU, then placed (or offloaded) by the runtime options
-            from ..runtime import apply_runtime
-
             sd = apply_runtime(load_pipeline(entry.path, device="cpu", dtype=self.dtype, **options), self.runtime,
                                self.device, self.dtype)
         sd.name = entry.model_name
