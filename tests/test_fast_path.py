@@ -156,12 +156,14 @@ def test_channels_last_default_follows_the_measurements():
     from torchsd.runtime import wants_channels_last
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not wants_channels_last(RuntimeOptions(), cpu, "unet")  # measured slower in NHWC on CPU
+    bf16 = torch.bfloat16
+    assert not wants_channels_last(RuntimeOptions(), cpu, "unet", bf16)  # measured slower in NHWC on CPU
     assert wants_channels_last(RuntimeOptions(), cpu, "vae", torch.bfloat16)
     assert not wants_channels_last(RuntimeOptions(), cpu, "vae", torch.float32)  # NCHW for Winograd
-    assert wants_channels_last(RuntimeOptions(), cuda, "unet") and wants_channels_last(RuntimeOptions(), cuda, "vae")
-    assert not wants_channels_last(RuntimeOptions(channels_last=False), cuda, "vae")
-    assert wants_channels_last(RuntimeOptions(channels_last=True), cpu, "unet")
+    assert wants_channels_last(RuntimeOptions(), cuda, "unet", bf16)
+    assert wants_channels_last(RuntimeOptions(), cuda, "vae", torch.float16)
+    assert not wants_channels_last(RuntimeOptions(channels_last=False), cuda, "vae", bf16)
+    assert wants_channels_last(RuntimeOptions(channels_last=True), cpu, "unet", torch.float32)
     sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.bfloat16)
     assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -86,9 +86,8 @@ class RuntimeOptions:
             raise ValueError("freeze only applies to a compiled U-Net; set compile as well")
 
 
-def wants_channels_last(options: RuntimeOptions, device: torch.device, network: str,
-                        dtype: torch.dtype = torch.bfloat16) -> bool:
-    """``network``: "unet", "vae" or "text" (which has no convolutions)."""
+def wants_channels_last(options: RuntimeOptions, device: torch.device, network: str, dtype: torch.dtype) -> bool:
+    """``network``: "unet", "vae" or "text" (which has no convolutions); ``dtype``: the weights'."""
     if options.channels_last is not None:
         return options.channels_last
     return device.type == "cuda" or (device.type == "cpu" and network == "vae" and dtype != torch.float32)

@@ -147,10 +147,11 @@ def _winograd_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 def _packing_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Where a weight reordered once (``prepacked``) beats reordering it at every call by enough to repay
     the reorder in and out within a few steps: 256-512 output pixels in the batch (16x16 at batch 2), and
-    in bf16 from 128 (8x8). Measured here, 1 thread, SD 1.5 U-Net, per layer and step against its one-time
-    cost: bf16 8x8 and 16x16 repaid in 4-9 steps; fp32 16x16 in 3-4, fp32 8x8 in 13 (its reorder is slower
-    and its weight twice the bytes). At 4x4 packing took 35-80 steps to repay; from 32x32 up the per-call
-    reorder is a small share of the convolution."""
+    in bf16 from 128 (8x8). Chosen per layer (1 thread, SD 1.5 U-Net, each layer timed alone): bf16 8x8
+    and 16x16 repaid in 4-9 steps, fp32 16x16 in 3-4, fp32 8x8 in 13 (its reorder is slower and its weight
+    twice the bytes), 4x4 in 35-80; from 32x32 up the per-call reorder is a small share. Inside a whole
+    step the saving was smaller: the loop repaid in 3-7 steps except bf16 at 256 px, 26 steps
+    (docs/performance.md), which is why packing is opt-in."""
     B = x.shape[0]
     h, w = _output_size(x, conv)
     return (128 if x.dtype == torch.bfloat16 else 256) <= B * h * w <= 512
