@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import torchsd
-from torchsd.checkpoints.clip import load_clip
+from torchsd.cli.convertp import load_clip
 from torchsd.training.data import EmojiDataset, ShapesDataset, random_shape_spec
 from torchsd.training.evaluate import read_shape_image
 from torchsd.training.loop import save_grid
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--sheet", type=Path, default=Path("docs/contact-sheet.png"))
     args = parser.parse_args()
-    sd = torchsd.load_pipeline(args.model)
+    sd = torchsd.load_pipeline(args.model, dtype=torch.float32)
     clip = load_clip(args.clip) if args.clip else sd.clip  # the bundled model carries its CLIP
     if clip is None:
         parser.error("this model has no CLIP of its own: pass --clip PATH")

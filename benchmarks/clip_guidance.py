@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from torchsd.checkpoints.clip import load_clip  # noqa: E402
+from torchsd.cli.convertp import load_clip  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.clip_guidance import LinearLatentDecoder, vae_decoder  # noqa: E402
 from torchsd.models.clip import CLIP  # noqa: E402
-from torchsd.pipeline import StableDiffusion, load_pipeline  # noqa: E402
+from torchsd import StableDiffusion, load_pipeline  # noqa: E402
 
 PROMPTS = [
     "a red circle on a blue background", "a green square in the top left corner", "a yellow triangle on black",
@@ -79,7 +79,7 @@ def load_models(args) -> tuple[StableDiffusion, CLIP, CLIP]:
     if args.model == "tiny":
         sd = tiny_random_pipeline()
     else:
-        sd = load_pipeline(None if args.model == "bundled" else args.model)
+        sd = load_pipeline(None if args.model == "bundled" else args.model, dtype=torch.float32)
     sd.to(args.device, args.dtype)
     if args.clip == "tiny":
         sd.clip = tiny_random_clip()

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, PeakRSS, build, compare, diffusers_pipeline, free, gib, load_note  # noqa: E402
 
-from torchsd import autoencoding  # noqa: E402
+from torchsd.pipeline import autoencoding  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
 from torchsd.prepacked import packed_weights  # noqa: E402
@@ -178,7 +178,7 @@ def phase_tiled(sd, size, check_untiled: bool):
 
 
 def phase_batched(sd, size, steps, count):
-    from torchsd.batch import generate_batch
+    from torchsd.pipeline.batch import generate_batch
     from torchsd.pipeline import GenerationRequest
 
     requests = [GenerationRequest(prompt=f"{PROMPT}, variation {i}", negative_prompt=NEGATIVE, steps=steps,

@@ -26,7 +26,7 @@ from torchsd.explain.report import explanation_sections, save_figures  # noqa: E
 from torchsd.explain.toy import run_toy  # noqa: E402
 from torchsd.explain.toy_report import toy_sections  # noqa: E402
 from torchsd.explain.trace import explain  # noqa: E402
-from torchsd.pipeline import GenerationRequest, StableDiffusion, load_pipeline  # noqa: E402
+from torchsd import GenerationRequest, StableDiffusion, load_pipeline  # noqa: E402
 
 PROMPT = "a red circle at the top left on a blue background"
 

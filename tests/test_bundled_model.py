@@ -14,7 +14,7 @@ PROMPT = "a red circle at the top left on a blue background"
 
 @pytest.fixture(scope="module")
 def sd():
-    return torchsd.load_pipeline()
+    return torchsd.load_pipeline(dtype=torch.float32)
 
 
 def test_bundled_model_draws_the_readme_prompt(sd):

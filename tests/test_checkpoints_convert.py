@@ -155,7 +155,7 @@ def test_written_file_embeds_the_config_so_tiny_head_counts_survive(tmp_path):
     sd.save(tmp_path / "m.safetensors", format="single-file")
     with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
         assert ModelConfig.from_dict(json.loads(f.metadata()[METADATA_KEY])) == sd.config
-    loaded = torchsd.load_pipeline(tmp_path / "m.safetensors")
+    loaded = torchsd.load_pipeline(tmp_path / "m.safetensors", dtype=torch.float32)
     assert loaded.config == sd.config
     ids = sd.tokenizer(["a cat"])
     with torch.no_grad():
@@ -209,8 +209,8 @@ def model_and_vae(tmp_path_factory):
                                  "vae-diffusers", "vae-diffusers-names.safetensors"])
 def test_vae_is_swapped_in_either_layout(model_and_vae, vae):
     root, other = model_and_vae
-    sd = torchsd.load_pipeline(root / "model.safetensors", vae=root / vae)
-    plain = torchsd.load_pipeline(root / "model.safetensors")
+    sd = torchsd.load_pipeline(root / "model.safetensors", vae=root / vae, dtype=torch.float32)
+    plain = torchsd.load_pipeline(root / "model.safetensors", dtype=torch.float32)
     expected = other["first_stage_model.decoder.conv_out.weight"]
     if vae.startswith("vae-diffusers"):  # a different random VAE: compare with what diffusers holds
         from diffusers import AutoencoderKL
@@ -245,7 +245,7 @@ def test_vae_of_another_latent_space_is_refused(model_and_vae, tmp_path):
     state, _ = original_checkpoint(wide, seed=1)
     save_file({k: v for k, v in state.items() if k.startswith("first_stage_model.")}, str(tmp_path / "vae16.safetensors"))
     with pytest.raises(ValueError, match="16-channel latents.*model needs 4 channels"):
-        torchsd.load_pipeline(root / "model.safetensors", vae=tmp_path / "vae16.safetensors")
+        torchsd.load_pipeline(root / "model.safetensors", vae=tmp_path / "vae16.safetensors", dtype=torch.float32)
     save_file({"foo": torch.zeros(3)}, str(tmp_path / "novae.safetensors"))
     with pytest.raises(ValueError, match="holds no autoencoder"):
-        torchsd.load_pipeline(root / "model.safetensors", vae=tmp_path / "novae.safetensors")
+        torchsd.load_pipeline(root / "model.safetensors", vae=tmp_path / "novae.safetensors", dtype=torch.float32)

@@ -46,7 +46,7 @@ def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path, sd1_state, conta
         path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
     with pytest.raises(CheckpointError, match="refused to load: the pickle holds more than tensors \(it would "
                                               "import posix.system: run code") as err:
-        torchsd.load_pipeline(path)
+        torchsd.load_pipeline(path, dtype=torch.float32)
     assert "weights_only=False" not in str(err.value) and "safetensors" in str(err.value)
     assert not marker.exists()
     # the CLI says the same in one line, exit 2
@@ -72,15 +72,15 @@ def test_truncated_and_corrupt_files(tmp_path, sd1_state):
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
-            torchsd.load_pipeline(tmp_path / name)
+            torchsd.load_pipeline(tmp_path / name, dtype=torch.float32)
         assert name in str(err.value)
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="the file is empty"):
-        torchsd.load_pipeline(tmp_path / "empty.ckpt")
+        torchsd.load_pipeline(tmp_path / "empty.ckpt", dtype=torch.float32)
     (tmp_path / "model.txt").write_text("hello")
     with pytest.raises(CheckpointError, match=r"unknown checkpoint type '\.txt'; expected \.safetensors"):
-        torchsd.load_pipeline(tmp_path / "model.txt")
+        torchsd.load_pipeline(tmp_path / "model.txt", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("tensors, message", [
@@ -94,14 +94,14 @@ def test_files_that_are_not_model_checkpoints(tmp_path, tensors, message):
     path = tmp_path / "thing.safetensors"
     save_file(tensors, str(path))
     with pytest.raises(CheckpointError, match=message):
-        torchsd.load_pipeline(path)
+        torchsd.load_pipeline(path, dtype=torch.float32)
 
 
 def test_pickle_without_tensors(tmp_path):
     path = tmp_path / "notes.ckpt"
     torch.save({"epoch": 3, "note": "no weights here"}, path)
     with pytest.raises(CheckpointError, match="holds no tensors; it is not a model checkpoint"):
-        torchsd.load_pipeline(path)
+        torchsd.load_pipeline(path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -114,7 +114,7 @@ def test_unsupported_families_are_refused_by_name(tmp_path, sd1_state, extra, me
     path = tmp_path / "other.safetensors"
     save_file(dict(sd1_state) | extra, str(path))
     with pytest.raises(CheckpointError, match=message + ".*torchsd runs Stable Diffusion 1.x and 2.x"):
-        torchsd.load_pipeline(path)
+        torchsd.load_pipeline(path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("channels, message", [
@@ -127,7 +127,7 @@ def test_unknown_input_channels_are_refused(tmp_path, sd1_state, channels, messa
     state[key] = torch.zeros(state[key].shape[0], channels, 3, 3)
     save_file(state, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match=message):
-        torchsd.load_pipeline(tmp_path / "other.safetensors")
+        torchsd.load_pipeline(tmp_path / "other.safetensors", dtype=torch.float32)
 
 
 def test_missing_keys_are_named_with_the_likely_cause(tmp_path, sd1_state):
@@ -136,7 +136,7 @@ def test_missing_keys_are_named_with_the_likely_cause(tmp_path, sd1_state):
     del state["first_stage_model.decoder.mid.attn_1.q.bias"]
     save_file(state, str(tmp_path / "pruned.safetensors"))
     with pytest.raises(CheckpointError) as err:
-        torchsd.load_pipeline(tmp_path / "pruned.safetensors")
+        torchsd.load_pipeline(tmp_path / "pruned.safetensors", dtype=torch.float32)
     text = str(err.value)
     assert "2 missing (first: model.diffusion_model.middle_block.2.out_layers.3.weight, " \
            "first_stage_model.decoder.mid.attn_1.q.bias)" in text
@@ -149,7 +149,7 @@ def test_unexpected_keys_are_named(tmp_path, sd1_state):
     save_file(state, str(tmp_path / "extra.safetensors"))
     with pytest.raises(CheckpointError, match=r"1 unexpected \(first: model\.diffusion_model\.input_blocks\.1\.1\."
                                                r"transformer_blocks\.0\.attn1\.lora\.weight\) — the file holds a variant"):
-        torchsd.load_pipeline(tmp_path / "extra.safetensors")
+        torchsd.load_pipeline(tmp_path / "extra.safetensors", dtype=torch.float32)
 
 
 def test_wrong_shape_is_named(tmp_path, sd1_state):
@@ -158,7 +158,7 @@ def test_wrong_shape_is_named(tmp_path, sd1_state):
     state[key] = torch.zeros(32, 65)
     save_file(state, str(tmp_path / "shape.safetensors"))
     with pytest.raises(CheckpointError, match=f"{key} has shape \\(32, 65\\) but the model needs \\(32, 64\\)"):
-        torchsd.load_pipeline(tmp_path / "shape.safetensors")
+        torchsd.load_pipeline(tmp_path / "shape.safetensors", dtype=torch.float32)
 
 
 def test_missing_text_encoder_or_vae_is_refused(tmp_path, sd1_state):
@@ -166,16 +166,16 @@ def test_missing_text_encoder_or_vae_is_refused(tmp_path, sd1_state):
     save_file(unet_only | {k: v for k, v in sd1_state.items() if k.startswith("first_stage_model.")},
               str(tmp_path / "no-text.safetensors"))
     with pytest.raises(CheckpointError, match="no text encoder"):
-        torchsd.load_pipeline(tmp_path / "no-text.safetensors")
+        torchsd.load_pipeline(tmp_path / "no-text.safetensors", dtype=torch.float32)
     save_file(unet_only, str(tmp_path / "unet.safetensors"))
     with pytest.raises(CheckpointError, match="no autoencoder"):
-        torchsd.load_pipeline(tmp_path / "unet.safetensors")
+        torchsd.load_pipeline(tmp_path / "unet.safetensors", dtype=torch.float32)
 
 
 def test_corrupt_embedded_config_is_refused(tmp_path, sd1_state):
     save_file(sd1_state, str(tmp_path / "m.safetensors"), metadata={"torchsd_config": "{not json"})
     with pytest.raises(CheckpointError, match="embedded torchsd_config is not a valid torchsd config"):
-        torchsd.load_pipeline(tmp_path / "m.safetensors")
+        torchsd.load_pipeline(tmp_path / "m.safetensors", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])

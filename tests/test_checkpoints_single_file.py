@@ -71,7 +71,7 @@ def test_config_is_inferred_from_the_tensors(case):
 
 def test_text_encoder_matches_diffusers_conversion(case):
     config, _, path, (_, _, ref) = case
-    sd = torchsd.load_pipeline(path)
+    sd = torchsd.load_pipeline(path, dtype=torch.float32)
     ids = sd.tokenizer([PROMPT, ""])
     assert ids[1, -1] == config.text.pad_token_id
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_text_encoder_matches_diffusers_conversion(case):
 
 def test_unet_matches_diffusers_conversion(case):
     config, _, path, (ref, _, _) = case
-    sd = torchsd.load_pipeline(path)
+    sd = torchsd.load_pipeline(path, dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=gen)
     context = torch.randn(2, 77, config.text.width, generator=gen)
@@ -94,7 +94,7 @@ def test_unet_matches_diffusers_conversion(case):
 
 def test_vae_encode_decode_match_diffusers_conversion(case):
     _, _, path, (_, ref, _) = case
-    sd = torchsd.load_pipeline(path)
+    sd = torchsd.load_pipeline(path, dtype=torch.float32)
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         ours, theirs = sd.vae.encode(images), ref.encode(images).latent_dist
@@ -107,7 +107,7 @@ def test_ddim_with_guidance_matches_diffusers_pipeline(case, tmp_path):
     from transformers import CLIPTokenizer
 
     config, _, path, (unet, vae, text) = case
-    sd = torchsd.load_pipeline(path)
+    sd = torchsd.load_pipeline(path, dtype=torch.float32)
     assert sd.config.schedule.prediction_type.value == config.schedule.prediction_type.value
     sd.tokenizer.save_pretrained(tmp_path / "tokenizer")
     scheduler = DDIMScheduler(**{k: v for k, v in schedule_config_to_diffusers(config.schedule).items()
@@ -153,8 +153,8 @@ def test_file_variants_load_the_same_weights(sd1_state, tmp_path, variant):
         dtype = torch.float16 if variant == "fp16" else torch.bfloat16
         path = tmp_path / f"{variant}.safetensors"
         save_file({k: v.to(dtype) for k, v in state.items()}, str(path))
-    expected = _weights(torchsd.load_pipeline(plain))
-    loaded = torchsd.load_pipeline(path)
+    expected = _weights(torchsd.load_pipeline(plain, dtype=torch.float32))
+    loaded = torchsd.load_pipeline(path, dtype=torch.float32)
     assert loaded.config == config and loaded.dtype == torch.float32
     got = _weights(loaded)
     assert got.keys() == expected.keys()
@@ -171,12 +171,12 @@ def test_ema_weights_are_used_only_when_asked(sd1_state, tmp_path):
     save_file(state | ema | {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)},
               str(path))
     conv_in = state["model.diffusion_model.input_blocks.0.0.weight"]
-    assert torch.equal(torchsd.load_pipeline(path).unet.conv_in.weight, conv_in)
-    assert torch.equal(torchsd.load_pipeline(path, use_ema=True).unet.conv_in.weight, conv_in + 1.0)
+    assert torch.equal(torchsd.load_pipeline(path, dtype=torch.float32).unet.conv_in.weight, conv_in)
+    assert torch.equal(torchsd.load_pipeline(path, use_ema=True, dtype=torch.float32).unet.conv_in.weight, conv_in + 1.0)
     plain = tmp_path / "plain.safetensors"
     save_file(state, str(plain))
     with pytest.raises(ValueError, match="use_ema=True but the file holds no EMA copy.*load without use_ema"):
-        torchsd.load_pipeline(plain, use_ema=True)
+        torchsd.load_pipeline(plain, use_ema=True, dtype=torch.float32)
 
 
 def test_inpainting_file_has_nine_input_channels(tmp_path):
@@ -185,7 +185,7 @@ def test_inpainting_file_has_nine_input_channels(tmp_path):
     state, _ = original_checkpoint(config, seed=2)
     path = tmp_path / "inpaint.safetensors"
     save_file(state, str(path))
-    sd = torchsd.load_pipeline(path)
+    sd = torchsd.load_pipeline(path, dtype=torch.float32)
     assert sd.config == config and sd.config.is_inpainting and sd.unet.conv_in.weight.shape[1] == 9
 
 

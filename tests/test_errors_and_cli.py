@@ -9,7 +9,7 @@ from PIL import Image
 
 from torchsd import GenerationRequest
 from torchsd.cli import main
-from torchsd.infotext import parse_infotext, read_png_infotext
+from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 from reference import random_pipeline
 
 
@@ -107,7 +107,7 @@ def test_same_seed_same_image_and_random_seed_reported():
 
 
 def test_infotext_roundtrip_quotes_awkward_values():
-    from torchsd.infotext import format_infotext
+    from torchsd.pipeline.infotext import format_infotext
 
     text = format_infotext("a, b: c", "neg\nmulti", {"Steps": 20, "Model": "my, model: v2", "Seed": 5})
     parsed = parse_infotext(text)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from reference import random_pipeline
-from torchsd.diffusion.noise import make_generators
+from torchsd.noise import make_generators
 from torchsd.diffusion.variation import variation_noise
-from torchsd.hires import upscaler_label
+from torchsd.pipeline.features.hires import upscaler_label
 from torchsd.pipeline import GenerationRequest
+from torchsd.pipeline import run as steps
 
 OPTIONS = dict(steps=3, width=16, height=16, seed=12)
 
@@ -43,8 +44,9 @@ def test_second_pass_is_image_to_image_from_the_upscaled_latents(sd, first_pass)
     sigmas = build_sigmas(sd.config.schedule, 4, get_sampler("ddim"))[2:]
     cond, uncond = sd.encode_prompt(["a cat"]), sd.encode_prompt([""])
     request = GenerationRequest(prompt="a cat")
-    expected = sd.sample(request, upscaled + noise * sigmas[0].item(), sigmas, cond, uncond,
-                         make_generators([12]))
+    run = steps.plan(sd, request, seeds=[12])  # the generators of seed 12, fresh
+    run.cond, run.uncond = cond, uncond
+    expected = steps.sample(sd, request, run, upscaled + noise * sigmas[0].item(), sigmas)
     assert torch.equal(result.latents, expected)
     info = result.infotexts[0]
     for part in ("Size: 16x16", "Denoising strength: 0.5", "Hires upscale: 1.5", "Hires steps: 4",

@@ -11,9 +11,9 @@ from PIL import Image
 
 from reference import random_pipeline
 from torchsd.config import ModelConfig
-from torchsd.diffusion.noise import make_generators
+from torchsd.noise import make_generators
 from torchsd.images import pil_to_tensor
-from torchsd.inpainting import binary_mask, gaussian_blur_mask, outpaint_canvas, prepare_inpainting
+from torchsd.pipeline.features.inpaint import binary_mask, gaussian_blur_mask, outpaint_canvas, prepare_inpainting
 from torchsd.pipeline import GenerationRequest, StableDiffusion
 
 OPTIONS = dict(steps=3, seed=7, strength=0.9, guidance_scale=5.0)
@@ -198,7 +198,7 @@ def test_outpaint_margins_are_checked():
 
 def test_inpaint_command_writes_the_picture(sd, tmp_path):
     from torchsd.cli import main
-    from torchsd.infotext import read_png_infotext
+    from torchsd.pipeline.infotext import read_png_infotext
 
     sd.save(tmp_path / "model")
     image, mask = picture(32, 24, seed=8), box_mask(32, 24, (0, 0, 16, 24))

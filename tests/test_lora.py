@@ -227,20 +227,20 @@ def test_shorthash_of_other_files_is_the_file_sha256(tmp_path):
 
 
 def test_load_pipeline_takes_lora_and_embedding_folders(sd, lora_dir, tmp_path):
-    from torchsd.pipeline import load_pipeline
+    from torchsd import load_pipeline
 
     sd.save(tmp_path / "model")
     (tmp_path / "embeddings").mkdir()
-    loaded = load_pipeline(tmp_path / "model", lora_dirs=[lora_dir], embedding_dirs=[tmp_path / "embeddings"])
+    loaded = load_pipeline(tmp_path / "model", lora_dirs=[lora_dir], embedding_dirs=[tmp_path / "embeddings"], dtype=torch.float32)
     assert list(loaded.loras.files()) == ["style"] and loaded.embeddings.dirs == [tmp_path / "embeddings"]
     with pytest.raises(ValueError, match="LoRA folder '/no/such' does not exist"):
-        load_pipeline(tmp_path / "model", lora_dirs=["/no/such"])
+        load_pipeline(tmp_path / "model", lora_dirs=["/no/such"], dtype=torch.float32)
 
 
 @pytest.mark.parametrize("text, expected", [("style", ("style", 1.0)), ("style:0.5", ("style", 0.5)),
                                             ("/loras/a.safetensors:-0.7", ("/loras/a.safetensors", -0.7)),
                                             (r"C:\loras\a.safetensors", (r"C:\loras\a.safetensors", 1.0))])
 def test_lora_flag_reads_an_optional_scale(text, expected):
-    from torchsd.cli_a1111 import parse_lora
+    from torchsd.pipeline.features.lora import parse_lora
 
     assert parse_lora(text) == expected

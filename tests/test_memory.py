@@ -50,7 +50,7 @@ def test_tiled_decode_agrees_with_untiled():
     """Tiles see their own GroupNorm statistics and attention, so they are not exact. Measured on
     the tiny random VAE (downscale 2), image 64x96 in 2x3 tiles of 48 px with 16 px overlap:
     PSNR 32.4 dB; 64 px tiles with 32 px overlap: 41.8 dB (benchmarks report SD-size figures)."""
-    from torchsd import autoencoding
+    from torchsd.pipeline import autoencoding
 
     sd = random_pipeline("sd1")
     latents = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(5))
@@ -63,7 +63,7 @@ def test_tiled_decode_agrees_with_untiled():
 
 
 def test_tiled_encode_agrees_with_untiled():
-    from torchsd import autoencoding
+    from torchsd.pipeline import autoencoding
 
     sd = random_pipeline("sd1")
     images = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(6)) * 2 - 1
@@ -77,7 +77,7 @@ def test_tiled_encode_agrees_with_untiled():
 
 
 def test_small_images_are_not_tiled():
-    from torchsd import autoencoding
+    from torchsd.pipeline import autoencoding
 
     sd = random_pipeline("sd1")
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
@@ -134,13 +134,14 @@ def test_non_finite_decode_is_an_error_and_nothing_is_saved(tmp_path, monkeypatc
 
 
 def test_cli_writes_no_image_when_the_decode_is_not_finite(tmp_path, monkeypatch, capsys):
-    import torchsd.cli as cli
+    import torchsd.cli
+    import torchsd.cli.generate as generate
 
     sd = random_pipeline("sd1")
     _poison(sd.vae.decoder.conv_out, lambda out: True)
-    monkeypatch.setattr(cli, "load_model", lambda args: sd)
+    monkeypatch.setattr(generate, "load_model", lambda args: sd)
     out = tmp_path / "x.png"
-    assert cli.main(["generate", "a cat", "--steps", "2", "--size", "32x32", "--output", str(out)]) == 2
+    assert torchsd.cli.main(["generate", "a cat", "--steps", "2", "--size", "32x32", "--output", str(out)]) == 2
     assert "NaN or Inf" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -198,7 +199,7 @@ def test_sequential_offload_uploads_one_layer_at_a_time_and_keeps_the_numbers():
 def test_offloaded_text_encoder_gets_its_tokens_on_the_execution_device(monkeypatch):
     """Under offload the text encoder's weights wait in CPU memory, so the token ids must go where the
     encoder runs (sd.execution_device), not where its weights are between calls."""
-    import torchsd.pipeline as pipeline
+    import torchsd.pipeline.model as pipeline
 
     sd = random_pipeline("sd1")
     enable_model_offload(sd, "cpu")

@@ -35,7 +35,7 @@ def initial_latents(seed=0):
 
 
 def test_loaded_folder_keeps_the_weights_and_config(folder):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     again = random_pipeline(sd.config.family, sd.config.schedule.prediction_type.value)
     assert sd.config == again.config
     for ours, original in ((sd.unet, again.unet), (sd.vae, again.vae), (sd.text_encoder, again.text_encoder)):
@@ -47,14 +47,14 @@ def test_tokenizer_files_load_in_transformers(folder):
     from transformers import CLIPTokenizer
 
     ref = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ids = ref([PROMPT, ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(sd.tokenizer([PROMPT, ""]), ids)
 
 
 @pytest.mark.parametrize("eta", [0.0])
 def test_ddim_text_to_image_matches_diffusers(folder, eta):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate(PROMPT, NEGATIVE, steps=12, guidance_scale=6.0, sampler="ddim", eta=eta,
                        width=32, height=32, latents=initial_latents(), seed=0)
     pipe = diffusers_pipeline(folder)
@@ -64,7 +64,7 @@ def test_ddim_text_to_image_matches_diffusers(folder, eta):
 
 
 def test_ddim_with_eta_matches_diffusers_noise_stream(folder):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate(PROMPT, NEGATIVE, steps=8, guidance_scale=5.0, sampler="ddim", eta=0.7,
                        width=32, height=32, latents=initial_latents(), seed=123)
     pipe = diffusers_pipeline(folder)
@@ -75,7 +75,7 @@ def test_ddim_with_eta_matches_diffusers_noise_stream(folder):
 
 
 def test_ddpm_matches_diffusers(folder):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate(PROMPT, NEGATIVE, steps=10, guidance_scale=4.0, sampler="ddpm",
                        width=32, height=32, latents=initial_latents(), seed=7)
     pipe = diffusers_pipeline(folder, scheduler="DDPMScheduler")
@@ -85,7 +85,7 @@ def test_ddpm_matches_diffusers(folder):
 
 
 def test_decoded_image_matches_diffusers(folder):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate(PROMPT, steps=4, guidance_scale=3.0, width=32, height=32, latents=initial_latents(), seed=0)
     pipe = diffusers_pipeline(folder)
     theirs = pipe(PROMPT, num_inference_steps=4, guidance_scale=3.0, width=32, height=32, latents=initial_latents(),
@@ -98,7 +98,7 @@ def test_decoded_image_matches_diffusers(folder):
 def test_image_to_image_matches_diffusers(folder, strength):
     gen = np.random.default_rng(0)
     init = Image.fromarray(gen.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate(PROMPT, NEGATIVE, steps=10, guidance_scale=5.0, init_image=init, strength=strength, seed=5)
     options = dict(negative_prompt=NEGATIVE, num_inference_steps=10, guidance_scale=5.0,
                    generator=torch.Generator().manual_seed(5), output_type="latent")
@@ -111,7 +111,7 @@ def test_image_to_image_matches_diffusers(folder, strength):
 
 
 def test_batch_image_equals_the_same_seed_alone(folder):
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     batch = sd.generate(PROMPT, steps=3, seed=40, width=32, height=32, batch_size=3, sampler="ddpm")
     alone = sd.generate(PROMPT, steps=3, seed=41, width=32, height=32, sampler="ddpm")
     assert batch.seeds == [40, 41, 42]

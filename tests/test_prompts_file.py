@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from reference import max_rel_error, pixels, random_pipeline
-from torchsd.batch import batches, generate_batch, read_prompts
+from torchsd.pipeline.batch import batches, generate_batch, read_prompts
 from torchsd.cli import main
-from torchsd.infotext import parse_infotext, read_png_infotext
+from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 from torchsd.pipeline import GenerationRequest
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -93,7 +92,7 @@ def test_a_batch_of_different_prompts_equals_each_alone():
 @pytest.mark.parametrize("sampler, scheduler", [("ddim", "automatic"), ("euler_a", "automatic"),
                                                 ("DPM++ 2M SDE Heun", "karras")])
 def test_batched_latents_match_to_float32_tolerance(sampler, scheduler):
-    from torchsd import batch as batch_module
+    from torchsd.pipeline import batch as batch_module
 
     sd = random_pipeline("sd1")
     captured = []

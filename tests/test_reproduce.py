@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from reference import random_pipeline
 from torchsd.cli import main
-from torchsd.infotext import read_png_infotext, request_fields, save_png
+from torchsd.pipeline.infotext import read_png_infotext, request_fields, save_png
 from torchsd.pipeline import GenerationRequest
 
 

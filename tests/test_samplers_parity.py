@@ -198,7 +198,7 @@ def test_whole_pipeline_matches_diffusers_pipeline(folder, sampler, scheduler, r
     import torchsd
 
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # the tiny VAE scales by 2
-    sd = torchsd.load_pipeline(folder)
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     ours = sd.generate("a red circle", "blurry", steps=6, guidance_scale=5.0, sampler=sampler, scheduler=scheduler,
                        width=32, height=32, latents=noise, seed=7)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

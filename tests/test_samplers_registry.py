@@ -141,7 +141,7 @@ def test_infotext_names_the_schedule_type_and_the_cli_takes_it(tmp_path):
     out = tmp_path / "cat.png"
     assert main(["generate", "a cat", "--model", str(folder), "--steps", "2", "--size", "32x32", "--seed", "3",
                  "--sampler", "euler", "--scheduler", "karras", "--output", str(out)]) == 0
-    from torchsd.infotext import parse_infotext, read_png_infotext
+    from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 
     info = parse_infotext(read_png_infotext(out))
     assert info["Sampler"] == "Euler" and info["Schedule type"] == "Karras"

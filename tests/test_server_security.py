@@ -189,4 +189,4 @@ def test_serve_loads_models_as_the_cli_does(tmp_path, monkeypatch):
     registry = ModelRegistry(tmp_path, device="cpu", dtype=torch.float32, runtime=config.runtime)
     sd = registry.pipeline()
     assert sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert sd.prepack and sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1.attention_chunk == 64
+    assert "prepack" in sd.sampling_hooks and sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1.attention_chunk == 64

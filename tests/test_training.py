@@ -12,7 +12,7 @@ import torch
 
 from torchsd.training import presets
 from torchsd.checkpoints.clip import save_clip
-from torchsd.training.artifacts import load_clip, load_vae, save_component
+from torchsd.checkpoints.components import load_clip, load_vae, save_component
 from torchsd.training.config import TrainConfig, read_toml, write_toml
 from torchsd.training.data import COLORS, POSITIONS, SHAPES, EmojiDataset, ShapesDataset, build_dataset
 
@@ -153,7 +153,7 @@ def test_short_unet_run_lowers_the_loss_and_exports_a_pipeline(tmp_path, frozen_
     assert after < 0.8 * before, (before, after)
     import torchsd
 
-    sd = torchsd.load_pipeline(tmp_path / "unet" / "model")
+    sd = torchsd.load_pipeline(tmp_path / "unet" / "model", dtype=torch.float32)
     assert sd.generate("a red circle", steps=2, seed=0).images[0].size == (32, 32)
     assert (tmp_path / "unet" / "latents.safetensors").exists()
 
@@ -177,7 +177,7 @@ def test_lora_run_lowers_the_loss_and_leaves_base_weights(tmp_path, frozen_parts
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in lora
     import torchsd
 
-    original = torchsd.load_pipeline(model).unet.state_dict()
+    original = torchsd.load_pipeline(model, dtype=torch.float32).unet.state_dict()
     bases = {k.replace(".base.", "."): v for k, v in state.items() if ".base." in k}
     assert bases and all(torch.equal(v, original[k]) for k, v in bases.items())
 

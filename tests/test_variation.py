@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference import random_pipeline
-from torchsd.diffusion.noise import make_generators, randn
+from torchsd.noise import make_generators, randn
 from torchsd.diffusion.variation import variation_noise
 from torchsd.pipeline import GenerationRequest
 

@@ -2,7 +2,8 @@
 
 from .config import (CLIPTextConfig, CLIPVisionConfig, ModelConfig, PredictionType, ScheduleConfig, UNetConfig,
                      VAEConfig)
-from .pipeline import GenerationRequest, GenerationResult, StableDiffusion, load_pipeline
+from .pipeline import GenerationRequest, GenerationResult, StableDiffusion
+from .runtime import load_pipeline
 
 __version__ = "0.1.0"
 __all__ = ["load_pipeline", "StableDiffusion", "GenerationRequest", "GenerationResult", "ModelConfig",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -117,7 +118,11 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
         set_attention_chunk(model, options.attention_chunk)
     sd.vae_tiling = options.vae_tiling
-    sd.prepack = wants_prepack(options, device)
+    sd.sampling_hooks.pop("prepack", None)
+    if wants_prepack(options, device):
+        from .prepacked import packed_weights
+
+        sd.sampling_hooks["prepack"] = lambda: packed_weights(sd.unet, True)
     if options.offload == "model":
         enable_model_offload(sd, device)
     elif options.offload == "sequential":
@@ -224,3 +229,51 @@ def _tiling(text: str) -> VAETiling:
         raise argparse.ArgumentTypeError(f"--vae-tiling takes TILE or TILE:OVERLAP in pixels, e.g. 512:64; "
                                          f"got {text!r} ({err})") from None
 
+
+# --- the one place the Python API, the CLI and the server get their defaults -------------------------
+
+def load_pipeline(path: str | Path | None = None, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None, *, runtime: RuntimeOptions | None = None,
+                  lora_dirs: list[str | Path] = (), embedding_dirs: list[str | Path] = (), **options):
+    """A ready ``StableDiffusion`` from a diffusers folder or single file (``None``: the bundled model).
+
+    ``device`` defaults to CUDA where there is one, else the CPU; ``dtype`` to ``default_dtype(device)``
+    (bfloat16 on a CPU with native bf16: pass ``torch.float32`` for the reference's exact numbers);
+    ``runtime``: ``RuntimeOptions`` (defaults: see the module doc). ``options``: see
+    ``checkpoints.read_checkpoint`` (``vae=``, ``use_ema=``, ``prediction_type=`` …)."""
+    from .pipeline import StableDiffusion
+
+    runtime = runtime or RuntimeOptions()  # validated before the (slow) load
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    sd = StableDiffusion.from_checkpoint(path, device="cpu", dtype=dtype, lora_dirs=lora_dirs,
+                                         embedding_dirs=embedding_dirs, **options)
+    return apply_runtime(sd, runtime, device, dtype)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model: which model, where and how it runs."""
+    p.add_argument("--model", "-m", default=None,
+                   help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
+    p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    add_runtime_arguments(p)
+
+
+def load_from_args(args: argparse.Namespace):
+    """``load_pipeline`` with the flags of ``add_model_arguments``."""
+    options = runtime_options_from_args(args)  # validate before the (slow) load
+    return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None))
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"dtype must be one of fp32, fp16, bf16; got {text!r}") from None

@@ -14,7 +14,6 @@ from .io import CheckpointError
 if TYPE_CHECKING:
     from ..config import ModelConfig
     from ..models.clip import CLIP
-    from ..pipeline import StableDiffusion
 
 BUNDLED_MODEL = "torchsd-shapes.safetensors"
 BUNDLED_CLIP = "torchsd-shapes-clip.safetensors"  # the joint CLIP whose text tower the bundled model uses
@@ -91,11 +90,23 @@ def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = 
     return config, states, tokenizer, path
 
 
-def load_pipeline(path: str | Path | None = None, *, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None, vae: str | Path | None = None,
-                  **options) -> "StableDiffusion":
-    """A ready pipeline; see ``read_checkpoint`` for ``vae`` and ``options``."""
-    from ..pipeline import StableDiffusion
+@dataclasses.dataclass
+class LoadedModel:
+    """The networks and tokenizer of a model file or folder, ready to run (``pipeline`` wraps them)."""
+
+    config: "ModelConfig"
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: Path | None  # the single file, for its hash; None for a folder
+    clip: "CLIP | None" = None  # a joint CLIP that comes with the model (the bundled one's)
+
+
+def load_model(path: str | Path | None = None, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, vae: str | Path | None = None, **options) -> LoadedModel:
+    """The networks of a model; see ``read_checkpoint`` for ``vae`` and ``options``."""
     from .diffusers import load_into
 
     config, states, tokenizer, path = read_checkpoint(path, vae=vae, **options)
@@ -103,12 +114,12 @@ def load_pipeline(path: str | Path | None = None, *, device: torch.device | str 
     unet, autoencoder, text = _meta_models(config)
     for module, key in ((unet, "unet"), (autoencoder, "vae"), (text, "text_encoder")):
         load_into(module, states.pop(key), f"{path} ({key})", dtype=dtype, assign=True)
-    sd = StableDiffusion(config, unet, autoencoder, text, tokenizer, name=path.stem if path.is_file() else path.name,
+        module.to(device=device, dtype=dtype)
+    loaded = LoadedModel(config, unet, autoencoder, text, tokenizer, name=path.stem if path.is_file() else path.name,
                          source=path if path.is_file() else None)
-    sd.to(device=device, dtype=dtype)
     if path == bundled_model_path() and bundled_clip_path().exists():
-        sd.clip = bundled_clip(sd.text_encoder)  # the default CLIP for CLIP guidance with this model
-    return sd
+        loaded.clip = bundled_clip(text)  # the default CLIP for CLIP guidance with this model
+    return loaded
 
 
 def _meta_models(config: "ModelConfig"):
@@ -159,11 +170,12 @@ def _write(path: str | Path, format: str, config: "ModelConfig", states: dict[st
         raise ValueError(f"format must be 'diffusers' or 'single-file'; got {format!r}")
 
 
-def model_states(sd: "StableDiffusion", dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def model_states(sd, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
     return {"unet": _cast(sd.unet.state_dict(), dtype), "vae": _cast(sd.vae.state_dict(), dtype),
             "text_encoder": _cast(sd.text_encoder.state_dict(), dtype)}
 
 
-def save_pipeline(sd: "StableDiffusion", path: str | Path, *, format: str = "diffusers",
+def save_pipeline(sd, path: str | Path, *, format: str = "diffusers",
                   dtype: torch.dtype | None = None) -> None:
+    """Write ``sd`` (anything with config, unet, vae, text_encoder and tokenizer) in ``format``."""
     _write(path, format, sd.config, model_states(sd, dtype), sd.tokenizer)

@@ -15,29 +15,17 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, _load_safetensors, file_sha256, named_files
+from ..text.embedding import Embedding
+from .io import CheckpointError, _load_safetensors, file_sha256
+from .library import FileLibrary
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
-
-
-@dataclass(frozen=True)
-class Embedding:
-    name: str
-    vectors: torch.Tensor  # (n_vectors, width), float32 on the CPU
-    path: Path
-
-    @property
-    def num_vectors(self) -> int:
-        return self.vectors.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.vectors.shape[1]
 
 
 def load_embedding(path: str | Path, name: str | None = None) -> Embedding:
@@ -92,38 +80,17 @@ def _vectors_of(data: object, path: Path) -> torch.Tensor:
 
 
 @dataclass
-class EmbeddingLibrary:
+class EmbeddingLibrary(FileLibrary):
     """The embedding folders of a pipeline: names from file names, files read on first use."""
 
-    dirs: list[Path] = field(default_factory=list)
-    _loaded: dict[Path, tuple[tuple[int, int], Embedding]] = field(default_factory=dict, repr=False)
-    _hashes: dict[tuple[Path, int, int], str] = field(default_factory=dict, repr=False)
-
-    def add_dir(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ValueError(f"embeddings folder {str(folder)!r} does not exist; give a folder holding "
-                             f".pt/.safetensors embedding files")
-        if folder not in self.dirs:
-            self.dirs.append(folder)
-
-    def files(self) -> dict[str, Path]:
-        """name -> file under the folders (the first of equal names wins)."""
-        return named_files(self.dirs, SUFFIXES)
+    suffixes: ClassVar[tuple[str, ...]] = SUFFIXES
+    missing_folder: ClassVar[str] = ("embeddings folder {folder!r} does not exist; give a folder holding "
+                                     ".pt/.safetensors embedding files")
+    max_cached: int = 1024  # small tensors: a prompt may use many
 
     def load(self, name: str, path: Path) -> Embedding:
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = self._loaded.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, load_embedding(path, name))
-            self._loaded[path] = cached
-        return cached[1]
+        return self.cached(path, lambda: load_embedding(path, name))
 
     def shorthash(self, embedding: Embedding) -> str:
         """sha256[:10] of the file, as AUTOMATIC1111 writes it into "TI hashes"."""
-        stat = embedding.path.stat()
-        key = (embedding.path, stat.st_mtime_ns, stat.st_size)
-        if key not in self._hashes:
-            self._hashes[key] = file_sha256(embedding.path)[:10]
-        return self._hashes[key]
+        return self.file_hash(embedding.path, lambda path: file_sha256(path)[:10])

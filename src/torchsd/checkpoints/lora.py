@@ -20,18 +20,23 @@ import json
 import re
 import struct
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import ClassVar, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from .diffusers import TEXT_PREFIX, TEXT_RULES, UNET_RULES, _rename
-from .io import CheckpointError, file_sha256, load_state_dict, named_files, safetensors_metadata
+from .io import CheckpointError, file_sha256, load_state_dict, safetensors_metadata
+from .library import FileLibrary
 
-if TYPE_CHECKING:
-    from ..pipeline import GenerationRequest, StableDiffusion
+
+class Networks(Protocol):
+    """What LoRA files are read against and merged into: a pipeline's U-Net and text encoder."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 COMPONENTS = ("unet", "text_encoder")
@@ -70,7 +75,7 @@ class AppliedLora:
 
 # --- names -----------------------------------------------------------------------------------------
 
-def module_names(sd: "StableDiffusion") -> dict[str, tuple[str, str]]:
+def module_names(sd: Networks) -> dict[str, tuple[str, str]]:
     """Every LoRA-able layer's kohya and PEFT names -> (component, torchsd module path)."""
     names: dict[str, tuple[str, str]] = {}
     for component, model in (("unet", sd.unet), ("text_encoder", sd.text_encoder)):
@@ -92,7 +97,7 @@ def module_names(sd: "StableDiffusion") -> dict[str, tuple[str, str]]:
 
 # --- reading files ---------------------------------------------------------------------------------
 
-def load_lora(path: str | Path, sd: "StableDiffusion", name: str | None = None) -> LoraFile:
+def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFile:
     """Read a kohya or PEFT LoRA file and match its layers to ``sd``'s modules (shapes checked)."""
     path = Path(path)
     state = load_state_dict(path)
@@ -114,7 +119,7 @@ def load_lora(path: str | Path, sd: "StableDiffusion", name: str | None = None) 
             continue
         component, module_path = names[key]
         layers.append(LoraLayer(component, module_path, down, up, scale))
-        _check_shape(layers[-1], _weight(sd, layers[-1]), path)
+        _check_shape(layers[-1], weight_of(sd, layers[-1]), path)
     if not layers:
         raise CheckpointError(f"{path}: none of its {len(pairs)} LoRA layers belong to this model (first: "
                               f"{', '.join(unmatched[:3])}); it was made for another architecture (SDXL?)")
@@ -193,7 +198,7 @@ def _peft_alpha(config: dict, module: str, rank: int) -> float:
     return float(config.get("lora_alpha", rank))
 
 
-def _weight(sd: "StableDiffusion", layer: LoraLayer) -> torch.Tensor:
+def weight_of(sd: Networks, layer: LoraLayer) -> torch.Tensor:
     return getattr(sd, layer.component).get_submodule(layer.module).weight
 
 
@@ -219,25 +224,11 @@ def lora_shorthash(path: Path) -> str:
 # --- where LoRAs come from -------------------------------------------------------------------------
 
 @dataclass
-class LoraLibrary:
+class LoraLibrary(FileLibrary):
     """A pipeline's LoRA folders: ``<lora:name:w>`` names are file names (without suffix) found in them."""
 
-    dirs: list[Path] = field(default_factory=list)
-    max_cached: int = 8
-    _loaded: dict[Path, tuple[tuple[int, int], LoraFile]] = field(default_factory=dict, repr=False)
-    _hashes: dict[tuple[Path, int, int], str] = field(default_factory=dict, repr=False)
-
-    def add_dir(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ValueError(f"LoRA folder {str(folder)!r} does not exist; give a folder holding "
-                             f".safetensors LoRA files")
-        if folder not in self.dirs:
-            self.dirs.append(folder)
-
-    def files(self) -> dict[str, Path]:
-        """name -> file under the folders (the first of equal names wins)."""
-        return named_files(self.dirs, SUFFIXES)
+    suffixes: ClassVar[tuple[str, ...]] = SUFFIXES
+    missing_folder: ClassVar[str] = "LoRA folder {folder!r} does not exist; give a folder holding .safetensors LoRA files"
 
     def resolve(self, name_or_path: str | Path) -> Path:
         path = Path(name_or_path)
@@ -253,40 +244,17 @@ class LoraLibrary:
         raise ValueError(f"unknown LoRA {str(name_or_path)!r}; available in "
                          f"{', '.join(map(str, self.dirs))}: {available}")
 
-    def load(self, path: Path, sd: "StableDiffusion") -> LoraFile:
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = self._loaded.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, load_lora(path, sd))
-            self._loaded.pop(path, None)
-            self._loaded[path] = cached
-            while len(self._loaded) > self.max_cached:  # keep the most recently read files only
-                self._loaded.pop(next(iter(self._loaded)))
-        return cached[1]
+    def load(self, path: Path, sd: Networks) -> LoraFile:
+        return self.cached(path, lambda: load_lora(path, sd))
 
     def shorthash(self, path: Path) -> str:
-        stat = path.stat()
-        key = (path, stat.st_mtime_ns, stat.st_size)
-        if key not in self._hashes:
-            self._hashes[key] = lora_shorthash(path)
-        return self._hashes[key]
-
-
-def request_loras(sd: "StableDiffusion", request: "GenerationRequest") -> list[AppliedLora]:
-    """The LoRAs of ``request.loras`` and of the ``<lora:…>`` tags in its prompts, loaded and checked."""
-    from ..text.prompts import extract_extra_networks
-
-    wanted: list[tuple[str | Path, float, float]] = [(source, scale, scale) for source, scale in request.loras]
-    for text in (request.prompt, request.negative_prompt):
-        wanted += [(tag.name, tag.text_encoder_scale, tag.unet_scale) for tag in extract_extra_networks(text)[1]]
-    return [AppliedLora(sd.loras.load(sd.loras.resolve(source), sd), te, unet) for source, te, unet in wanted]
+        return self.file_hash(path, lora_shorthash)
 
 
 # --- applying ----------------------------------------------------------------------------------------
 
 @contextmanager
-def merged_loras(sd: "StableDiffusion", loras: list[AppliedLora]) -> Iterator[None]:
+def merged_loras(sd: Networks, loras: list[AppliedLora]) -> Iterator[None]:
     """Add the LoRA deltas to the weights for the duration of the block, then restore the exact originals."""
     backups: dict[tuple[str, str], torch.Tensor] = {}
     try:
@@ -296,7 +264,7 @@ def merged_loras(sd: "StableDiffusion", loras: list[AppliedLora]) -> Iterator[No
                     multiplier = applied.unet_scale if layer.component == "unet" else applied.text_encoder_scale
                     if multiplier == 0:
                         continue
-                    weight = _weight(sd, layer)
+                    weight = weight_of(sd, layer)
                     key = (layer.component, layer.module)
                     if key not in backups:
                         backups[key] = weight.detach().clone()

@@ -59,7 +59,7 @@ def read_vae(path: str | Path) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
         config = vae_config_from_diffusers(_read_json(folder / "config.json"))
         return config, from_diffusers_keys(_modern_names(load_state_dict(weights_file(folder))), "vae")
     if path.suffix == ".safetensors" and safetensors_metadata(path).get("torchsd_component") == "vae":
-        from ..training.artifacts import read_component
+        from .components import read_component
 
         (config,), state = read_component(path, "vae")  # written by `torchsd train vae`: config included
         return config, state

@@ -26,11 +26,9 @@ import torch.nn.functional as F
 
 from ..models.clip import CLIP, preprocess_images
 from .denoisers import Denoise, sigma_per_image
-from .noise import make_generators
 
 if TYPE_CHECKING:
     from ..models.vae import AutoencoderKL
-    from ..pipeline import GenerationRequest, StableDiffusion
 
 LatentDecoder = Callable[[torch.Tensor], torch.Tensor]  # scaled latents (B, C, h, w) -> images in [-1, 1]
 DECODERS = ("vae", "linear")
@@ -38,7 +36,7 @@ MAX_CUTOUTS = 64
 
 
 def check_options(scale: float, cutouts: int, decoder: str) -> None:
-    """The request's CLIP-guidance fields; ``GenerationRequest`` calls this when it validates itself."""
+    """CLIP guidance's options, checked before any work is queued."""
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"clip_guidance_scale must be a finite number >= 0 (0 turns CLIP guidance off); got {scale}")
     if not 0 <= cutouts <= MAX_CUTOUTS:
@@ -172,52 +170,3 @@ def linear_decoder(vae: "AutoencoderKL", scaling_factor: float) -> LinearLatentD
     if vae not in _LINEAR_DECODERS:
         _LINEAR_DECODERS[vae] = LinearLatentDecoder.fit(vae, scaling_factor)[0]
     return _LINEAR_DECODERS[vae]
-
-
-# --- the pipeline's use --------------------------------------------------------------------------
-
-def guidance_for_request(sd: "StableDiffusion", request: "GenerationRequest", denoise: Denoise,
-                         seeds: list[int]) -> Denoise:
-    """``denoise`` with the request's CLIP guidance, or unchanged when its scale is 0. The CLIP model is
-    ``request.clip_model`` (loaded once, then kept in ``sd.clip_models``) or else the model's own ``sd.clip``."""
-    if request.clip_guidance_scale == 0:
-        return denoise
-    clip = clip_for_request(sd, request)
-    tokenizer = sd.tokenizer
-    ids = torch.tensor([tokenizer.pad(tokenizer.encode(request.prompt), clip.text.config.max_positions)],
-                       device=sd.device)
-    with torch.no_grad():
-        text_embedding = clip.encode_text(ids).float()
-    scaling = sd.config.vae.scaling_factor
-    decode = vae_decoder(sd.vae, scaling) if request.clip_decoder == "vae" else linear_decoder(sd.vae, scaling)
-    # their own generators, so that the cut-outs do not shift the sampler's noise
-    return clip_guidance(denoise, clip, text_embedding, decode, request.clip_guidance_scale, request.clip_cutouts,
-                         make_generators(seeds))
-
-
-def clip_for_request(sd: "StableDiffusion", request: "GenerationRequest") -> CLIP:
-    if request.clip_model is None:
-        if sd.clip is None:
-            raise ValueError("clip_guidance_scale needs a CLIP model with an image encoder, and this model has "
-                             "none: pass clip_model (CLI: --clip-model) as a transformers CLIPModel folder, an "
-                             "OpenCLIP state dict or a CLIP saved by torchsd, or set clip_guidance_scale to 0")
-        clip = sd.clip
-    else:
-        key = str(request.clip_model)
-        if key not in sd.clip_models:
-            from ..checkpoints.clip import load_clip
-
-            sd.clip_models[key] = load_clip(key)
-        clip = sd.clip_models[key]
-    return clip.to(sd.device, sd.dtype)
-
-
-def infotext_params(request: "GenerationRequest") -> dict:
-    """What the PNG's parameters record about CLIP guidance (nothing when it is off)."""
-    if request.clip_guidance_scale == 0:
-        return {}
-    from pathlib import Path
-
-    return {"CLIP guidance scale": request.clip_guidance_scale,
-            "CLIP model": Path(request.clip_model).name if request.clip_model is not None else "own",
-            "CLIP cutouts": request.clip_cutouts, "CLIP decoder": request.clip_decoder}

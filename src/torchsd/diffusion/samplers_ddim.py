@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .denoisers import Denoise
-from .noise import Generators, randn_like
+from ..noise import Generators, randn_like
 from .stepping import Callback, ancestral_step, notify
 
 

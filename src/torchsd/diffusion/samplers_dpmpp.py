@@ -14,7 +14,7 @@ import math
 import torch
 
 from .denoisers import Denoise
-from .noise import Generators, randn_like
+from ..noise import Generators, randn_like
 from .stepping import Callback, ancestral_step, notify
 
 

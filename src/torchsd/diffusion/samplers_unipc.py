@@ -15,7 +15,7 @@ import math
 import torch
 
 from .denoisers import Denoise
-from .noise import Generators
+from ..noise import Generators
 from .stepping import Callback, notify
 
 

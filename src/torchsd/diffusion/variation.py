@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .noise import make_generators, randn
+from ..noise import make_generators, randn
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model, parse_size
+from ..pipeline.features.base import size_argument as parse_size
+from ..runtime import add_model_arguments, load_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength)
     if args.snapshots < 1:
         raise ValueError(f"--snapshots must be at least 1; got {args.snapshots}")
-    sd = load_model(args)
+    sd = load_from_args(args)
     start = time.perf_counter()
     explanation = explain(sd, request, snapshots=args.snapshots)
     write_report(explanation_sections(explanation), out, f"torchsd explain: {args.prompt}")

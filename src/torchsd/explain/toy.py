@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import BetaSchedule, ScheduleConfig, TimestepSpacing
 from ..diffusion.denoisers import ModelDenoiser
-from ..diffusion.noise import Generators, randn
+from ..noise import Generators, randn
 from ..diffusion.samplers import Callback, Step, build_sigmas, get_sampler, initial_noise_scale, sample_ddpm
 from ..diffusion.schedules import alphas_cumprod, q_sample, training_sigmas
 from ..models.layers import timestep_embedding

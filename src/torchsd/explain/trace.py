@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..diffusion.noise import make_generators, randn
+from ..noise import make_generators, randn
 from ..diffusion.samplers import Step, build_sigmas, resolve_sampler
 from ..diffusion.schedules import alphas_cumprod, q_sample
 from ..images import pil_to_tensor

@@ -130,7 +130,7 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        from ..diffusion.noise import randn_like
+        from ..noise import randn_like
 
         return self.mean + self.std * randn_like(self.mean, generator)
 

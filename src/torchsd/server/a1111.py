@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from ..diffusion import samplers as samplers_module
-from .app import read_json
+from .schema import read_json
 from .jobs import run_generation, switch_model
 from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info
 

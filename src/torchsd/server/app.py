@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from .config import ServerConfig
 from .registry import ModelNotFound, ModelRegistry
-from .schema import PayloadTooLarge, RequestError, request_fields
+from .schema import PayloadTooLarge, RequestError
 from .worker import QueueFull, Worker
 
 log = logging.getLogger("torchsd.server")
@@ -53,26 +52,8 @@ class ServerState:
             raise JobFailed(f"{type(err).__name__}: {err}") from None
 
 
-class UnsupportedMediaType(RequestError):
-    status = 415
-
-
 class JobFailed(Exception):
     """A job crashed: its request gets 500 and the message; the worker and other requests go on."""
-
-
-async def read_json(request: Request) -> object:
-    body = await request.body()
-    if not body:
-        return {}
-    # a JSON content type makes a browser ask before sending a cross-site request, so another web page
-    # cannot drive this server from the user's browser (forms can only send text/plain or form data)
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"the request body is not valid JSON ({err})") from None
 
 
 # --- errors ---------------------------------------------------------------------------------------------------
@@ -229,7 +210,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
         sd = registry.loaded(registry.current)
         return {"version": __version__, "model": registry.current.title,
                 "sample_size": sd.config.sample_size if sd is not None else None,
-                "inpainting": "mask" in request_fields(),
+                "inpainting": True,
                 "limits": {"max_side": config.max_side, "max_steps": config.max_steps,
                            "max_images": config.max_images, "queue_size": config.queue_size}}
 

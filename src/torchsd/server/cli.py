@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import add_model_arguments
+from ..runtime import add_model_arguments
 
 API_KEY_ENV = "TORCHSD_API_KEY"
 

@@ -31,6 +31,7 @@ class JobResult:
     timestamp: str
     interrupted: bool
     steps_completed: int
+    subseeds: list[int] | None = None  # the variation seeds, when subseed_strength > 0
 
 
 def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobControl) -> JobResult:
@@ -45,6 +46,7 @@ def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobCont
         return tensor_to_pil(sd.decode_latents(x0))[0]
 
     images, seeds, infotexts, interrupted = [], [], [], False
+    subseeds: list[int] = []
     for i in range(job.n_iter):
         batch = request.replace(seed=request.seed + i * request.batch_size) if i else request
         last: list[Step] = []
@@ -59,6 +61,7 @@ def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobCont
             images += result.images
             seeds += result.seeds
             infotexts += result.infotexts
+            subseeds += result.subseeds or []
         except (Interrupted, Skipped) as stop:
             if last:
                 batch_seeds = [batch.seed + k for k in range(batch.batch_size)]
@@ -69,7 +72,7 @@ def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobCont
                 interrupted = True
                 break
     return JobResult(images, seeds, infotexts, request, sd.name, sd.model_hash, get_sampler(request.sampler).label,
-                     control.timestamp, interrupted, control.steps_completed)
+                     control.timestamp, interrupted, control.steps_completed, subseeds or None)
 
 
 def switch_model(entry: ModelEntry, registry: ModelRegistry, control: JobControl) -> ModelEntry:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from .app import read_json
+from .schema import read_json
 from .jobs import run_generation
 from .schema import openai_job, openai_response
 

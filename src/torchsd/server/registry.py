@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.io import file_sha256
-from ..runtime import RuntimeOptions, apply_runtime
+from ..runtime import RuntimeOptions, load_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -121,7 +121,7 @@ class ModelRegistry:
                  runtime: RuntimeOptions | None = None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
-        self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: load_pipeline's as they are)
+        self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: the defaults)
         self.vae = vae  # the operator's VAE swap (--vae), for every model
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._loaded: OrderedDict[Path, object] = OrderedDict()
@@ -177,8 +177,6 @@ class ModelRegistry:
 
     # --- loading (worker thread) -------------------------------------------------------------------
     def load(self, entry: ModelEntry):
-        from ..pipeline import load_pipeline
-
         if entry.path in self._loaded:
             self._loaded.move_to_end(entry.path)
             return self._loaded[entry.path]
@@ -191,11 +189,8 @@ class ModelRegistry:
         if self.models_dir is not None:  # <lora:name:w> in prompts and embeddings by name, as A1111 finds them
             options["lora_dirs"] = [p for p in [self.models_dir / LORA_FOLDER] if p.is_dir()]
             options["embedding_dirs"] = [p for p in [self.models_dir / EMBEDDINGS_FOLDER] if p.is_dir()]
-        if self.runtime is None:
-            sd = load_pipeline(entry.path, device=self.device, dtype=self.dtype, **options)
-        else:  # as the CLI loads: on the CPU, then placed (or offloaded) by the runtime options
-            sd = apply_runtime(load_pipeline(entry.path, device="cpu", dtype=self.dtype, **options), self.runtime,
-                               self.device, self.dtype)
+        # as the CLI and torchsd.load_pipeline load: the same defaults (runtime.py)
+        sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, **options)
         sd.name = entry.model_name
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)

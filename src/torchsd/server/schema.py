@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import json
 import math
@@ -21,13 +20,15 @@ import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from starlette.requests import Request
 
 from .. import __version__
-from ..diffusion.noise import random_seed
+from ..noise import random_seed
 from ..diffusion.samplers import get_sampler
 from ..images import open_image
-from ..infotext import parse_infotext
+from ..pipeline.infotext import parse_infotext
 from ..pipeline import GenerationRequest
+from ..pipeline.features import FEATURES, A1111Fields
 from .config import ServerConfig
 from .registry import ModelEntry, ModelRegistry
 
@@ -43,6 +44,24 @@ class RequestError(ValueError):
 
 class PayloadTooLarge(RequestError):
     status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+
+
+async def read_json(request: Request) -> object:
+    body = await request.body()
+    if not body:
+        return {}
+    # a JSON content type makes a browser ask before sending a cross-site request, so another web page
+    # cannot drive this server from the user's browser (forms can only send text/plain or form data)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"the request body is not valid JSON ({err})") from None
 
 
 # --- field readers: clients send nulls, ints as floats, and so on ------------------------------------------
@@ -75,10 +94,6 @@ def _str(body: dict, name: str, default: str | None) -> str | None:
     if value is not None and not isinstance(value, str):
         raise RequestError(f"{name} must be a string; got {type(value).__name__}")
     return value
-
-
-def request_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
 def default_sampler() -> str:
@@ -147,18 +162,6 @@ def png_base64(image: Image.Image, infotext: str | None) -> str:
     return base64.b64encode(png_bytes(image, infotext)).decode("ascii")
 
 
-def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
-    """A1111's resize modes 0 (just resize) and 1 (crop and resize: cover, then centre-crop)."""
-    image = image.convert("RGB")
-    if resize_mode == 1:
-        scale = max(width / image.width, height / image.height)
-        w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-        image = image.resize((w, h), Image.LANCZOS)
-        left, top = (w - width) // 2, (h - height) // 2
-        return image.crop((left, top, left + width, top + height))
-    return image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
-
-
 # --- the job ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -184,23 +187,11 @@ def check_limits(config: ServerConfig, width: int | None, height: int | None, st
 
 
 def build_request(**kwargs) -> GenerationRequest:
-    """``GenerationRequest`` from the fields this build has; its own validation errors become 422s."""
+    """``GenerationRequest`` from the fields; its own validation errors become 422s."""
     try:
         return GenerationRequest(**kwargs)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: a JSON value of the wrong kind (a string for a number)
         raise RequestError(str(err)) from None
-
-
-def _extra_fields(values: dict, refuse: dict[str, str]) -> dict:
-    """Keep the fields this build's GenerationRequest has; refuse (with the message) set ones it lacks."""
-    known = request_fields()
-    kept = {}
-    for name, value in values.items():
-        if name in known:
-            kept[name] = value
-        elif name in refuse:
-            raise RequestError(refuse[name])
-    return kept
 
 
 # --- AUTOMATIC1111 ---------------------------------------------------------------------------------------------
@@ -230,14 +221,10 @@ IMG2IMG_DEFAULTS = {
 
 def _refuse_unsupported(body: dict) -> None:
     """Fields that would change the image in ways torchsd does not do: refused, never silently ignored."""
-    if body.get("enable_hr"):
-        raise RequestError("hires fix (enable_hr) is not supported; ask for the final width and height directly")
     if body.get("tiling"):
         raise RequestError("tiling (seamless textures) is not supported; set tiling to false")
     if body.get("restore_faces"):
         raise RequestError("face restoration is not supported; set restore_faces to false")
-    if (_float(body, "subseed_strength", 0.0) or 0.0) > 0:
-        raise RequestError("variation seeds (subseed_strength > 0) are not supported; set subseed_strength to 0")
     if body.get("styles"):
         raise RequestError("prompt styles are not supported; put the style's text into the prompt")
     if body.get("script_name"):
@@ -281,8 +268,10 @@ def a1111_job(body: object, *, img2img: bool, config: ServerConfig, registry: Mo
     if eta is not None:
         kwargs["eta"] = eta
     kwargs.update(_scheduler(body))
-    if img2img:
-        kwargs.update(_img2img_fields(body, width, height, config))
+    fields = A1111Fields(body, img2img=img2img, width=width, height=height, error=RequestError,
+                         decode_image=lambda data, what: decode_image(data, what, config.max_image_pixels))
+    for feature in FEATURES:  # every feature reads its own A1111 fields
+        kwargs.update(feature.from_a1111(fields))
 
     parameters = {**defaults, **body}
     if img2img and not body.get("include_init_images"):
@@ -296,35 +285,7 @@ def _scheduler(body: dict) -> dict:
     scheduler = _str(body, "scheduler", None)
     if scheduler is None or scheduler.strip().lower() in AUTOMATIC_SCHEDULER:
         return {}
-    return _extra_fields({"scheduler": scheduler}, {
-        "scheduler": f"scheduler {scheduler!r} is not supported by this build; use 'Automatic' "
-                     f"(GET /sdapi/v1/schedulers lists the choices)"})
-
-
-def _img2img_fields(body: dict, width: int, height: int, config: ServerConfig) -> dict:
-    images = body.get("init_images")
-    if not images or not isinstance(images, list):
-        raise RequestError("img2img needs init_images: a list holding one base64-encoded image")
-    resize_mode = _int(body, "resize_mode", 0)
-    if resize_mode not in (0, 1, 3):
-        raise RequestError(f"resize_mode {resize_mode} is not supported; use 0 (just resize) or 1 (crop and resize)")
-    init = fit_image(decode_image(images[0], "init_images[0]", config.max_image_pixels), width, height,
-                     1 if resize_mode == 1 else 0)
-    fields = {"init_image": init, "strength": _float(body, "denoising_strength", 0.75)}
-    if body.get("mask"):
-        mask = decode_image(body["mask"], "mask", config.max_image_pixels)
-        mask = fit_image(mask, width, height, 1 if resize_mode == 1 else 0).convert("L")
-        blur = _int(body, "mask_blur", None)
-        fields.update(_extra_fields({"mask": mask}, {"mask": (
-            "inpainting (img2img with a mask) is not supported by this model/build yet: this torchsd's "
-            "GenerationRequest has no mask field. Send the request without mask for plain img2img")}))
-        fields.update(_extra_fields({
-            "mask_blur": blur if blur is not None else _int(body, "mask_blur_x", 4),
-            "inpainting_fill": _int(body, "inpainting_fill", 0),
-            "inpaint_full_res": bool(_get(body, "inpaint_full_res", True)),
-            "inpaint_full_res_padding": _int(body, "inpaint_full_res_padding", 0),
-            "inpainting_mask_invert": _int(body, "inpainting_mask_invert", 0)}, {}))
-    return fields
+    return {"scheduler": scheduler}
 
 
 def a1111_info(job: GenerationJob, result) -> str:
@@ -335,17 +296,16 @@ def a1111_info(job: GenerationJob, result) -> str:
         "prompt": request.prompt, "all_prompts": [request.prompt] * n,
         "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * n,
         "seed": result.seeds[0] if result.seeds else request.seed, "all_seeds": result.seeds,
-        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0.0,
         "width": request.width, "height": request.height, "sampler_name": result.sampler_label,
         "cfg_scale": request.guidance_scale, "steps": request.steps, "batch_size": request.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": result.model_name, "sd_model_hash": result.model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": request.strength if job.is_img2img else None, "extra_generation_params": {},
+        "sd_vae_name": None, "sd_vae_hash": None, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": [],
         "job_timestamp": result.timestamp, "clip_skip": request.clip_skip or 1,
         "is_using_inpainting_conditioning": False, "version": f"torchsd {__version__}",
         "interrupted": result.interrupted, "steps_completed": result.steps_completed,
+        **{key: value for feature in FEATURES for key, value in feature.a1111_info(request, result.subseeds).items()},
     })
 
 
@@ -409,12 +369,14 @@ def openai_job(body: object, *, config: ServerConfig, registry: ModelRegistry, o
     check_limits(config, width, height, steps, n)
     seed = _int(body, "seed", -1)
     clip_skip = options.get("CLIP_stop_at_last_layers")
+    # and every feature's options by their Python names (hires, hires_scale, subseed, loras …)
+    features = {name: value for feature in FEATURES for name, value in feature.from_json(body).items()}
     request = build_request(
         prompt=prompt, negative_prompt=_str(body, "negative_prompt", ""), width=width, height=height, steps=steps,
         guidance_scale=_float(body, "cfg_scale", _float(body, "guidance_scale", 7.0)),
         sampler=_str(body, "sampler", None) or default_sampler(), batch_size=n,
         seed=seed if seed is not None and seed >= 0 else random_seed(),
-        clip_skip=clip_skip if clip_skip and clip_skip > 1 else None)
+        clip_skip=clip_skip if clip_skip and clip_skip > 1 else None, **features)
     return GenerationJob(request, model=model, parameters=dict(body)), response_format
 
 
@@ -424,5 +386,6 @@ def openai_response(result, response_format: str) -> dict:
         encoded = png_base64(image, infotext)
         data.append({"b64_json": encoded} if response_format == "b64_json"
                     else {"url": f"data:image/png;base64,{encoded}"})
-    size = f"{result.request.width}x{result.request.height}"
+    width, height = result.images[0].size if result.images else (result.request.width, result.request.height)
+    size = f"{width}x{height}"  # the pictures' (a hires pass makes them larger than the request's size)
     return {"created": int(time.time()), "data": data, "output_format": "png", "size": size}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoints.embeddings import Embedding, EmbeddingLibrary
+from .embedding import Embedding, EmbeddingSource
 from ..models.clip import CLIPTextModel
 from .prompts import parse_prompt_attention
 from .tokenizer import CLIPTokenizer
@@ -37,7 +37,7 @@ class PromptChunk:
 class EmbeddingMatcher:
     """Finds embedding names in a token sequence; longer names win where several start at one token."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, library: EmbeddingLibrary | None):
+    def __init__(self, tokenizer: CLIPTokenizer, library: EmbeddingSource | None):
         self.library = library
         self.by_first_token: dict[int, list[tuple[list[int], str, object]]] = {}
         if library is None:
@@ -151,7 +151,7 @@ def encode_chunk(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, chunk: P
 
 
 def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], clip_skip: int,
-                   embeddings: EmbeddingLibrary | None = None, device: torch.device | None = None) -> Conditioning:
+                   embeddings: EmbeddingSource | None = None, device: torch.device | None = None) -> Conditioning:
     """Each distinct prompt is encoded once; prompts of fewer chunks are padded with empty-prompt chunks
     (what AUTOMATIC1111 does within a batch) so that the batch has one sequence length. ``device``: where
     the encoder runs, by default where its weights are (under offload they wait in CPU memory)."""

@@ -36,11 +36,10 @@ SAMPLE_PROMPTS = [
 
 def frozen_parts(config: TrainConfig) -> StableDiffusion:
     """The pipeline whose VAE and text encoder stay frozen (and whose U-Net is replaced or fine-tuned)."""
-    from ..pipeline import load_pipeline
-    from .artifacts import load_clip, load_vae
+    from ..checkpoints.components import load_clip, load_vae
 
     if config.model:
-        return load_pipeline(config.model)
+        return StableDiffusion.from_checkpoint(config.model)
     vae, clip = load_vae(config.vae), load_clip(config.clip)
     schedule = ScheduleConfig(prediction_type=config.prediction_type)
     model_config = ModelConfig(unet=presets.unet_config(config.preset, clip.text.config.width, vae.config.latent_channels),

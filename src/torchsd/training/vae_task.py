@@ -11,7 +11,7 @@ from torch import nn
 from ..images import tensor_to_pil
 from ..models.vae import AutoencoderKL
 from . import presets
-from .artifacts import save_component
+from ..checkpoints.components import save_component
 from .config import TrainConfig
 from .data import build_dataset
 from .distributed import Distributed
@@ -41,7 +41,7 @@ class VAETask:
     def __init__(self, config: TrainConfig, dist: Distributed):
         self.config, self.dist = config, dist
         if config.vae:
-            from .artifacts import load_vae
+            from ..checkpoints.components import load_vae
 
             self.model = load_vae(config.vae)
         else:

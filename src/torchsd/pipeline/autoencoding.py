@@ -12,8 +12,8 @@ import warnings
 
 import torch
 
-from .models.tiling import VAETiling, tiled_decode, tiled_encode_moments
-from .models.vae import AutoencoderKL, DiagonalGaussian
+from ..models.tiling import VAETiling, tiled_decode, tiled_encode_moments
+from ..models.vae import AutoencoderKL, DiagonalGaussian
 
 
 def _dtype(vae: AutoencoderKL) -> torch.dtype:

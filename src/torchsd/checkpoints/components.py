@@ -1,4 +1,4 @@
-"""Trained components as safetensors files that carry their own config in the metadata.
+"""Components trained by `torchsd train` as safetensors files that carry their own config in the metadata.
 
 ``vae.safetensors`` (an AutoencoderKL); CLIPs are written by ``checkpoints.clip.save_clip`` and U-Nets
 as whole pipelines (``StableDiffusion.save``).
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints.diffusers import load_into
-from ..checkpoints.io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
+from .diffusers import load_into
+from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
 from ..config import VAEConfig
 
 KINDS = {"vae": (VAEConfig,)}
@@ -60,6 +60,6 @@ def load_vae(path: str | Path):
 
 def load_clip(path: str | Path):
     """A CLIP written by `torchsd train clip` (``checkpoints.clip.save_clip``), trainable."""
-    from ..checkpoints.clip import load_clip as read
+    from .clip import load_clip as read
 
     return read(path).train().requires_grad_(True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    from ..cli import parse_dtype
+    from ..runtime import parse_dtype
 
     p = subparsers.add_parser("convert", help="convert between a diffusers folder and a single .safetensors file",
                               description="Rewrite a model as a diffusers folder or as one .safetensors file in "
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import convert_checkpoint
+    from ..checkpoints import convert_checkpoint
 
     options = {}
     if args.prediction_type is not None:

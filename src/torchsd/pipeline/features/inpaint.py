@@ -16,14 +16,21 @@ multiples of 8 is padded up to them and the result cropped back, so its size nev
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from .diffusion.denoisers import Denoise
+from ...diffusion.denoisers import Denoise
+from ...images import open_image
+from .base import GenerationRequest, StableDiffusion, A1111Fields, Feature, Run, number, parse_number
+from .img2img import fit_image, resize_mode_of
+
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # AUTOMATIC1111's inpainting_fill 0..3
 
@@ -183,3 +190,108 @@ def mask_tensor(inpainting: Inpainting, batch: int) -> torch.Tensor:
     """The blurred mask as (B, 1, H, W) in [0, 1] at pixel size."""
     mask = torch.from_numpy(np.asarray(inpainting.mask, dtype=np.float32) / 255)
     return mask[None, None].expand(batch, -1, -1, -1)
+
+
+# --- the feature ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    mask: Image.Image | str | Path | None = None  # white = repaint; needs init_image
+    mask_blur: float = 4.0  # pixels
+    mask_invert: bool = False  # repaint the black part instead (A1111: inpainting_mask_invert)
+    inpainting_fill: str = "original"  # FILL_MODES, or A1111's index 0-3
+
+
+class Inpaint(Feature):
+    name = "inpaint"
+    Options = InpaintOptions
+    binary_names = ("mask",)
+
+    def validate(self, options: InpaintOptions, request: GenerationRequest) -> InpaintOptions:
+        mask = options.mask
+        if mask is not None:
+            if request.init_image is None:
+                raise ValueError("a mask needs init_image: the picture whose masked (white) part is repainted")
+            mask = open_image(mask, what="mask")
+        if not (math.isfinite(options.mask_blur) and 0 <= options.mask_blur <= 256):
+            raise ValueError(f"mask_blur must be between 0 and 256 pixels; got {options.mask_blur}")
+        fill = options.inpainting_fill
+        fill = FILL_MODES[fill] if isinstance(fill, int) and 0 <= fill < len(FILL_MODES) else str(fill).lower()
+        if fill not in FILL_MODES:
+            raise ValueError(f"inpainting_fill must be one of {', '.join(FILL_MODES)} (or 0-3); "
+                             f"got {options.inpainting_fill!r}")
+        return InpaintOptions(mask, options.mask_blur, bool(options.mask_invert), fill)
+
+    def active(self, options: InpaintOptions) -> bool:
+        return options.mask is not None
+
+    # --- the run ---------------------------------------------------------------------------------------------
+    def prepare(self, sd, request, run: Run) -> None:
+        """The canvas: the init image and mask at the generation size (or padded up to multiples of 8)."""
+        inpainting = prepare_inpainting(
+            request.init_image, request.mask, run.width, run.height, explicit_size=bool(request.width or request.height),
+            mask_blur=request.mask_blur, invert=request.mask_invert, fill=request.inpainting_fill)
+        run.state[self.name] = inpainting
+        run.width, run.height = inpainting.size
+
+    def source_image(self, run: Run) -> Image.Image | None:
+        inpainting = run.state.get(self.name)
+        return inpainting.image if inpainting is not None else None
+
+    def on_start(self, init_latents: torch.Tensor, noise: torch.Tensor, sd: StableDiffusion, run: Run
+                 ) -> torch.Tensor:
+        """The starting latents with the masked part filled as asked, and an inpainting model's extra input."""
+        inpainting = run.state[self.name]
+        latent_mask = inpainting.latent_mask(run.shape, sd.device)
+        init_latents = inpainting.fill_latents(init_latents, noise, latent_mask)
+        run.state["latent_mask"], run.state["init_latents"] = latent_mask, init_latents
+        if sd.config.is_inpainting:
+            run.concat = inpainting_concat(sd, run.state["image"], mask_tensor(inpainting, run.batch_size), run.shape)
+        return init_latents
+
+    def wrap_denoiser(self, denoise, sd, request, run: Run):
+        if "latent_mask" not in run.state:
+            return denoise
+        return pin_unmasked(denoise, run.state["init_latents"], run.state["latent_mask"])
+
+    def after_sampling(self, latents, sd, request, run: Run, **_) -> torch.Tensor:
+        if "latent_mask" not in run.state:
+            return latents
+        latent_mask = run.state["latent_mask"]
+        return run.state["init_latents"] * (1 - latent_mask) + latents * latent_mask
+
+    def finish_images(self, pictures: list, run: Run) -> list:
+        inpainting = run.state[self.name]
+        pictures = [inpainting.composite(picture) for picture in pictures]  # untouched pixels come back as they were
+        if inpainting.crop is not None:
+            run.width, run.height = inpainting.crop  # the size of the pictures returned
+        return pictures
+
+    # --- interfaces ---------------------------------------------------------------------------------------------
+    def infotext_params(self, sd, request, run, index) -> dict:
+        return {"Mask blur": number(request.mask_blur)}
+
+    def from_infotext(self, params: dict[str, str]) -> dict:
+        return {"mask_blur": parse_number(params, "Mask blur", float)} if "Mask blur" in params else {}
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--mask", type=Path, default=None, help="with --init-image: white = repaint, black = "
+                                                                    "keep (or a transparent PNG's alpha)")
+        parser.add_argument("--mask-blur", type=float, default=4.0, help="Gaussian blur of the mask, in pixels")
+        parser.add_argument("--invert-mask", dest="mask_invert", action="store_true",
+                            help="repaint the black part instead")
+        parser.add_argument("--fill", dest="inpainting_fill", default="original", choices=FILL_MODES,
+                            help="what the masked area starts from")
+
+    def from_a1111(self, fields: A1111Fields) -> dict:
+        if not (fields.img2img and fields.get("mask")):
+            return {}
+        mask = fields.decode_image(fields.get("mask"), "mask")
+        mask = fit_image(mask, fields.width, fields.height, resize_mode_of(fields)).convert("L")
+        blur = fields.int("mask_blur", None)
+        return {"mask": mask, "mask_blur": blur if blur is not None else fields.int("mask_blur_x", 4),
+                "inpainting_fill": fields.int("inpainting_fill", 0),
+                "mask_invert": bool(fields.int("inpainting_mask_invert", 0))}
+
+
+INPAINT = Inpaint()

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .checkpoints.io import atomic_path
+from ..checkpoints.io import atomic_path
+from .features import FEATURES, Run
+from .features.base import parse_number, parse_size_value
 
 
 def _quote(value: object) -> str:
@@ -86,14 +88,23 @@ def save_png(image: Image.Image, path: str | Path, infotext: str | None) -> None
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-# --- back from an infotext to a request -----------------------------------------------------------
+# --- a run's infotext, and back from an infotext to a request ----------------------------------------------
 
-def _size(value: str, key: str) -> tuple[int, int] | None:
-    try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"infotext {key}: expected WIDTHxHEIGHT; got {value!r}") from None
-    return (width, height) if width > 0 and height > 0 else None  # old versions write -1x-1 for "unset"
+def infotext_for(sd, request, run: Run, index: int) -> str:
+    """The infotext of image ``index`` of a run: the core keys, then each active feature's."""
+    params = {
+        "Steps": request.steps, "Sampler": run.spec.label, "Schedule type": run.scheduler.label,
+        "CFG scale": request.guidance_scale, "Seed": run.seeds[index], "Size": f"{run.width}x{run.height}",
+        "Model hash": sd.model_hash, "Model": sd.name,
+        "Clip skip": request.clip_skip if request.clip_skip not in (None, 1) else None,
+        "Eta": request.eta if request.eta else None,
+    }
+    active = request.active()
+    for feature in active:
+        params.update(feature.infotext_params(sd, request, run, index))
+    params["Version"] = "torchsd"
+    prompt = request.prompt + "".join(feature.infotext_prompt_suffix(request, run) for feature in active)
+    return format_infotext(prompt, request.negative_prompt, params)
 
 
 def request_fields(text: str) -> dict[str, object]:
@@ -102,15 +113,10 @@ def request_fields(text: str) -> dict[str, object]:
     params = parse_infotext(text)
     fields: dict[str, object] = {"prompt": params["prompt"], "negative_prompt": params["negative_prompt"]}
     numbers = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-               "Clip skip": ("clip_skip", int), "Eta": ("eta", float), "Variation seed": ("subseed", int),
-               "Variation seed strength": ("subseed_strength", float), "Hires steps": ("hires_steps", int),
-               "Hires upscale": ("hires_scale", float), "Mask blur": ("mask_blur", float)}
+               "Clip skip": ("clip_skip", int), "Eta": ("eta", float)}
     for key, (name, kind) in numbers.items():
         if key in params:
-            try:
-                fields[name] = kind(params[key])
-            except ValueError:
-                raise ValueError(f"infotext {key}: expected a number; got {params[key]!r}") from None
+            fields[name] = parse_number(params, key, kind)
     if "Sampler" in params:
         sampler = params["Sampler"]
         schedule = params.get("Schedule type", "")
@@ -118,20 +124,9 @@ def request_fields(text: str) -> dict[str, object]:
             sampler = f"{sampler} {schedule}"  # e.g. "DPM++ 2M" + "Karras"
         fields["sampler"] = sampler
     if "Size" in params:
-        size = _size(params["Size"], "Size")
+        size = parse_size_value(params["Size"], "Size")
         if size is not None:
             fields["width"], fields["height"] = size
-    if "Seed resize from" in params:
-        fields["seed_resize_from"] = _size(params["Seed resize from"], "Seed resize from")
-    if "Hires resize" in params:
-        fields["hires_size"] = _size(params["Hires resize"], "Hires resize")
-    if "Hires upscaler" in params:
-        fields["hires_upscaler"] = params["Hires upscaler"]
-    fields["hires"] = any(k in params for k in ("Hires upscale", "Hires resize", "Hires upscaler"))
-    if "Denoising strength" in params:
-        fields["hires_strength" if fields["hires"] else "strength"] = float(params["Denoising strength"])
-    if not fields["hires"]:
-        del fields["hires"]
-    if fields.get("subseed_strength") == 0:
-        fields.pop("subseed", None)
+    for feature in FEATURES:
+        fields.update(feature.from_infotext(params))
     return fields

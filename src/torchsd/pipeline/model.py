@@ -1,0 +1,163 @@
+"""``StableDiffusion``: the bundle of networks, tokenizer and schedule, and its stages.
+
+text-to-image:  prompt -> tokens -> CLIP text encoder -> context
+                noise * sigma_max -> sampler(denoise = U-Net + guidance) -> latents -> VAE decoder -> image
+image-to-image: image -> VAE encoder -> latents + noise at the level ``strength`` picks -> the same loop
+
+The run itself, step by step, is ``run.py``; the request is ``request.py``.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoints.embeddings import EmbeddingLibrary
+from ..checkpoints.lora import LoraLibrary
+from ..config import ModelConfig
+from ..diffusion.denoisers import ModelDenoiser
+from ..diffusion.samplers import Step
+from ..models.clip import CLIP, CLIPTextModel
+from ..models.tiling import VAETiling
+from ..models.unet import UNet
+from ..models.vae import AutoencoderKL
+from ..text.conditioning import Conditioning, encode_prompts
+from ..text.tokenizer import CLIPTokenizer
+from . import autoencoding
+from .infotext import infotext_for
+from .request import GenerationRequest, GenerationResult
+from .run import plan, run
+
+GuidanceObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class StableDiffusion:
+    """The three networks, the tokenizer and the schedule. Build with ``load_pipeline`` or ``from_config``."""
+
+    def __init__(self, config: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, *, name: str = "model", source: Path | None = None):
+        self.config = config
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.denoiser = ModelDenoiser(self.unet, config.schedule)
+        self.clip: CLIP | None = None  # the model's own joint CLIP, for CLIP guidance
+        self.clip_models: dict[str, CLIP] = {}  # CLIPs that requests named, loaded once
+        self._hash: str | None = None
+        self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
+        self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
+        self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
+        # entered around every sampling loop (the runtime's packed weights, for one)
+        self.sampling_hooks: dict[str, Callable[[], AbstractContextManager]] = {}
+        self.execution_device: torch.device | None = None  # where offloaded networks run (offload.py)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, seed: int = 0, name: str = "random") -> "StableDiffusion":
+        """Randomly initialised models (for tests and for trying the code without weights)."""
+        torch.manual_seed(seed)
+        tokenizer = CLIPTokenizer(pad_token_id=config.text.pad_token_id)
+        return cls(config, UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text), tokenizer,
+                   name=name)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, lora_dirs: list[str | Path] = (),
+                        embedding_dirs: list[str | Path] = (), **options) -> "StableDiffusion":
+        """A model from a diffusers folder or single file (``None``: the bundled model) as stored, with no
+        runtime choices applied: ``torchsd.load_pipeline`` (``runtime.py``) is the entry point with defaults.
+        ``lora_dirs``: where ``<lora:name:w>`` names are found; ``embedding_dirs``: textual-inversion
+        embeddings. ``options``: see ``checkpoints.read_checkpoint``."""
+        from ..checkpoints import load_model
+
+        loaded = load_model(path, device=device, dtype=dtype, **options)
+        sd = cls(loaded.config, loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, name=loaded.name,
+                 source=loaded.source)
+        sd.clip = loaded.clip
+        for folder in lora_dirs:
+            sd.loras.add_dir(folder)
+        for folder in embedding_dirs:
+            sd.embeddings.add_dir(folder)
+        return sd
+
+    @property
+    def device(self) -> torch.device:
+        return self.execution_device or next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def model_hash(self) -> str | None:
+        """sha256[:10] of the weights file, as AUTOMATIC1111 shows it."""
+        if self._hash is None and self.source is not None and self.source.is_file():
+            from ..checkpoints.io import file_sha256
+
+            self._hash = file_sha256(self.source)[:10]
+        return self._hash
+
+    # --- the stages ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """Prompts -> text context (B, 77·chunks, width) in the model's dtype, reading AUTOMATIC1111's
+        weighting syntax, long prompts and embeddings (see ``text.conditioning``)."""
+        return self.condition(prompts, clip_skip).context.to(self.dtype)
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str], clip_skip: int | None = None) -> Conditioning:
+        """``encode_prompt`` that also tells which embeddings the prompts used."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip or self.config.clip_skip,
+                              self.embeddings, device=self.execution_device)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents, sampled from the posterior with ``generator``."""
+        posterior = autoencoding.encode(self.vae, images.to(self.device), tiling=self.vae_tiling)
+        return posterior.sample(generator).float() * self.config.vae.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (float32); a non-finite half-precision decode is redone
+        in float32, and one still not finite raises ``FloatingPointError``."""
+        return autoencoding.decode(self.vae, latents / self.config.vae.scaling_factor, tiling=self.vae_tiling)
+
+    # --- the whole run -------------------------------------------------------------------------
+    def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
+                 callback: Callable[[Step], None] | None = None, observer: GuidanceObserver | None = None,
+                 **options) -> GenerationResult:
+        """Text-to-image, or image-to-image with ``init_image`` and ``strength``. See ``GenerationRequest``."""
+        request = prompt if isinstance(prompt, GenerationRequest) else \
+            GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **options)
+        return self.run(request, progress=progress, callback=callback, observer=observer)
+
+    @torch.no_grad()
+    def run(self, request: GenerationRequest, *, progress: bool = False,
+            callback: Callable[[Step], None] | None = None,
+            observer: GuidanceObserver | None = None) -> GenerationResult:
+        """``callback`` sees every sampler ``Step``; ``observer`` sees (sigma, x0_cond, x0_uncond) at every
+        guided denoiser call (never when guidance_scale is 1, which runs the conditional half alone)."""
+        return run(self, request, progress=progress, callback=callback, observer=observer)
+
+    def infotext(self, request: GenerationRequest, seed: int, width: int, height: int) -> str:
+        """The infotext of one image of ``request`` made with ``seed`` at ``width``×``height``."""
+        run = plan(self, request)
+        run.seeds, run.width, run.height = [seed], width, height
+        return infotext_for(self, request, run, 0)
+
+    # --- saving --------------------------------------------------------------------------------
+    def save(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | None = None) -> None:
+        """Write the model as a diffusers folder or an original-layout single file."""
+        from ..checkpoints import save_pipeline
+
+        save_pipeline(self, path, format=format, dtype=dtype)
