@@ -47,6 +47,7 @@ def parse_dtype(text: str) -> torch.dtype:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
+    p.add_argument("--variant", default=None, help="diffusers folder weights variant: fp16 reads *.fp16.safetensors")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
@@ -89,7 +90,8 @@ def load_model(args: argparse.Namespace):
     options = runtime_options_from_args(args)  # validate before the (slow) load
     device = torch.device(args.device) if args.device else default_device()
     dtype = args.dtype or default_dtype(device)
-    sd = apply_runtime(load_pipeline(args.model, device="cpu", dtype=dtype, vae=getattr(args, "vae", None)),
+    sd = apply_runtime(load_pipeline(args.model, device="cpu", dtype=dtype, vae=getattr(args, "vae", None),
+                                     variant=args.variant),
                        options, device, dtype)
     from .cli_a1111 import configure_model
 

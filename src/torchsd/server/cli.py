@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs FastAPI and uvicorn ({err}); install them with "
                          f"pip install 'torchsd[server]'") from None
 
+    if args.variant is not None:  # the shared model arguments have it; the model registry does not take it yet
+        raise ValueError("serve does not take --variant yet; serve a folder that holds plain weights")
     from ..runtime import runtime_options_from_args
     from .app import create_app
     from .config import ServerConfig
