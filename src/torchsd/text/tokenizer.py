@@ -79,8 +79,7 @@ class CLIPTokenizer:
                  eos_token: str = EOS):
         if merges is None:
             merges = load_merges()
-        byte_chars = list(bytes_to_unicode().values())
-        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
+        vocab = clip_vocabulary(merges)
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = {i: token for token, i in self.encoder.items()}
         self.added_tokens = tuple(added_tokens)
@@ -247,18 +246,24 @@ class CLIPTokenizer:
             normalized = isinstance(value, dict) and bool(value.get("normalized", False))
             added.setdefault(token_id, AddedToken(_content(value), token_id, normalized=normalized))
         special = {name: _content(value) for name, value in special.items()}
+        layout = {token: i for i, token in enumerate(clip_vocabulary(merges))}
+        if {token: i for token, i in vocab.items() if i < len(layout)} != layout:
+            raise ValueError(f"{folder}: the vocabulary in {source} does not match the CLIP byte-level BPE layout of "
+                             f"its merges; torchsd reads CLIP tokenizers only")
         try:
             tok = cls(merges, added_tokens=sorted(added.values(), key=lambda t: t.id),
                       bos_token=special["bos_token"], eos_token=special["eos_token"])
         except ValueError as err:
             raise ValueError(f"{folder}: {err}") from None
-        layout = {token: i for token, i in tok.encoder.items() if i not in tok._added_ids}
-        if {token: i for token, i in vocab.items() if i < len(layout)} != layout:
-            raise ValueError(f"{folder}: the vocabulary in {source} does not match the CLIP byte-level BPE layout of "
-                             f"its merges; torchsd reads CLIP tokenizers only")
         tok.pad_token_id = tok.encoder[special["pad_token"]]
         tok.max_length = min(int(config.get("model_max_length", 77)), 77)
         return tok
+
+
+def clip_vocabulary(merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's tokens in id order: the 256 byte symbols, the same ending a word, one per merge, BOS, EOS."""
+    byte_chars = list(bytes_to_unicode().values())
+    return byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
 
 
 def _alternation(contents: list[str]) -> "regex.Pattern | None":
