@@ -17,7 +17,8 @@ def _strip_private(cfg: dict) -> dict:
 def diffusers_unet(sd: StableDiffusion):
     from diffusers import UNet2DConditionModel
 
-    cfg = _strip_private(unet_config_to_diffusers(sd.config.unet, sd.config.sample_size // 8))
+    latent_size = sd.config.sample_size // sd.config.vae.downscale_factor
+    cfg = _strip_private(unet_config_to_diffusers(sd.config.unet, latent_size))
     model = UNet2DConditionModel(**cfg)
     model.load_state_dict(to_diffusers_keys(sd.unet.state_dict(), "unet"), strict=True)
     return model.eval()

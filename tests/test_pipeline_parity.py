@@ -21,10 +21,12 @@ def folder(request, tmp_path_factory):
     return path
 
 
-def diffusers_pipeline(folder, cls_name="StableDiffusionPipeline", scheduler="DDIMScheduler"):
+def diffusers_pipeline(folder, cls_name="StableDiffusionPipeline", scheduler="DDIMScheduler", **options):
+    """``options``: more ``from_pretrained`` arguments (variant, dtype)."""
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                        **options)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -255,6 +255,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of every command that loads a model: which model, where and how it runs."""
     p.add_argument("--model", "-m", default=None,
                    help="diffusers folder or .safetensors/.ckpt file (default: bundled model)")
+    p.add_argument("--variant", default=None,
+                   help="diffusers folder weights variant: fp16 reads *.fp16.safetensors where a part has them")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
@@ -265,7 +267,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace):
     """``load_pipeline`` with the flags of ``add_model_arguments``."""
     options = runtime_options_from_args(args)  # validate before the (slow) load
-    return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None))
+    return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None),
+                         variant=getattr(args, "variant", None))
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

@@ -58,11 +58,14 @@ def write_bundled_clip(clip: "CLIP", path: str | Path) -> None:
     save_safetensors(state, path, metadata={"torchsd_clip_vision": json.dumps(dataclasses.asdict(clip.vision.config))})
 
 
-def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, **options):
+def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, variant: str | None = None,
+                    **options):
     """Config, {"unet", "vae", "text_encoder"} state dicts in torchsd's names (tensors as stored, memory-
     mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
     files: ``use_ema``, ``prediction_type`` (see ``ldm.read_single_file``). ``vae``: a separate
-    autoencoder to use instead of the model's (see ``vae.read_vae``)."""
+    autoencoder to use instead of the model's (see ``vae.read_vae``). ``variant`` ("fp16"): a diffusers
+    folder's variant weights, as diffusers' ``from_pretrained(variant=...)`` reads them (see
+    ``diffusers.component_variants``)."""
     from .diffusers import read_folder
 
     if path is None:
@@ -74,10 +77,13 @@ def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = 
     if path.is_dir():
         if options:
             raise TypeError(f"unexpected options for a diffusers folder: {', '.join(options)}")
-        config, states, tokenizer = read_folder(path)
+        config, states, tokenizer = read_folder(path, variant=variant)
     elif path.is_file():
         from .ldm import read_single_file
 
+        if variant is not None:
+            raise CheckpointError(f"{path}: variant={variant!r} selects files in a diffusers folder; a single file "
+                                  f"has none: load it without a variant")
         config, states, tokenizer = read_single_file(path, **options)
     else:
         raise CheckpointError(f"{path}: no such file or folder; give a diffusers folder or a "
@@ -85,7 +91,7 @@ def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = 
     if vae is not None:
         from .vae import read_vae, swap_vae
 
-        vae_config, states["vae"] = read_vae(vae)
+        vae_config, states["vae"] = read_vae(vae, variant)
         config = dataclasses.replace(config, vae=swap_vae(config.vae, vae_config, vae))
     return config, states, tokenizer, path
 
@@ -105,11 +111,12 @@ class LoadedModel:
 
 
 def load_model(path: str | Path | None = None, *, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, vae: str | Path | None = None, **options) -> LoadedModel:
-    """The networks of a model; see ``read_checkpoint`` for ``vae`` and ``options``."""
+               dtype: torch.dtype | None = None, vae: str | Path | None = None, variant: str | None = None,
+               **options) -> LoadedModel:
+    """The networks of a model; see ``read_checkpoint`` for ``vae``, ``variant`` and ``options``."""
     from .diffusers import load_into
 
-    config, states, tokenizer, path = read_checkpoint(path, vae=vae, **options)
+    config, states, tokenizer, path = read_checkpoint(path, vae=vae, variant=variant, **options)
     # the modules take the (memory-mapped) file tensors themselves: no second copy of the weights
     unet, autoencoder, text = _meta_models(config)
     for module, key in ((unet, "unet"), (autoencoder, "vae"), (text, "text_encoder")):

@@ -21,7 +21,7 @@ import torch
 from ..config import CLIPTextConfig, CLIPVisionConfig
 from ..models.clip import CLIP
 from .diffusers import load_into
-from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
+from .io import CheckpointError, load_state_dict, read_weights, safetensors_metadata, save_safetensors
 
 METADATA_KEY = "torchsd_clip"  # safetensors metadata entry holding {"text": {...}, "vision": {...}}
 
@@ -127,21 +127,7 @@ def read_transformers_folder(folder: Path) -> tuple[CLIPTextConfig, CLIPVisionCo
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path}: not valid JSON: {err}") from None
     text, vision = configs_from_transformers(cfg)
-    return text, vision, from_transformers_keys(_read_weights(folder))
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded (big CLIPs): {"weight_map": {key: shard file}}
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_state_dict(folder / shard))
-        return state
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return load_state_dict(folder / name)
-    raise CheckpointError(f"{folder}: no weights (model.safetensors or pytorch_model.bin)")
+    return text, vision, from_transformers_keys(read_weights(folder))
 
 
 # --- OpenCLIP / OpenAI state dicts ---------------------------------------------------------------

@@ -180,9 +180,12 @@ def text_config(tensors: Mapping[str, torch.Tensor], family: str) -> CLIPTextCon
 
 
 def sd1_text_prefix(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Old SD 1 files lack the ``text_model.`` segment that newer transformers versions added."""
+    """Where an SD 1 file's text tower is: under ``text_model.`` (transformers 4's nesting, most files) or
+    straight under ``cond_stage_model.transformer.`` (files from before it, and converted from transformers
+    5's flat layout; A1111 renames these on load). Decided by the token embedding, not by any key: some
+    files keep only the ``position_ids`` buffer under the other prefix."""
     nested = SD1_TEXT_PREFIX + "text_model."
-    return nested if any(k.startswith(nested) for k in tensors) else SD1_TEXT_PREFIX
+    return nested if nested + "embeddings.token_embedding.weight" in tensors else SD1_TEXT_PREFIX
 
 
 def infer_config(tensors: Mapping[str, torch.Tensor], source: object,

@@ -3,18 +3,28 @@
 torchsd's U-Net and VAE use diffusers' module names except for a few renames, and the text encoder
 uses transformers' names without the ``text_model.embeddings/encoder`` nesting. The mapping is a list
 of substring rules; loading asserts the exact key set and every shape before anything is copied.
+
+Folders are read as the hubs and the reference libraries leave them: weights in safetensors or pickles
+(read with ``weights_only``), one file or shards with an index, plain or as a variant (``fp16``) chosen
+per component as diffusers chooses; text encoders in transformers 4's layout (``text_model.`` nesting,
+a ``position_ids`` buffer in old files) or 5's (flat); tokenizers in every layout transformers wrote.
+Writing emits the layout that old and new versions both read (see ``write_folder``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import (CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig)
-from .io import CheckpointError, load_state_dict, save_safetensors
+from .io import CheckpointError, has_variant, read_weights, save_safetensors
+
+if TYPE_CHECKING:
+    from ..text.tokenizer import CLIPTokenizer
 
 # (ours, diffusers) substring pairs, applied in order
 UNET_RULES = [(".to_out.", ".to_out.0."), (".ff.proj_in.", ".ff.net.0.proj."), (".ff.proj_out.", ".ff.net.2.")]
@@ -22,8 +32,9 @@ VAE_RULES = [(".to_out.", ".to_out.0.")]
 TEXT_RULES = [("token_embedding.", "embeddings.token_embedding."),
               ("position_embedding.", "embeddings.position_embedding."),
               ("layers.", "encoder.layers.")]
-TEXT_PREFIX = "text_model."
-TEXT_IGNORED = ("text_model.embeddings.position_ids",)  # a buffer that old transformers versions saved
+TEXT_PREFIX = "text_model."  # transformers 4 nests the text tower under it; 5 saves CLIPTextModel flat
+TEXT_POSITION_IDS = "embeddings.position_ids"  # a buffer transformers < 4.31 saved; torchsd computes it
+TEXT_PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's (both versions: never nested)
 
 
 def _rename(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> str:
@@ -36,24 +47,41 @@ def _rename(key: str, rules: list[tuple[str, str]], reverse: bool = False) -> st
 
 
 def to_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    """torchsd's names -> diffusers' (U-Net, VAE) or transformers 4's (text encoder, ``text_model.`` nested:
+    transformers 5 reads that layout too, while 4 cannot read 5's flat one)."""
     if component == "text_encoder":
-        return {TEXT_PREFIX + _rename(k, TEXT_RULES): v for k, v in state.items()}
+        return {(k if k == TEXT_PROJECTION else TEXT_PREFIX + _rename(k, TEXT_RULES)): v for k, v in state.items()}
     rules = UNET_RULES if component == "unet" else VAE_RULES
     return {_rename(k, rules): v for k, v in state.items()}
 
 
 def from_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
     if component == "text_encoder":
-        out = {}
-        for k, v in state.items():
-            if k in TEXT_IGNORED or k == "text_projection.weight":
-                continue
-            if not k.startswith(TEXT_PREFIX):
-                raise CheckpointError(f"text encoder key {k!r} does not start with {TEXT_PREFIX!r}")
-            out[_rename(k[len(TEXT_PREFIX):], TEXT_RULES, reverse=True)] = v
-        return out
+        return text_from_transformers_keys(state)
     rules = UNET_RULES if component == "unet" else VAE_RULES
     return {_rename(k, rules, reverse=True): v for k, v in state.items()}
+
+
+def text_from_transformers_keys(state: dict[str, torch.Tensor],
+                                source: str = "text encoder") -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModel / CLIPTextModelWithProjection keys -> torchsd's, in either version's
+    layout. ``text_projection.weight`` keeps its name (SD 1/2 do not use it; SDXL's second encoder does);
+    the ``position_ids`` buffer is dropped. Unknown keys pass through so that ``load_into`` names them."""
+    tower = [k for k in state if k != TEXT_PROJECTION]
+    nested = [k for k in tower if k.startswith(TEXT_PREFIX)]
+    if nested and len(nested) != len(tower):
+        flat = next(k for k in tower if not k.startswith(TEXT_PREFIX))
+        raise CheckpointError(f"{source}: mixes keys with and without the {TEXT_PREFIX!r} prefix ({nested[0]!r} and "
+                              f"{flat!r}); a text encoder is saved in one layout or the other")
+    out = {}
+    for key, value in state.items():
+        if key != TEXT_PROJECTION:
+            key = key.removeprefix(TEXT_PREFIX) if nested else key
+            if key == TEXT_POSITION_IDS:
+                continue
+            key = _rename(key, TEXT_RULES, reverse=True)
+        out[key] = value
+    return out
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str, *, dtype: torch.dtype | None = None,
@@ -168,14 +196,18 @@ def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
     }
 
 
-def text_config_from_transformers(cfg: dict, pad_token_id: int) -> CLIPTextConfig:
+def text_config_from_transformers(cfg: dict, pad_token_id: int, bos_token_id: int = 49406,
+                                  eos_token_id: int = 49407) -> CLIPTextConfig:
+    """The token ids come from the tokenizer's files: config.json's are often wrong (transformers 5 writes
+    pad 1; old CLIP configs say bos 0, eos 2)."""
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"text_encoder: activation {act!r} is not supported (quick_gelu or gelu)")
     return CLIPTextConfig(vocab_size=cfg.get("vocab_size", 49408), max_positions=cfg.get("max_position_embeddings", 77),
                           width=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
                           num_heads=cfg["num_attention_heads"], ffn_dim=cfg["intermediate_size"], activation=act,
-                          projection_dim=cfg.get("projection_dim", cfg["hidden_size"]), pad_token_id=pad_token_id)
+                          projection_dim=cfg.get("projection_dim", cfg["hidden_size"]), pad_token_id=pad_token_id,
+                          bos_token_id=bos_token_id, eos_token_id=eos_token_id)
 
 
 def text_config_to_transformers(c: CLIPTextConfig) -> dict:
@@ -213,45 +245,88 @@ def schedule_config_to_diffusers(c: ScheduleConfig) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; a diffusers folder needs model_index.json, unet/, vae/, "
                               f"text_encoder/, tokenizer/ and scheduler/") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
-def weights_file(folder: Path) -> Path:
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors",
-                 "diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if (folder / name).exists():
-            return folder / name
-    raise CheckpointError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors or model.safetensors)")
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder")  # the folders that hold weights
 
 
-def read_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], "CLIPTokenizer"]:
-    """Config, per-component state dicts in torchsd's names, and the tokenizer of a diffusers folder."""
-    from ..text.tokenizer import CLIPTokenizer
+def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
+    """The variant to read each component in, as diffusers' ``from_pretrained(variant=...)`` decides: a
+    component whose folder has files of the variant reads them, the others read their plain weights; when
+    no component has it, that is an error. Without a variant every component reads its plain weights."""
+    if variant is None:
+        return dict.fromkeys(MODEL_COMPONENTS)
+    chosen = {name: variant if has_variant(folder / name, variant) else None for name in MODEL_COMPONENTS}
+    if not any(chosen.values()):
+        raise CheckpointError(f"{folder}: no component has {variant!r} weights (such as unet/"
+                              f"diffusion_pytorch_model.{variant}.safetensors); load it without a variant, or "
+                              f"download the {variant} files")
+    return chosen
 
+
+def read_tokenizer(folder: Path) -> "CLIPTokenizer":
+    from ..text.tokenizer import CLIPTokenizer as Tokenizer  # text/ is imported on use: loading stays light
+
+    try:
+        return Tokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_folder(folder: str | Path, *, variant: str | None = None
+                ) -> tuple[ModelConfig, dict[str, dict[str, torch.Tensor]], "CLIPTokenizer"]:
+    """Config, per-component state dicts in torchsd's names, and the tokenizer of a diffusers folder.
+    ``variant`` ("fp16"): read the weights files of that variant where a component has them."""
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
     if "unet" not in index:
         raise CheckpointError(f"{folder}: model_index.json names no unet (is this an SDXL or other pipeline? "
                               f"class {index.get('_class_name')!r})")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    unet_cfg = _read_json(folder / "unet" / "config.json")
-    vae_cfg = _read_json(folder / "vae" / "config.json")
-    text_cfg = _read_json(folder / "text_encoder" / "config.json")
-    sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
-    text = text_config_from_transformers(text_cfg, tokenizer.pad_token_id)
-    config = ModelConfig(
-        unet=unet_config_from_diffusers(unet_cfg), vae=vae_config_from_diffusers(vae_cfg), text=text,
-        schedule=schedule_config_from_diffusers(sched_cfg),
-        family="sd2" if text.activation == "gelu" else "sd1",
-        sample_size=int(unet_cfg.get("sample_size", 64)) * 2 ** (len(vae_cfg["block_out_channels"]) - 1))
-    states = {name: from_diffusers_keys(load_state_dict(weights_file(folder / name)), name)
-              for name in ("unet", "vae", "text_encoder")}
+    variants = component_variants(folder, variant)
+    tokenizer = read_tokenizer(folder / "tokenizer")
+    config = read_config(folder, tokenizer)
+    states = {name: from_diffusers_keys(read_weights(folder / name, variants[name]), name) for name in MODEL_COMPONENTS}
+    # SD 1/2 condition on the text encoder's hidden states: a CLIPTextModelWithProjection's projection is unused
+    states["text_encoder"].pop(TEXT_PROJECTION, None)
     return config, states, tokenizer
+
+
+def read_config(folder: Path, tokenizer: "CLIPTokenizer") -> ModelConfig:
+    paths = {name: folder / name / "config.json" for name in MODEL_COMPONENTS}
+    paths["scheduler"] = folder / "scheduler" / "scheduler_config.json"
+    cfg = {name: _read_json(path) for name, path in paths.items()}
+    unet = _parsed(paths["unet"], unet_config_from_diffusers, cfg["unet"])
+    vae = _parsed(paths["vae"], vae_config_from_diffusers, cfg["vae"])
+    text = _parsed(paths["text_encoder"], text_config_from_transformers, cfg["text_encoder"], tokenizer.pad_token_id,
+                   tokenizer.bos_token_id, tokenizer.eos_token_id)
+    schedule = _parsed(paths["scheduler"], schedule_config_from_diffusers, cfg["scheduler"])
+    try:
+        return ModelConfig(unet=unet, vae=vae, text=text, schedule=schedule,
+                           family="sd2" if text.activation == "gelu" else "sd1",
+                           sample_size=int(cfg["unet"].get("sample_size", 64)) * 2 ** (len(vae.channel_mult) - 1))
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: the components' configs do not make one model: {err}") from None
+
+
+def _parsed(path: Path, parse, *args):
+    """``parse(*args)``, with a missing or malformed entry reported against the config file it came from."""
+    try:
+        return parse(*args)
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        raise CheckpointError(f"{path}: lacks the entry {err}, which every such config has") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a config torchsd can use: {err}") from None
 
 
 def write_folder(folder: str | Path, config: ModelConfig, states: dict[str, dict[str, torch.Tensor]],

@@ -7,6 +7,7 @@ safetensors files are memory-mapped; pickled ``.ckpt``/``.pt``/``.bin`` files ar
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -38,6 +39,107 @@ def load_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch
         return _load_pickle(path, device)
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or "
                           f"one of {', '.join(PICKLE_SUFFIXES)}")
+
+
+# --- the weights of one model folder (diffusers' ModelMixin and transformers' PreTrainedModel layouts) ---
+
+# Stems of the weight files the reference libraries write: diffusers' models, transformers' safetensors,
+# transformers' pickles. A variant ("fp16") goes before the last suffix: model.fp16.safetensors,
+# diffusion_pytorch_model.safetensors.index.fp16.json, model.fp16-00001-of-00002.safetensors.
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def add_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors`` (diffusers' and transformers' rule)."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def weight_file_names(variant: str | None) -> list[str]:
+    """The file names a folder's weights may have, in the order the reference libraries look for them:
+    diffusers' models try a shard index before one file, transformers' one file before an index; both
+    prefer safetensors to pickles."""
+    names = []
+    for suffix in ("safetensors", "bin"):
+        index = add_variant(f"diffusion_pytorch_model.{suffix}.index.json", variant)
+        names += [index, add_variant(f"diffusion_pytorch_model.{suffix}", variant)]
+        if variant is not None:  # diffusers < 0.27 named variant indexes ...safetensors.fp16.index.json
+            names.append(f"diffusion_pytorch_model.{suffix}.{variant}.index.json")
+    for suffix, stem in (("safetensors", "model"), ("bin", "pytorch_model")):
+        names += [add_variant(f"{stem}.{suffix}", variant), add_variant(f"{stem}.{suffix}.index.json", variant)]
+    return names
+
+
+def variants_in(folder: Path) -> list[str]:
+    """The variants ("fp16", "ema" …) whose weight files ``folder`` holds: the part after the stem's dot,
+    as diffusers reads it (``model.fp16-00001-of-00002.safetensors`` -> "fp16")."""
+    found = set()
+    for path in folder.iterdir() if folder.is_dir() else ():
+        parts = path.name.split(".")
+        if parts[0].split("-")[0] in WEIGHT_STEMS and len(parts) > 2:
+            part = parts[1].split("-")[0]
+            if part not in ("safetensors", "bin"):
+                found.add(part)
+    return sorted(found)
+
+
+def has_variant(folder: Path, variant: str) -> bool:
+    """diffusers' test of whether a pipeline component comes in ``variant``: some file in its folder has a
+    second dot-separated part starting with the variant's name."""
+    return folder.is_dir() and any(len(p.name.split(".")) > 1 and p.name.split(".")[1].startswith(variant)
+                                   for p in folder.iterdir())
+
+
+def find_weights(folder: str | Path, variant: str | None = None) -> Path:
+    """The weights file, or the shard index, of one model folder (``unet/``, ``text_encoder/`` …).
+
+    Like diffusers and transformers, a ``variant`` is looked for under its own names only, and no variant
+    under the plain names only: a folder that holds only ``model.fp16.safetensors`` needs ``variant="fp16"``."""
+    folder = Path(folder)
+    for name in weight_file_names(variant):
+        if (folder / name).is_file():
+            return folder / name
+    expected = f"{add_variant('diffusion_pytorch_model.safetensors', variant)} (diffusers) or " \
+               f"{add_variant('model.safetensors', variant)} (transformers), or their .bin or sharded .index.json forms"
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; it should hold {expected}")
+    present = variants_in(folder)
+    if variant is None and present:
+        raise CheckpointError(f"{folder}: holds only {' and '.join(present)} variant weights, no plain ones; load it "
+                              f"with variant={present[0]!r} (--variant {present[0]}), as diffusers requires")
+    there = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+    hint = f"; the variants there are {', '.join(present)}" if present and variant not in present else ""
+    raise CheckpointError(f"{folder}: no weights file; expected {expected}. The folder holds: {there}{hint}")
+
+
+def read_weights(folder: str | Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one model folder: one file, or every shard its index names."""
+    path = find_weights(folder, variant)
+    return read_sharded(path) if path.name.endswith(".json") else load_state_dict(path)
+
+
+def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The shards an ``*.index.json`` names ({"weight_map": {key: shard file}}), checked against its map."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index}: not a shard index ({type(err).__name__}: {err}); it should be JSON with a "
+                              f"\"weight_map\" of tensor name -> shard file") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = index.parent / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise CheckpointError(f"{index}: names the shard {shard!r}, which is not in {index.parent}; the download "
+                                  f"is incomplete: fetch every file the index lists")
+        state.update(load_state_dict(path))
+    missing = [key for key, shard in weight_map.items() if key not in state]
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors it lists are in none of its shards (first: "
+                              f"{missing[0]} in {weight_map[missing[0]]}); a shard is stale or from another model")
+    return state
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

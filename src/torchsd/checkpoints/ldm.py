@@ -178,7 +178,9 @@ def vae_from_original(state: Mapping[str, torch.Tensor], c: VAEConfig) -> dict[s
 def text_from_original(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     if config.family == "sd1":
         state = _strip(tensors, detect.sd1_text_prefix(tensors))
-        return from_diffusers_keys({"text_model." + k: v for k, v in state.items()}, "text_encoder")
+        # the position_ids buffer (under either prefix, see OPTIONAL_KEYS) is not a weight
+        return from_diffusers_keys({k: v for k, v in state.items() if not k.endswith("position_ids")},
+                                   "text_encoder")
     state = _strip(tensors, SD2_TEXT_PREFIX)
     state = {k: v for k, v in state.items() if k not in ("text_projection", "logit_scale", "attn_mask")
              and not k.startswith(f"transformer.resblocks.{config.text.num_layers}.")}  # the unused last layer
@@ -318,7 +320,7 @@ def compare_keys(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tor
 def check_keys(tensors: Mapping[str, torch.Tensor], config: ModelConfig, source: object) -> None:
     """The file's keys and shapes must be exactly those of the model ``config`` describes."""
     expected = to_original(model_states_on_meta(config), config)
-    if config.family == "sd1" and not any(k.startswith(SD1_TEXT_PREFIX + "text_model.") for k in tensors):
+    if config.family == "sd1" and detect.sd1_text_prefix(tensors) == SD1_TEXT_PREFIX:
         expected = {k.replace("text_model.", "", 1): v for k, v in expected.items()}
     dropped_layer = f"{SD2_TEXT_PREFIX}transformer.resblocks.{config.text.num_layers}."
     compare_keys(tensors, expected, source, f"a {config.family.upper()} model",

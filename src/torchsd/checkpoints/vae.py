@@ -14,8 +14,8 @@ import torch
 
 from ..config import VAEConfig
 from . import detect
-from .diffusers import _read_json, from_diffusers_keys, vae_config_from_diffusers, weights_file
-from .io import CheckpointError, load_state_dict, safetensors_metadata
+from .diffusers import _read_json, from_diffusers_keys, vae_config_from_diffusers
+from .io import CheckpointError, load_state_dict, has_variant, read_weights, safetensors_metadata
 
 # diffusers' VAE attention names before 0.14, still in many published VAE files
 LEGACY_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
@@ -49,15 +49,18 @@ def config_from_diffusers_names(state: Mapping[str, torch.Tensor]) -> VAEConfig:
                      num_res_blocks=_count(state, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
 
 
-def read_vae(path: str | Path) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
-    """The autoencoder's config and state dict in torchsd's names."""
+def read_vae(path: str | Path, variant: str | None = None) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
+    """The autoencoder's config and state dict in torchsd's names. ``variant`` ("fp16") picks a diffusers
+    folder's variant weights where it has them."""
     from .ldm import check_vae_keys, vae_from_original
 
     path = Path(path)
     if path.is_dir():
         folder = path / "vae" if (path / "model_index.json").exists() else path
         config = vae_config_from_diffusers(_read_json(folder / "config.json"))
-        return config, from_diffusers_keys(_modern_names(load_state_dict(weights_file(folder))), "vae")
+        # the rule of a pipeline's components: the variant's files where the folder has them, else the plain ones
+        state = read_weights(folder, variant if variant is not None and has_variant(folder, variant) else None)
+        return config, from_diffusers_keys(_modern_names(state), "vae")
     if path.suffix == ".safetensors" and safetensors_metadata(path).get("torchsd_component") == "vae":
         from .components import read_component
 

@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
                    help="output format (default: single-file when OUTPUT ends in .safetensors, else diffusers)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="fp32, fp16 or bf16 (default: keep the input's)")
     p.add_argument("--vae", type=Path, default=None, help="replace the model's VAE with this one (file or folder)")
+    p.add_argument("--variant", default=None, help="diffusers folder weights variant: fp16 reads *.fp16.safetensors")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "eps", "v_prediction", "v"],
                    help="for single files whose type the tensors cannot reveal (SD 2 768 px models: v)")
     p.add_argument("--use-ema", action="store_true", help="take the U-Net's EMA weights (model_ema.*) from the input")
@@ -37,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prediction-type and --use-ema apply to single-file inputs; a diffusers folder "
                          "states its prediction type in scheduler/scheduler_config.json")
     config = convert_checkpoint(args.input, args.output, format=args.format, dtype=args.dtype, vae=args.vae,
-                                **options)
+                                variant=args.variant, **options)
     print(f"{args.output}  ({config.family.upper()}, {config.schedule.prediction_type.value})")
     return 0

@@ -27,7 +27,8 @@ class ServerConfig:
     max_body_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # uploaded images larger than this are refused before decoding
     max_loaded_models: int = 1
-    vae: Path | None = None  # a VAE for every model, where this build's load_pipeline takes one
+    vae: Path | None = None  # a VAE for every model
+    variant: str | None = None  # diffusers folders' weights variant ("fp16"), for every folder model
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # as the CLI's flags give it (runtime.py)
 
     def __post_init__(self) -> None:

@@ -118,11 +118,12 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None,
-                 runtime: RuntimeOptions | None = None):
+                 variant: str | None = None, runtime: RuntimeOptions | None = None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
         self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: the defaults)
         self.vae = vae  # the operator's VAE swap (--vae), for every model
+        self.variant = variant  # the weights variant of folder models (--variant)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._loaded: OrderedDict[Path, object] = OrderedDict()
         self._extra: list[ModelEntry] = []
@@ -186,6 +187,8 @@ class ModelRegistry:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         options = {"vae": self.vae} if self.vae is not None else {}
+        if self.variant is not None and entry.path.is_dir():  # a single file has no variants
+            options["variant"] = self.variant
         if self.models_dir is not None:  # <lora:name:w> in prompts and embeddings by name, as A1111 finds them
             options["lora_dirs"] = [p for p in [self.models_dir / LORA_FOLDER] if p.is_dir()]
             options["embedding_dirs"] = [p for p in [self.models_dir / EMBEDDINGS_FOLDER] if p.is_dir()]
