@@ -289,3 +289,47 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
+
+
+# --- flow-matching families (SD 3.5, FLUX.1): additive, used by diffusion/flow.py and models/{t5,mmdit,flux}.py
+
+@dataclass(frozen=True)
+class FlowScheduleConfig:
+    """Rectified-flow sampling schedule: x_t = (1 - t) x0 + t eps, t in [0, 1], the network predicts v = eps - x0.
+
+    ``shift`` bends the schedule towards t = 1 (SD 3: t' = s t / (1 + (s - 1) t), s = 3). With
+    ``dynamic_shift`` (FLUX.1-dev) the shift is exp(mu), mu linear in the image token count from
+    ``base_shift`` at ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``.
+    ``spacing``: "training" spaces the steps linearly between the shifted training schedule's end points and
+    shifts again (what diffusers' SD 3 pipelines do); "uniform" spaces t = 1 ... 1/steps (diffusers' FLUX.1)."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 3.0
+    dynamic_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    spacing: str = "training"
+
+    def __post_init__(self) -> None:
+        _check_positive("FlowScheduleConfig", num_train_timesteps=self.num_train_timesteps)
+        if not self.shift > 0:
+            raise ValueError(f"FlowScheduleConfig.shift must be positive (1.0 = no shift); got {self.shift}")
+        if not 0 < self.base_image_seq_len < self.max_image_seq_len:
+            raise ValueError("FlowScheduleConfig: need 0 < base_image_seq_len < max_image_seq_len; got "
+                             f"{self.base_image_seq_len}, {self.max_image_seq_len}")
+        if self.spacing not in ("training", "uniform"):
+            raise ValueError(f"FlowScheduleConfig.spacing must be 'training' or 'uniform'; got {self.spacing!r}")
+
+    @classmethod
+    def sd3(cls) -> "FlowScheduleConfig":
+        return cls(shift=3.0)
+
+    @classmethod
+    def flux_dev(cls) -> "FlowScheduleConfig":
+        return cls(shift=1.0, dynamic_shift=True, spacing="uniform")
+
+    @classmethod
+    def flux_schnell(cls) -> "FlowScheduleConfig":
+        return cls(shift=1.0, spacing="uniform")

@@ -1,0 +1,102 @@
+"""Rectified-flow models (SD 3.5, FLUX.1) in the samplers' ``denoise(x, sigma) -> x0`` interface.
+
+The forward process is x_t = (1 - t) x0 + t eps, t in [0, 1], and the network predicts the velocity
+v = dx_t/dt = eps - x0, so x0 = x_t - t v. Written with that x0, the flow ODE is
+
+    dx/dt = v = (x - x0(x, t)) / t,
+
+which is exactly the probability-flow ODE every k-diffusion sampler solves, dx/dsigma = (x - x0(x, sigma)) / sigma
+(Karras et al. 2022), with sigma = t and x = x_t unscaled. So the samplers are handed the flow times as their
+sigmas (1 -> 0) and run unchanged, as ComfyUI's CONST model sampling does: Euler's step
+x + (t' - t)(x - x0)/t = x + (t' - t) v is diffusers' FlowMatchEulerDiscreteScheduler step exactly; Heun,
+DPM++ 2M and UniPC are other discretisations of the same ODE and converge to the same solution
+(tests/test_flow_matching.py), though their exponential integrators, derived for x = x0 + sigma * eps, are
+markedly less accurate than Heun at few steps on flow times (ComfyUI now runs them in half-log-SNR for flow
+models; a later change can do the same). The first
+sample is noise * sigmas[0] = noise (t = 1), which is the k-diffusion "sigma" initialisation unchanged.
+
+Not valid as they stand: the ancestral and SDE samplers, whose fresh noise assumes x = x0 + sigma * eps (VE);
+a flow model needs the noise re-mixed as (1 - t) x0 + t eps (ComfyUI's CONST branch). They are not offered here.
+
+Why not the other mapping: dividing by (1 - t) gives y = x_t / (1 - t) = x0 + (t / (1 - t)) eps, a true VE
+variable, but its first level t = 1 is sigma = infinity, which no sampler can start from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from ..config import FlowScheduleConfig
+from .denoisers import sigma_per_image
+
+
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD 3's timestep shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23): more steps at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_shift_exponential(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """FLUX.1's shift: t' = e^mu / (e^mu + (1/t - 1)), the SD 3 shift with s = e^mu."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+def dynamic_shift_mu(config: FlowScheduleConfig, image_seq_len: int) -> float:
+    """mu, linear in the image token count: base_shift at base_image_seq_len, max_shift at max_image_seq_len."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return config.base_shift + slope * (image_seq_len - config.base_image_seq_len)
+
+
+def flow_sigmas(config: FlowScheduleConfig, steps: int, image_seq_len: int | None = None) -> torch.Tensor:
+    """The ``steps + 1`` flow times t (float64, from 1 down, ending at 0) that diffusers' pipelines visit.
+
+    ``image_seq_len``: the transformer's image token count, (H/16)(W/16) for 8x latents in 2x2 patches;
+    needed with ``dynamic_shift``."""
+    if steps < 1:
+        raise ValueError(f"flow_sigmas needs at least one step; got {steps}")
+    n = config.num_train_timesteps
+    if config.spacing == "uniform":
+        t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    else:  # between the end points of the (shifted, unless dynamic) training schedule t = 1/n ... 1
+        ends = torch.tensor([1.0, 1.0 / n], dtype=torch.float64)
+        if not config.dynamic_shift:
+            ends = shift_times(ends, config.shift)
+        t = torch.linspace(float(ends[0]), float(ends[1]), steps, dtype=torch.float64)
+    if config.dynamic_shift:
+        if image_seq_len is None:
+            raise ValueError("flow_sigmas: a dynamic shift (FLUX.1-dev) depends on the image size; pass "
+                             "image_seq_len = (height // 16) * (width // 16)")
+        t = time_shift_exponential(dynamic_shift_mu(config, image_seq_len), t)
+    else:
+        t = shift_times(t, config.shift)
+    return torch.cat([t, t.new_zeros(1)])
+
+
+def flow_noise(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps: where image-to-image starts (diffusers' ``scale_noise``)."""
+    return (1 - t) * x0 + t * noise
+
+
+class VelocityModel(Protocol):
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                 pooled: torch.Tensor, **extras) -> torch.Tensor: ...
+
+
+class FlowDenoiser:
+    """Wraps a velocity-predicting transformer: ``(x, sigma, context, pooled, **extras) -> x0``.
+
+    sigma is the flow time t; the network sees x_t as it is (no input scaling) and the timestep
+    t * num_train_timesteps, as both MMDiT and FLUX.1 were trained."""
+
+    def __init__(self, model: VelocityModel, config: FlowScheduleConfig | None = None):
+        self.model = model
+        self.num_train_timesteps = (config or FlowScheduleConfig()).num_train_timesteps
+        self.sigma_min, self.sigma_max = 0.0, 1.0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, context: torch.Tensor,
+                 pooled: torch.Tensor, **extras) -> torch.Tensor:
+        t = sigma_per_image(sigma, x)
+        v = self.model(x.to(context.dtype), t * self.num_train_timesteps, context, pooled, **extras).to(x.dtype)
+        return x - t[:, None, None, None] * v
