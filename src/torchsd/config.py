@@ -333,3 +333,34 @@ class FlowScheduleConfig:
     @classmethod
     def flux_schnell(cls) -> "FlowScheduleConfig":
         return cls(shift=1.0, spacing="uniform")
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 encoder (the text encoder of SD 3.5 and FLUX.1): RMSNorm, gated-GELU feed-forward, relative
+    position buckets added to the attention logits of every layer (one table, learnt in the first layer)."""
+
+    vocab_size: int = 32128
+    width: int = 4096  # d_model
+    num_layers: int = 24
+    num_heads: int = 64
+    head_dim: int = 64  # d_kv: heads * head_dim need not equal width
+    ffn_dim: int = 10240
+    num_buckets: int = 32
+    max_distance: int = 128
+    norm_eps: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        _check_positive("T5Config", vocab_size=self.vocab_size, width=self.width, num_layers=self.num_layers,
+                        num_heads=self.num_heads, head_dim=self.head_dim, ffn_dim=self.ffn_dim,
+                        num_buckets=self.num_buckets, max_distance=self.max_distance)
+        if self.num_buckets % 4:
+            raise ValueError(f"T5Config.num_buckets must be a multiple of 4 (half per direction, half of those "
+                             f"exact); got {self.num_buckets}")
+
+    @classmethod
+    def xxl(cls) -> "T5Config":
+        """google/t5-v1_1-xxl's encoder, as SD 3.5 and FLUX.1 ship it (text_encoder_3 / text_encoder_2)."""
+        return cls()

@@ -1,0 +1,72 @@
+"""torchsd's T5 v1.1 encoder equals transformers' T5EncoderModel on the same random weights."""
+
+import pytest
+import torch
+
+from reference import max_rel_error
+from torchsd.checkpoints.t5 import config_to_transformers, from_transformers, to_transformers
+from torchsd.config import T5Config
+from torchsd.models.t5 import T5Encoder
+
+TINY = T5Config(vocab_size=99, width=32, num_layers=3, num_heads=4, head_dim=12, ffn_dim=40, num_buckets=8,
+                max_distance=20)
+
+
+def transformers_t5(config: T5Config, seed: int = 0):
+    from transformers import T5Config as HFConfig, T5EncoderModel
+
+    torch.manual_seed(seed)
+    model = T5EncoderModel(HFConfig(**config_to_transformers(config))).eval()
+    with torch.no_grad():  # norms away from 1, every weight of a similar scale
+        gen = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_matches_transformers(with_mask):
+    reference = transformers_t5(TINY)
+    ours = T5Encoder(TINY).eval()
+    ours.load_state_dict(from_transformers(reference.state_dict(), TINY), strict=True)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, TINY.vocab_size, (2, 37), generator=gen)  # offsets beyond max_distance too
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        theirs = reference(ids, attention_mask=mask if with_mask else None).last_hidden_state
+        mine = ours(ids, attention_mask=mask if with_mask else None)
+    assert mine.shape == (2, 37, TINY.width)
+    assert max_rel_error(mine, theirs) < 1e-5
+
+
+def test_keys_round_trip_and_errors_name_the_key():
+    reference = transformers_t5(TINY)
+    state = from_transformers(reference.state_dict(), TINY)
+    back = to_transformers(state, TINY)
+    assert set(back) | {"encoder.embed_tokens.weight"} == set(reference.state_dict())
+    bad = dict(reference.state_dict())
+    bad.pop("encoder.block.1.layer.1.DenseReluDense.wo.weight")
+    with pytest.raises(ValueError, match="wo.weight"):
+        from_transformers(bad, TINY)
+    bad = dict(reference.state_dict())
+    bad["encoder.final_layer_norm.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match="final_layer_norm"):
+        from_transformers(bad, TINY)
+
+
+def test_xxl_preset_parameter_count_equals_transformers():
+    from transformers import T5Config as HFConfig, T5EncoderModel
+
+    config = T5Config.xxl()
+    with torch.device("meta"):
+        ours = T5Encoder(config)
+        theirs = T5EncoderModel(HFConfig(**config_to_transformers(config)))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters())
+    assert count == 4_762_310_656  # google/t5-v1_1-xxl's encoder
+
+
+def test_bad_config_says_how_to_fix_it():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        T5Config(num_buckets=30)
