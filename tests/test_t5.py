@@ -70,3 +70,49 @@ def test_xxl_preset_parameter_count_equals_transformers():
 def test_bad_config_says_how_to_fix_it():
     with pytest.raises(ValueError, match="multiple of 4"):
         T5Config(num_buckets=30)
+
+
+PROMPTS = ["a cat riding the moon, zebra!", "", "A Photo  of a horse on a red chair at dawn; an astronaut " * 3,
+           "ÄÖ ﬁ ½ unknown 🙂 words"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A tiny SentencePiece-style Unigram model trained here, saved as tokenizer.json (T5's layout: <pad> 0,
+    </s> 1, <unk> 2, Metaspace pieces, NFKC, "$A </s>" post-processing)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    text = ["a photo of a cat sitting on a red chair", "an astronaut riding a horse on the moon",
+            "a watercolor painting of mountains at dawn", "zebra stripes and photos of horses"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = tmp_path_factory.mktemp("t5tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("max_length", [8, 32])
+def test_tokenizer_ids_equal_transformers(tokenizer_file, max_length):
+    from transformers import T5TokenizerFast
+
+    from torchsd.text.t5_tokenizer import T5Tokenizer
+
+    reference = T5TokenizerFast(tokenizer_file=str(tokenizer_file), extra_ids=0)
+    expected = reference(PROMPTS, padding="max_length", max_length=max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    ours = T5Tokenizer(tokenizer_file.parent, max_length=max_length)
+    assert torch.equal(ours(PROMPTS), expected)
+    assert (ours.pad_token_id, ours.eos_token_id) == (0, 1)
+
+
+def test_tokenizer_missing_file_says_how_to_convert(tmp_path):
+    from torchsd.text.t5_tokenizer import T5Tokenizer
+
+    (tmp_path / "spiece.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        T5Tokenizer(tmp_path)
