@@ -13,7 +13,8 @@ TINY = T5Config(vocab_size=99, width=32, num_layers=3, num_heads=4, head_dim=12,
 
 
 def transformers_t5(config: T5Config, seed: int = 0):
-    from transformers import T5Config as HFConfig, T5EncoderModel
+    from transformers import T5Config as HFConfig
+    from transformers import T5EncoderModel
 
     torch.manual_seed(seed)
     model = T5EncoderModel(HFConfig(**config_to_transformers(config))).eval()
@@ -56,7 +57,8 @@ def test_keys_round_trip_and_errors_name_the_key():
 
 
 def test_xxl_preset_parameter_count_equals_transformers():
-    from transformers import T5Config as HFConfig, T5EncoderModel
+    from transformers import T5Config as HFConfig
+    from transformers import T5EncoderModel
 
     config = T5Config.xxl()
     with torch.device("meta"):

@@ -364,3 +364,52 @@ class T5Config:
     def xxl(cls) -> "T5Config":
         """google/t5-v1_1-xxl's encoder, as SD 3.5 and FLUX.1 ship it (text_encoder_3 / text_encoder_2)."""
         return cls()
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """SD 3 / 3.5's multimodal diffusion transformer (Esser et al. 2024): 2x2 patches of 16-channel latents,
+    joint attention of text and image streams with separate weights, adaLN-Zero modulation.
+
+    ``dual_attention_blocks``: blocks (SD 3.5 Medium: the first 13) whose image stream has a second
+    self-attention (MMDiT-X). ``qk_norm``: RMSNorm of queries and keys per head (SD 3.5) or none (SD 3)."""
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    num_layers: int = 24
+    num_heads: int = 24
+    head_dim: int = 64
+    context_dim: int = 4096  # joint_attention_dim: T5-XXL width; CLIP states are zero-padded to it
+    pooled_dim: int = 2048  # pooled CLIP-L (768) + CLIP-G (1280)
+    sample_size: int = 128  # latent size the sincos grid was scaled for (base of the position grid)
+    pos_embed_max_size: int = 192  # the stored position grid; smaller images use its centre crop
+    dual_attention_blocks: tuple[int, ...] = ()
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("MMDiTConfig", in_channels=self.in_channels, out_channels=self.out_channels,
+                        patch_size=self.patch_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                        head_dim=self.head_dim, context_dim=self.context_dim, pooled_dim=self.pooled_dim,
+                        sample_size=self.sample_size, pos_embed_max_size=self.pos_embed_max_size)
+        object.__setattr__(self, "dual_attention_blocks", tuple(sorted(self.dual_attention_blocks)))
+        if any(not 0 <= i < self.num_layers for i in self.dual_attention_blocks):
+            raise ValueError(f"MMDiTConfig.dual_attention_blocks must index blocks 0..{self.num_layers - 1}; "
+                             f"got {self.dual_attention_blocks}")
+        if self.width % 4:
+            raise ValueError(f"MMDiTConfig: width {self.width} must be a multiple of 4 for 2-D sincos positions")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def sd35_large(cls) -> "MMDiTConfig":
+        """stabilityai/stable-diffusion-3.5-large transformer/config.json (also Large Turbo)."""
+        return cls(num_layers=38, num_heads=38, pos_embed_max_size=192, qk_norm=True)
+
+    @classmethod
+    def sd35_medium(cls) -> "MMDiTConfig":
+        """stabilityai/stable-diffusion-3.5-medium transformer/config.json: MMDiT-X."""
+        return cls(num_layers=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
+                   dual_attention_blocks=tuple(range(13)))

@@ -3,7 +3,6 @@ hold in text_encoder_3/ and FLUX.1's text_encoder_2/), with exact key and shape 
 
 from __future__ import annotations
 
-
 import torch
 
 from ..config import T5Config
