@@ -413,3 +413,52 @@ class MMDiTConfig:
         """stabilityai/stable-diffusion-3.5-medium transformer/config.json: MMDiT-X."""
         return cls(num_layers=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
                    dual_attention_blocks=tuple(range(13)))
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1's transformer (Black Forest Labs 2024): MMDiT-style double-stream blocks, then single-stream
+    blocks over the concatenated tokens (attention and MLP in parallel), rotary positions over
+    (text, row, column) ids. ``guidance_embeds``: FLUX.1-dev embeds the guidance scale (distilled CFG)."""
+
+    latent_channels: int = 16
+    patch_size: int = 2  # latents are packed into 2x2 patches: 64 features per token
+    num_double_blocks: int = 19
+    num_single_blocks: int = 38
+    num_heads: int = 24
+    head_dim: int = 128
+    context_dim: int = 4096  # T5-XXL
+    pooled_dim: int = 768  # pooled CLIP-L
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # head channels rotated by (text index, row, column)
+    rope_theta: float = 10000.0
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_positive("FluxConfig", latent_channels=self.latent_channels, patch_size=self.patch_size,
+                        num_double_blocks=self.num_double_blocks, num_heads=self.num_heads,
+                        head_dim=self.head_dim, context_dim=self.context_dim, pooled_dim=self.pooled_dim)
+        if self.num_single_blocks < 0:
+            raise ValueError(f"FluxConfig.num_single_blocks must be >= 0; got {self.num_single_blocks}")
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        if sum(self.axes_dims_rope) != self.head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"FluxConfig.axes_dims_rope {self.axes_dims_rope} must be even numbers summing to "
+                             f"head_dim={self.head_dim}")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @classmethod
+    def flux_dev(cls) -> "FluxConfig":
+        """black-forest-labs/FLUX.1-dev transformer/config.json."""
+        return cls(guidance_embeds=True)
+
+    @classmethod
+    def flux_schnell(cls) -> "FluxConfig":
+        """black-forest-labs/FLUX.1-schnell transformer/config.json: no guidance embedding."""
+        return cls(guidance_embeds=False)

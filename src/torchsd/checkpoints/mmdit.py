@@ -39,9 +39,9 @@ _COMPILED = [(re.compile(pattern), replacement) for pattern, replacement in _RUL
 
 def diffusers_name(name: str) -> str:
     for pattern, replacement in _COMPILED:
-        renamed, count = pattern.subn(replacement, name, count=1)
-        if count and pattern.match(name):
-            return renamed
+        match = pattern.match(name)
+        if match:
+            return match.expand(replacement) + name[match.end():]
     raise KeyError(f"no diffusers name for MMDiT parameter {name!r}")
 
 
@@ -75,7 +75,7 @@ def from_diffusers(state: dict[str, torch.Tensor], config: MMDiTConfig) -> dict[
 def _check(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], what: str) -> None:
     missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or unexpected:
-        raise ValueError(f"{what} weights do not fit this MMDiTConfig: missing {missing[:5]}"
+        raise ValueError(f"{what} weights do not fit the config: missing {missing[:5]}"
                          f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'…' if len(unexpected) > 5 else ''} (another model size or version?)")
     for name, shape in shapes.items():
