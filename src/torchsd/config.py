@@ -95,6 +95,9 @@ class VAEConfig:
     num_res_blocks: int = 2
     norm_groups: int = 32
     scaling_factor: float = 0.18215
+    # SD 3 and FLUX.1: latents = (z - shift_factor) * scaling_factor, and no 1x1 convs around the latent
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("VAEConfig", in_channels=self.in_channels, latent_channels=self.latent_channels,
@@ -106,6 +109,16 @@ class VAEConfig:
     @property
     def downscale_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @classmethod
+    def sd3(cls) -> "VAEConfig":
+        """stabilityai/stable-diffusion-3.5-* vae/config.json: 16 latent channels."""
+        return cls(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False)
+
+    @classmethod
+    def flux(cls) -> "VAEConfig":
+        """black-forest-labs/FLUX.1-* vae/config.json: 16 latent channels."""
+        return cls(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,16 @@ def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
     return VAEConfig(in_channels=cfg.get("in_channels", 3), latent_channels=cfg.get("latent_channels", 4),
                      base_channels=base, channel_mult=tuple(w // base for w in widths),
                      num_res_blocks=cfg.get("layers_per_block", 2), norm_groups=cfg.get("norm_num_groups", 32),
-                     scaling_factor=cfg.get("scaling_factor", 0.18215))
+                     scaling_factor=cfg.get("scaling_factor", 0.18215),
+                     shift_factor=cfg.get("shift_factor") or 0.0, use_quant_conv=_quant_conv(cfg))
+
+
+def _quant_conv(cfg: dict) -> bool:
+    both = (cfg.get("use_quant_conv", True), cfg.get("use_post_quant_conv", True))
+    if both[0] != both[1]:
+        raise CheckpointError(f"vae: use_quant_conv={both[0]} with use_post_quant_conv={both[1]} is not "
+                              "supported (SD 1/2/XL have both convs, SD 3 and FLUX.1 neither)")
+    return both[0]
 
 
 def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
@@ -193,6 +202,9 @@ def vae_config_to_diffusers(c: VAEConfig, sample_size: int) -> dict:
         "layers_per_block": c.num_res_blocks, "norm_num_groups": c.norm_groups, "scaling_factor": c.scaling_factor,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "act_fn": "silu", "sample_size": sample_size,
+        **({} if c.use_quant_conv and not c.shift_factor else
+           {"shift_factor": c.shift_factor, "use_quant_conv": c.use_quant_conv,
+            "use_post_quant_conv": c.use_quant_conv}),
     }
 
 

@@ -152,14 +152,19 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         z2 = 2 * config.latent_channels
-        self.quant_conv = nn.Conv2d(z2, z2, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        # SD 3 and FLUX.1 autoencoders have no 1x1 convs around the latent (use_quant_conv=False)
+        self.quant_conv = nn.Conv2d(z2, z2, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1) \
+            if config.use_quant_conv else None
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        moments = self.encoder(images)
+        return DiagonalGaussian(moments if self.quant_conv is None else self.quant_conv(moments))
 
     def decode(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents), checkpoint=checkpoint)
+        if self.post_quant_conv is not None:
+            latents = self.post_quant_conv(latents)
+        return self.decoder(latents, checkpoint=checkpoint)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.encode(images)
