@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from reference import _perturb, max_rel_error
-from torchsd.checkpoints.diffusers import (from_diffusers_keys, vae_config_from_diffusers,
-                                           vae_config_to_diffusers)
+from torchsd.checkpoints.diffusers import from_diffusers_keys, vae_config_from_diffusers, vae_config_to_diffusers
 from torchsd.config import VAEConfig
 from torchsd.models.vae import AutoencoderKL
 
