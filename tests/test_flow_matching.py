@@ -129,3 +129,24 @@ def test_samplers_solve_the_flow_ode(sampler, tolerance):
     # Euler converges at first order, the others at second; DPM++ 2M and UniPC, whose exponential integrators
     # assume x = x0 + sigma * eps, are poor at few steps on flow times (see diffusion/flow.py)
     torch.testing.assert_close(result, s * noise, atol=tolerance, rtol=0)
+
+
+def test_heun_equals_flow_match_heun():
+    """Heun on flow times is diffusers' FlowMatchHeunDiscreteScheduler (2 model calls a step, Euler last)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    config, steps = FlowScheduleConfig.sd3(), 8
+    model = ToyVelocity().double()
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    context, pooled = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)
+    scheduler = FlowMatchHeunDiscreteScheduler(shift=config.shift)
+    scheduler.set_timesteps(steps)
+    theirs = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            theirs = scheduler.step(model(theirs, t.expand(1).double(), context, pooled), t, theirs).prev_sample
+    denoiser = FlowDenoiser(model, config)
+    sigmas = flow_sigmas(config, steps)
+    ours = sample_heun(lambda x, s: denoiser(x, s, context, pooled), noise * sigmas[0].item(), sigmas)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -8,8 +8,8 @@ v = dx_t/dt = eps - x0, so x0 = x_t - t v. Written with that x0, the flow ODE is
 which is exactly the probability-flow ODE every k-diffusion sampler solves, dx/dsigma = (x - x0(x, sigma)) / sigma
 (Karras et al. 2022), with sigma = t and x = x_t unscaled. So the samplers are handed the flow times as their
 sigmas (1 -> 0) and run unchanged, as ComfyUI's CONST model sampling does: Euler's step
-x + (t' - t)(x - x0)/t = x + (t' - t) v is diffusers' FlowMatchEulerDiscreteScheduler step exactly; Heun,
-DPM++ 2M and UniPC are other discretisations of the same ODE and converge to the same solution
+x + (t' - t)(x - x0)/t = x + (t' - t) v is diffusers' FlowMatchEulerDiscreteScheduler step exactly, and Heun
+is its FlowMatchHeunDiscreteScheduler; DPM++ 2M and UniPC are other discretisations of the same ODE and converge to the same solution
 (tests/test_flow_matching.py), though their exponential integrators, derived for x = x0 + sigma * eps, are
 markedly less accurate than Heun at few steps on flow times (ComfyUI now runs them in half-log-SNR for flow
 models; a later change can do the same). The first
