@@ -9,11 +9,12 @@ which is exactly the probability-flow ODE every k-diffusion sampler solves, dx/d
 (Karras et al. 2022), with sigma = t and x = x_t unscaled. So the samplers are handed the flow times as their
 sigmas (1 -> 0) and run unchanged, as ComfyUI's CONST model sampling does: Euler's step
 x + (t' - t)(x - x0)/t = x + (t' - t) v is diffusers' FlowMatchEulerDiscreteScheduler step exactly, and Heun
-is its FlowMatchHeunDiscreteScheduler; DPM++ 2M and UniPC are other discretisations of the same ODE and converge to the same solution
-(tests/test_flow_matching.py), though their exponential integrators, derived for x = x0 + sigma * eps, are
-markedly less accurate than Heun at few steps on flow times (ComfyUI now runs them in half-log-SNR for flow
-models; a later change can do the same). The first
-sample is noise * sigmas[0] = noise (t = 1), which is the k-diffusion "sigma" initialisation unchanged.
+is its FlowMatchHeunDiscreteScheduler. DPM++ 2M and UniPC are other discretisations of the same ODE and
+converge to the same solution (tests/test_flow_matching.py), though their exponential integrators, derived
+for x = x0 + sigma * eps, are markedly less accurate than Heun at few steps on flow times (ComfyUI now runs
+them in half-log-SNR for flow models, as diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True) does;
+a later change can do the same). The first sample is noise * sigmas[0] = noise (t = 1), the k-diffusion
+"sigma" initialisation unchanged.
 
 Not valid as they stand: the ancestral and SDE samplers, whose fresh noise assumes x = x0 + sigma * eps (VE);
 a flow model needs the noise re-mixed as (1 - t) x0 + t eps (ComfyUI's CONST branch). They are not offered here.
