@@ -125,3 +125,18 @@ def test_euler_run_equals_stable_diffusion3_pipeline():
                         latents * sigmas[0].item(), sigmas)
     assert max_rel_error(theirs, latents) > 0.1  # the run went somewhere
     assert max_rel_error(mine, theirs) < 1e-4
+
+
+def test_bfloat16_runs_close_to_float32():
+    import copy
+
+    model = MMDiT(CONFIGS["sd35_medium"]).eval()
+    _perturb(model, 0, scale=0.05)
+    gen = torch.Generator().manual_seed(0)
+    x, context, pooled = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 5, 24, generator=gen), \
+        torch.randn(1, 12, generator=gen)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        full = model(x, t, context, pooled)
+        half = copy.deepcopy(model).bfloat16()(x.bfloat16(), t, context.bfloat16(), pooled.bfloat16())
+    assert half.dtype == torch.bfloat16 and max_rel_error(half, full) < 3e-2

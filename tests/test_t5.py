@@ -118,3 +118,16 @@ def test_tokenizer_missing_file_says_how_to_convert(tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         T5Tokenizer(tmp_path)
+
+
+def test_bfloat16_runs_close_to_float32():
+    import copy
+
+    from reference import _perturb
+
+    model = T5Encoder(TINY).eval()
+    _perturb(model, 0, scale=0.1)
+    ids = torch.randint(0, TINY.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, half = model(ids), copy.deepcopy(model).bfloat16()(ids)
+    assert half.dtype == torch.bfloat16 and max_rel_error(half, full) < 5e-2
