@@ -150,3 +150,36 @@ def test_heun_equals_flow_match_heun():
     sigmas = flow_sigmas(config, steps)
     ours = sample_heun(lambda x, s: denoiser(x, s, context, pooled), noise * sigmas[0].item(), sigmas)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc"])
+def test_exponential_integrators_in_the_ve_variable_equal_diffusers_flow_schedulers(solver):
+    """DPM++ 2M and UniPC, unchanged, on y = x_t / (1 - t) with sigma = t / (1 - t) are diffusers'
+    DPMSolverMultistepScheduler / UniPCMultistepScheduler with use_flow_sigmas and flow_prediction."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    from torchsd.diffusion.flow import flow_as_ve, ve_sigmas_of_flow
+
+    steps = 8
+    kind = DPMSolverMultistepScheduler if solver == "dpmpp_2m" else UniPCMultistepScheduler
+    scheduler = kind(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    scheduler.set_timesteps(steps)
+    model = ToyVelocity().double()
+    gen = torch.Generator().manual_seed(6)
+    noise = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    context, pooled = torch.randn(1, 3, 5, generator=gen, dtype=torch.float64), torch.randn(1, 5, dtype=torch.float64)
+    theirs = noise.clone()
+    with torch.no_grad():
+        # these schedulers round the model's timesteps to integers; the model is given the exact t * 1000 here,
+        # as torchsd gives it, so that the comparison is of the solvers
+        for t, sigma in zip(scheduler.timesteps, scheduler.sigmas):
+            v = model(theirs, (sigma * 1000).expand(1).double(), context, pooled)
+            theirs = scheduler.step(v, t, theirs).prev_sample
+
+    denoiser = FlowDenoiser(model)
+    flow_levels = scheduler.sigmas.double()
+    sigmas = ve_sigmas_of_flow(flow_levels)
+    sampler = sample_dpmpp_2m if solver == "dpmpp_2m" else sample_unipc
+    ours = sampler(flow_as_ve(lambda x, t: denoiser(x, t, context, pooled)), noise / (1 - flow_levels[0].item()),
+                   sigmas)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -9,18 +9,20 @@ which is exactly the probability-flow ODE every k-diffusion sampler solves, dx/d
 (Karras et al. 2022), with sigma = t and x = x_t unscaled. So the samplers are handed the flow times as their
 sigmas (1 -> 0) and run unchanged, as ComfyUI's CONST model sampling does: Euler's step
 x + (t' - t)(x - x0)/t = x + (t' - t) v is diffusers' FlowMatchEulerDiscreteScheduler step exactly, and Heun
-is its FlowMatchHeunDiscreteScheduler. DPM++ 2M and UniPC are other discretisations of the same ODE and
-converge to the same solution (tests/test_flow_matching.py), though their exponential integrators, derived
-for x = x0 + sigma * eps, are markedly less accurate than Heun at few steps on flow times (ComfyUI now runs
-them in half-log-SNR for flow models, as diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True) does;
-a later change can do the same). The first sample is noise * sigmas[0] = noise (t = 1), the k-diffusion
-"sigma" initialisation unchanged.
+is its FlowMatchHeunDiscreteScheduler. DPM++ 2M and UniPC run too and converge to the same solution
+(tests/test_flow_matching.py), but on flow times their exponential integrators, derived for
+x = x0 + sigma * eps, are not diffusers' flow solvers: for those, run them unchanged in the VE variable of
+``flow_as_ve`` below (what diffusers' DPMSolverMultistep/UniPCMultistep with use_flow_sigmas compute, and
+what ComfyUI now does for flow models through the half log-SNR). The first sample is noise * sigmas[0] = noise
+(t = 1), the k-diffusion "sigma" initialisation unchanged.
 
-Not valid as they stand: the ancestral and SDE samplers, whose fresh noise assumes x = x0 + sigma * eps (VE);
-a flow model needs the noise re-mixed as (1 - t) x0 + t eps (ComfyUI's CONST branch). They are not offered here.
+Not valid on flow times: the ancestral and SDE samplers, whose fresh noise assumes x = x0 + sigma * eps (VE);
+on flow times the noise must be re-mixed as (1 - t) x0 + t eps (ComfyUI's CONST branch). In the VE variable
+of ``flow_as_ve`` that assumption holds; no test here covers them yet.
 
-Why not the other mapping: dividing by (1 - t) gives y = x_t / (1 - t) = x0 + (t / (1 - t)) eps, a true VE
-variable, but its first level t = 1 is sigma = infinity, which no sampler can start from.
+Why flow times and not only the VE variable: dividing by (1 - t) gives y = x_t / (1 - t) = x0 + (t / (1 - t)) eps,
+a true VE variable, but its first level t = 1 is sigma = infinity, which no sampler can start from; the
+SD 3 and FLUX.1 schedules (and diffusers' Euler) start at t = 1 exactly.
 """
 
 from __future__ import annotations
@@ -123,3 +125,32 @@ def flow_guidance(model: FlowDenoiser, cond: tuple[torch.Tensor, torch.Tensor],
         return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
 
     return denoise
+
+
+# --- the same ODE in a VE variable, for the exponential integrators (DPM++, UniPC) ---------------------------
+
+def ve_sigmas_of_flow(t: torch.Tensor) -> torch.Tensor:
+    """Flow times t < 1 -> VE noise levels sigma = t / (1 - t): x_t / (1 - t) = x0 + sigma * eps.
+
+    In this variable lambda = -log(sigma) is the half log-SNR log((1 - t) / t) that DPM-Solver and UniPC are
+    derived in, so their steps are diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler with
+    ``use_flow_sigmas=True``. t = 1 would be sigma = infinity: those schedules start just below it."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if bool((t >= 1).any()):
+        raise ValueError("ve_sigmas_of_flow: t = 1 is an infinite VE noise level; start the schedule below 1 "
+                         "(diffusers' flow DPM++/UniPC levels do) or sample with the flow times directly")
+    return t / (1 - t)
+
+
+def flow_as_ve(denoise: Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
+               ) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
+    """A flow ``denoise(x_t, t) -> x0`` as a VE one ``(y, sigma) -> x0`` with y = x_t / (1 - t),
+    t = sigma / (1 + sigma). x0 is the same in both variables. Start from y = x_t / (1 - t_0); the result at
+    sigma = 0 is x_0 itself."""
+    def denoise_ve(y: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = sigma_per_image(sigma, y).double()
+        t = sigma / (1 + sigma)
+        scale = (1 - t).to(y.dtype)[:, None, None, None]
+        return denoise(y * scale, t.to(torch.float32) if y.dtype != torch.float64 else t)
+
+    return denoise_ve
