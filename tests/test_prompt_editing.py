@@ -64,6 +64,14 @@ def test_more_schedules(prompt, expected):
     assert [list(entry) for entry in prompt_schedule(prompt, 10)] == expected
 
 
+def test_deep_nesting_is_kept_as_text_not_a_crash():
+    prompt = "[" * 5000 + "a:b:3" + "]" * 5000
+    assert prompt_schedule(prompt, 10) == [(10, prompt)]
+    assert not has_schedule(prompt)
+    deep = "[" * 50 + "a:b:3" + "]" * 50
+    assert [text for _, text in prompt_schedule(deep, 10)] == ["[" * 49 + "a" + "]" * 49, "[" * 49 + "b" + "]" * 49]
+
+
 def test_a_sampler_step_uses_the_first_entry_that_lasts_to_it():
     schedule = prompt_schedule("a [b:3]", 10)  # A1111: steps 0..3 (0-based) use "a ", 4..9 "a b"
     assert [text_at_step(schedule, step) for step in range(10)] == ["a "] * 4 + ["a b"] * 6
@@ -246,3 +254,19 @@ def test_batch_of_images_with_edited_prompt(sd):
     two = sd.generate("a [red:blue:2] cat AND a dog", steps=3, seed=10, width=16, height=16, sampler="Euler",
                       batch_size=2)
     torch.testing.assert_close(two.latents[:1], one.latents, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_prompt_editing_and_from_reproduce(sd, tmp_path):
+    from PIL import Image
+
+    from torchsd.cli import main
+    from torchsd.pipeline.infotext import read_png_infotext
+
+    sd.save(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--device", "cpu"]
+    prompt = "a [(red:1.2):blue:0.5] cat :1.1 AND a [dog|bird]"
+    assert main(["generate", prompt, "--steps", "3", "--size", "16x16", "--seed", "5", "--sampler", "Euler",
+                 "--output", str(tmp_path / "a.png"), *common]) == 0
+    assert read_png_infotext(tmp_path / "a.png").startswith(prompt + "\n")
+    assert main(["generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"), *common]) == 0
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 _NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*]")
 _AND = re.compile(r"\bAND\b")
@@ -41,9 +42,6 @@ class _Scheduled:
 @dataclass
 class _Alternate:
     options: list[list]
-
-
-Node = "str | list | _Scheduled | _Alternate"
 
 
 def _parse_sequence(text: str, i: int) -> tuple[list, int]:
@@ -102,6 +100,15 @@ def _parse_bracket(text: str, i: int):
             if number:  # [from:to:when]
                 return _Scheduled(first, second, number.group(1)), number.end()
     return None
+
+
+@lru_cache(maxsize=256)
+def _parsed(prompt: str) -> tuple | None:
+    """The parse of a prompt, or None where it is not in the grammar (or nests deeper than Python recurses)."""
+    try:
+        return tuple(_parse(prompt))
+    except (_Unreadable, RecursionError):
+        return None
 
 
 def _parse(prompt: str) -> list:
@@ -166,9 +173,8 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
         value = (value - fraction_offset) * total if "." in when else value - int_offset
         return min(total, int(value))
 
-    try:
-        nodes = _parse(prompt)
-    except _Unreadable:
+    nodes = _parsed(prompt)
+    if nodes is None:
         return [(total, prompt)]
     changes = _steps_of(nodes, resolve)
     every = range(1, total + 1) if -1 in changes else ()
@@ -189,11 +195,8 @@ def has_schedule(prompt: str) -> bool:
     """Whether the prompt holds an edit (``[a:b:when]``) or an alternation (``[a|b]``) that the grammar reads."""
     if "[" not in prompt:
         return False
-    try:
-        nodes = _parse(prompt)
-    except _Unreadable:
-        return False
-    return bool(_steps_of(nodes, lambda when: 0)) or _has_construct(nodes)
+    nodes = _parsed(prompt)
+    return nodes is not None and _has_construct(nodes)
 
 
 def _has_construct(nodes: list) -> bool:
