@@ -218,9 +218,13 @@ def test_composable_guidance_splits_batches_and_matches_context_lengths(sd):
         for c, w in zip(rows, ws):
             total += (sd.denoiser(x[b:b + 1], sigma[b:b + 1], c) - x0_u) * (w * 6.0)
         expected.append(total)
+    seen = []
     for max_rows in (1, 8):
-        got = composable_guidance(sd.denoiser, conds, weights, uncond, 6.0, max_rows=max_rows)(x, sigma)
+        got = composable_guidance(sd.denoiser, conds, weights, uncond, 6.0, max_rows=max_rows,
+                                  observer=lambda *args: seen.append(args))(x, sigma)
         torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-4)
+    _, x0_cond, x0_uncond = seen[-1]  # the combination at scale 1: plain guidance's formula gives x0
+    torch.testing.assert_close(x0_uncond + 6.0 * (x0_cond - x0_uncond), got, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cond rows"):
         composable_guidance(sd.denoiser, conds[:3], weights, uncond, 6.0)
 

@@ -144,7 +144,9 @@ COMPOSABLE_MAX_ROWS = 8  # latents per U-Net call in composable guidance, unless
 
 def composable_guidance(model: ModelDenoiser, conds: list[torch.Tensor], weights: list[list[float]],
                         uncond: torch.Tensor, guidance_scale: float, concat: torch.Tensor | None = None,
-                        max_rows: int = COMPOSABLE_MAX_ROWS) -> Denoise:
+                        max_rows: int = COMPOSABLE_MAX_ROWS,
+                        observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+                        ) -> Denoise:
     """Composable diffusion (Liu et al. 2022), as AUTOMATIC1111 combines it for ``a cat :1.2 AND a dog``:
 
         x0 = x0_uncond + sum_i w_i * s * (x0_cond_i - x0_uncond)
@@ -153,7 +155,9 @@ def composable_guidance(model: ModelDenoiser, conds: list[torch.Tensor], weights
     sub-prompt weights, one per context; ``uncond`` is (B, T, W). All rows and the uncond go through the
     U-Net together, in calls of at most ``max_rows`` latents (at least one plain CFG batch) and one context
     length each: contexts of different lengths (long prompts) are repeated to a common length where it is
-    small, as ``repeat_to_common_length`` does (exact: attention over a repeated context is the same)."""
+    small, as ``repeat_to_common_length`` does (exact: attention over a repeated context is the same).
+    ``observer`` sees (sigma, x0_cond, x0_uncond) with x0_cond the sub-prompts' combination at scale 1, so that
+    x0 = x0_uncond + s * (x0_cond - x0_uncond) as in plain guidance."""
     batch = uncond.shape[0]
     owner = [b for b, image_weights in enumerate(weights) for _ in image_weights]  # the image of each cond row
     if len(owner) != len(conds) or len(weights) != batch:
@@ -187,6 +191,14 @@ def composable_guidance(model: ModelDenoiser, conds: list[torch.Tensor], weights
             for weight in image_weights:
                 denoised[b] += (x0_rows[row] - x0_uncond[b]) * (weight * guidance_scale)
                 row += 1
+        if observer is not None:
+            combined = x0_uncond.clone()
+            row = 0
+            for b, image_weights in enumerate(weights):
+                for weight in image_weights:
+                    combined[b] += (x0_rows[row] - x0_uncond[b]) * weight
+                    row += 1
+            observer(sigma, combined, x0_uncond)
         return denoised
 
     return denoise

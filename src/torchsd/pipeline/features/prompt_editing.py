@@ -98,7 +98,7 @@ class PromptEditing(Feature):
                                                           concat=run.concat, observer=observer)
                 else:
                     built[key] = composable_guidance(sd.denoiser, cond, weights, uncond, request.guidance_scale,
-                                                     concat=run.concat)
+                                                     concat=run.concat, observer=observer)
             return built[key](x, sigma)
 
         return denoise
