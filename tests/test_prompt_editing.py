@@ -274,3 +274,27 @@ def test_cli_prompt_editing_and_from_reproduce(sd, tmp_path):
     assert read_png_infotext(tmp_path / "a.png").startswith(prompt + "\n")
     assert main(["generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"), *common]) == 0
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm2", "dpmpp_2s_a", "dpmpp_2m_sde", "plms", "unipc", "lms", "ddpm"])
+def test_every_sampler_switches_the_prompt(sd, monkeypatch, sampler):
+    encoded = []
+    condition = sd.condition
+    monkeypatch.setattr(sd, "condition", lambda prompts, clip_skip=None: encoded.append(tuple(prompts))
+                        or condition(prompts, clip_skip))
+    result = sd.generate("a [red:blue:0.5] cat AND a dog", steps=4, seed=11, width=16, height=16, sampler=sampler)
+    assert torch.isfinite(result.latents).all()
+    assert {("a red cat",), ("a blue cat",), (" a dog",), ("",)} == set(encoded)
+
+
+def test_image_to_image_counts_the_steps_it_runs(sd, monkeypatch):
+    from PIL import Image
+
+    encoded = []
+    condition = sd.condition
+    monkeypatch.setattr(sd, "condition", lambda prompts, clip_skip=None: encoded.append(tuple(prompts))
+                        or condition(prompts, clip_skip))
+    picture = Image.new("RGB", (16, 16), (200, 30, 30))
+    sd.generate("a [red:blue:2] cat", init_image=picture, strength=0.5, steps=8, seed=12, sampler="Euler")
+    # 4 of the 8 steps run, counted from 0 as A1111's counter restarts: steps 0-2 red, then blue
+    assert ("a red cat",) in encoded and ("a blue cat",) in encoded
