@@ -122,6 +122,10 @@ def test_registry_reads_models_dir_styles_csv(tmp_path, styles_file, models_dir)
     assert ModelRegistry(models_dir, models_dir / "tiny-a").styles.styles == {}  # none in the shared folder
     registry = ModelRegistry(models_dir, models_dir / "tiny-a", styles_file=styles_file)
     assert list(registry.styles.styles) == ["Ink", "Moody", "Empty"]
+    # <models-dir>/styles.csv when no --styles-file is given (styles_file's folder as the models folder)
+    registry = ModelRegistry(styles_file.parent, models_dir / "tiny-a")
+    assert registry.styles.path == styles_file.resolve() and "Ink" in registry.styles.styles
+    assert registry.pipeline().styles is registry.styles  # what the runs read
 
 
 @pytest.fixture(scope="module")

@@ -156,8 +156,10 @@ def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None, sigm
     CLIP guidance's result). ``sigmas``: the levels of this sampler loop (default: the run's)."""
     sigmas = run.sigmas if sigmas is None else sigmas
     active = request.active()
-    denoise = next((d for d in (f.guidance(sd, request, run, sigmas, observer) for f in active) if d is not None),
-                   None)
+    denoise = None
+    for feature in active:  # a feature that guides by itself (prompt editing, AND); the first one that does
+        if denoise is None:
+            denoise = feature.guidance(sd, request, run, sigmas, observer)
     if denoise is None:
         denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale,
                                            concat=run.concat, observer=observer)
