@@ -298,3 +298,19 @@ def test_image_to_image_counts_the_steps_it_runs(sd, monkeypatch):
     sd.generate("a [red:blue:2] cat", init_image=picture, strength=0.5, steps=8, seed=12, sampler="Euler")
     # 4 of the 8 steps run, counted from 0 as A1111's counter restarts: steps 0-2 red, then blue
     assert ("a red cat",) in encoded and ("a blue cat",) in encoded
+
+
+@pytest.mark.parametrize("sampler, expected", [
+    ("euler", [0, 1, 2, 3]),
+    ("ddim", [0, 1, 2, 3]),
+    ("heun", [0, 1, 1, 2, 2, 3, 3]),  # the correction at the next level reads the next step's prompt
+    ("dpm2", [0, 0, 1, 1, 2, 2, 3]),  # the midpoint reads the current step's
+])
+def test_steps_are_counted_by_sigma(sd, monkeypatch, sampler, expected):
+    from torchsd.pipeline.features import prompt_editing
+
+    seen = []
+    monkeypatch.setattr(prompt_editing, "step_index", lambda levels, sigma: seen.append(step_index(levels, sigma))
+                        or seen[-1])
+    sd.generate("a [red:blue:2] cat", steps=4, seed=13, width=16, height=16, sampler=sampler)
+    assert seen == expected
