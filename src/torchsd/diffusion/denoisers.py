@@ -137,3 +137,68 @@ def repeat_to_common_length(uncond: torch.Tensor, cond: torch.Tensor, max_factor
     if common > max_factor * max(a, b):
         return uncond, cond
     return uncond.repeat(1, common // a, 1), cond.repeat(1, common // b, 1)
+
+
+COMPOSABLE_MAX_ROWS = 8  # latents per U-Net call in composable guidance, unless one plain CFG batch holds more
+
+
+def composable_guidance(model: ModelDenoiser, conds: list[torch.Tensor], weights: list[list[float]],
+                        uncond: torch.Tensor, guidance_scale: float, concat: torch.Tensor | None = None,
+                        max_rows: int = COMPOSABLE_MAX_ROWS,
+                        observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+                        ) -> Denoise:
+    """Composable diffusion (Liu et al. 2022), as AUTOMATIC1111 combines it for ``a cat :1.2 AND a dog``:
+
+        x0 = x0_uncond + sum_i w_i * s * (x0_cond_i - x0_uncond)
+
+    ``conds`` are every sub-prompt's context (1, T_i, W), image by image; ``weights[b]`` are image b's
+    sub-prompt weights, one per context; ``uncond`` is (B, T, W). All rows and the uncond go through the
+    U-Net together, in calls of at most ``max_rows`` latents (at least one plain CFG batch) and one context
+    length each: contexts of different lengths (long prompts) are repeated to a common length where it is
+    small, as ``repeat_to_common_length`` does (exact: attention over a repeated context is the same).
+    ``observer`` sees (sigma, x0_cond, x0_uncond) with x0_cond the sub-prompts' combination at scale 1, so that
+    x0 = x0_uncond + s * (x0_cond - x0_uncond) as in plain guidance."""
+    batch = uncond.shape[0]
+    owner = [b for b, image_weights in enumerate(weights) for _ in image_weights]  # the image of each cond row
+    if len(owner) != len(conds) or len(weights) != batch:
+        raise ValueError(f"composable_guidance: {len(conds)} cond rows for {len(owner)} weights over "
+                         f"{len(weights)} images; uncond has {batch}")
+    contexts = [c[0] for c in conds] + list(uncond.unbind(0))  # each (T, W)
+    latent_of_row = owner + list(range(batch))
+    longest = max(c.shape[0] for c in contexts)
+    common = math.lcm(*{c.shape[0] for c in contexts})
+    if common <= 4 * longest:
+        contexts = [c.repeat(common // c.shape[0], 1) for c in contexts]
+    groups: dict[int, list[int]] = {}
+    for row, context in enumerate(contexts):
+        groups.setdefault(context.shape[0], []).append(row)
+    max_rows = max(max_rows, 2 * batch)
+    calls = [(rows[i:i + max_rows], torch.stack([contexts[r] for r in rows[i:i + max_rows]]))
+             for rows in groups.values() for i in range(0, len(rows), max_rows)]
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_per_image(sigma, x)
+        x0_rows: list[torch.Tensor | None] = [None] * len(contexts)
+        for rows, context in calls:
+            index = torch.tensor([latent_of_row[r] for r in rows], device=x.device)
+            out = model(x[index], sigma[index], context, None if concat is None else concat[index])
+            for r, x0 in zip(rows, out):
+                x0_rows[r] = x0
+        x0_uncond = torch.stack(x0_rows[len(owner):])
+        denoised = x0_uncond.clone()
+        row = 0
+        for b, image_weights in enumerate(weights):
+            for weight in image_weights:
+                denoised[b] += (x0_rows[row] - x0_uncond[b]) * (weight * guidance_scale)
+                row += 1
+        if observer is not None:
+            combined = x0_uncond.clone()
+            row = 0
+            for b, image_weights in enumerate(weights):
+                for weight in image_weights:
+                    combined[b] += (x0_rows[row] - x0_uncond[b]) * weight
+                    row += 1
+            observer(sigma, combined, x0_uncond)
+        return denoised
+
+    return denoise

@@ -103,8 +103,10 @@ def infotext_for(sd, request, run: Run, index: int) -> str:
     for feature in active:
         params.update(feature.infotext_params(sd, request, run, index))
     params["Version"] = "torchsd"
-    prompt = request.prompt + "".join(feature.infotext_prompt_suffix(request, run) for feature in active)
-    return format_infotext(prompt, request.negative_prompt, params)
+    typed = request.prompt if run.prompt is None else run.prompt  # as typed, styles applied
+    negative_prompt = request.negative_prompt if run.negative_prompt is None else run.negative_prompt
+    prompt = typed + "".join(feature.infotext_prompt_suffix(request, run) for feature in active)
+    return format_infotext(prompt, negative_prompt, params)
 
 
 def request_fields(text: str) -> dict[str, object]:

@@ -25,6 +25,7 @@ from ..models.tiling import VAETiling
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
 from ..text.conditioning import Conditioning, encode_prompts
+from ..text.styles import StyleLibrary
 from ..text.tokenizer import CLIPTokenizer
 from . import autoencoding
 from .infotext import infotext_for
@@ -52,6 +53,7 @@ class StableDiffusion:
         self._hash: str | None = None
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
+        self.styles = StyleLibrary()  # prompt styles by name: sd.styles.load("styles.csv")
         self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
         # entered around every sampling loop (the runtime's packed weights, for one)
         self.sampling_hooks: dict[str, Callable[[], AbstractContextManager]] = {}

@@ -111,7 +111,7 @@ class GenerationRequest:
 
     def active(self) -> list["Feature"]:
         """The features that change this run, in registry order."""
-        return [feature for feature, options in zip(FEATURES, self.features) if feature.active(options)]
+        return [feature for feature in FEATURES if feature.active_in(self)]
 
     def __getattr__(self, name: str):
         # only reached for names that are not core fields: a feature's flat keyword

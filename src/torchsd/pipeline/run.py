@@ -44,8 +44,9 @@ def run(sd, request: GenerationRequest, *, progress: bool = False, callback: Ste
         for feature in active:
             feature.prepare(sd, request, state)
         schedule(sd, request, state)
-        encode_prompts(sd, request, state, [request.prompt] * request.batch_size,  # 2.
-                       [request.negative_prompt] * request.batch_size)
+        prompt, negative_prompt = expand_prompts(sd, request, state)
+        encode_prompts(sd, request, state, [prompt] * request.batch_size,  # 2.
+                       [negative_prompt] * request.batch_size)
         x = start_latents(sd, request, state)  # 3.
         extra_inputs(sd, state)
         # 4.-5. (a feature that samples again, the hires pass, calls state.sample)
@@ -99,10 +100,23 @@ def schedule(sd, request: GenerationRequest, run: Run) -> None:
 
 # --- 2. the prompts ----------------------------------------------------------------------------------------
 
+def expand_prompts(sd, request: GenerationRequest, run: Run) -> tuple[str, str]:
+    """The request's prompts as the run reads them: each active feature may rewrite them (styles)."""
+    prompt, negative_prompt = request.prompt, request.negative_prompt
+    for feature in request.active():
+        prompt, negative_prompt = feature.expand_prompts(sd, request, prompt, negative_prompt)
+    run.prompt, run.negative_prompt = prompt, negative_prompt
+    return prompt, negative_prompt
+
+
 def encode_prompts(sd, request: GenerationRequest, run: Run, prompts: list[str], negative_prompts: list[str]) -> None:
-    """The text contexts of one prompt per image, with the ``<lora:…>`` tags taken out."""
+    """The text contexts of one prompt per image, with the ``<lora:…>`` tags taken out; a feature that reads
+    the prompts' own syntax (prompt editing, ``AND``) encodes them itself."""
     run.prompts = [extract_extra_networks(p)[0] for p in prompts]
     run.negative_prompts = [extract_extra_networks(p)[0] for p in negative_prompts]
+    for feature in request.active():
+        if feature.encode_prompts(sd, request, run):
+            return
     cond = sd.condition(run.prompts, request.clip_skip)
     uncond = sd.condition(run.negative_prompts, request.clip_skip) if request.guidance_scale != 1.0 else None
     used = cond.embeddings + (uncond.embeddings if uncond is not None else [])
@@ -135,12 +149,21 @@ def extra_inputs(sd, run: Run) -> None:
 
 # --- 4.-5. the denoiser and the sampler loop ---------------------------------------------------------------
 
-def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None) -> Denoise:
-    """The U-Net under classifier-free guidance, wrapped by each active feature; features listed earlier in
-    the registry wrap outermost (inpainting's pinning sees CLIP guidance's result)."""
-    denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale, concat=run.concat,
-                                       observer=observer)
-    for feature in reversed(request.active()):
+def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None, sigmas: torch.Tensor | None = None
+                   ) -> Denoise:
+    """The U-Net under classifier-free guidance (or a feature's guidance: prompt editing, ``AND``), wrapped by
+    each active feature; features listed earlier in the registry wrap outermost (inpainting's pinning sees
+    CLIP guidance's result). ``sigmas``: the levels of this sampler loop (default: the run's)."""
+    sigmas = run.sigmas if sigmas is None else sigmas
+    active = request.active()
+    denoise = None
+    for feature in active:  # a feature that guides by itself (prompt editing, AND); the first one that does
+        if denoise is None:
+            denoise = feature.guidance(sd, request, run, sigmas, observer)
+    if denoise is None:
+        denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale,
+                                           concat=run.concat, observer=observer)
+    for feature in reversed(active):
         denoise = feature.wrap_denoiser(denoise, sd, request, run)
     return denoise
 
@@ -148,7 +171,7 @@ def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None) -> D
 def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: torch.Tensor, *,
            progress: bool = False, callback: StepCallback | None = None, observer=None) -> torch.Tensor:
     """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end."""
-    denoise = build_denoiser(sd, request, run, observer)
+    denoise = build_denoiser(sd, request, run, observer, sigmas)
     kwargs = sampler_options(run.spec, run.generators, request.eta)
     # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
     # waits for the accelerator, and in float32, the precision they had on the device

@@ -17,7 +17,7 @@ from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info
 
 # routes clients probe at start-up that name features torchsd does not have: an empty list each
 EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
-               "realesrgan-models", "prompt-styles", "script-info", "extensions")
+               "realesrgan-models", "script-info", "extensions")
 
 
 def scheduler_items() -> list[dict]:
@@ -153,6 +153,10 @@ def router(state) -> APIRouter:
     def embeddings():
         sd = registry.loaded(registry.current)
         return registry.embeddings(sd.config.text.width if sd is not None else None)
+
+    @api.get("/prompt-styles")
+    def prompt_styles():
+        return registry.styles.as_list()
 
     @api.get("/scripts")
     def scripts():

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="most images per request")
     p.add_argument("--max-body-mb", type=int, default=50, help="largest request body in MiB")
+    p.add_argument("--styles-file", type=Path, default=None, metavar="FILE",
+                   help="AUTOMATIC1111's styles.csv for the API's styles field (default: <models-dir>/styles.csv)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_model_arguments(p)
     p.set_defaults(handler=run)
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, device=args.device, dtype=args.dtype,
         queue_size=args.queue_size, max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
         max_body_bytes=args.max_body_mb * 1024 * 1024, vae=getattr(args, "vae", None),
-        variant=getattr(args, "variant", None),
+        variant=getattr(args, "variant", None), styles_file=args.styles_file,
         runtime=runtime_options_from_args(args))
     if not config.is_loopback and config.api_key is None:
         print(f"torchsd: warning: listening on {config.host} without --api-key: anyone who can reach this "

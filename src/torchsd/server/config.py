@@ -29,6 +29,7 @@ class ServerConfig:
     max_loaded_models: int = 1
     vae: Path | None = None  # a VAE for every model
     variant: str | None = None  # diffusers folders' weights variant ("fp16"), for every folder model
+    styles_file: Path | None = None  # AUTOMATIC1111's styles.csv (default: <models-dir>/styles.csv if there)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # as the CLI's flags give it (runtime.py)
 
     def __post_init__(self) -> None:
@@ -42,6 +43,9 @@ class ServerConfig:
             raise ValueError(f"max_side must be a multiple of 8; got {self.max_side}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty; leave --api-key out to run without one")
+        if self.styles_file is not None and not Path(self.styles_file).is_file():
+            raise ValueError(f"--styles-file {str(self.styles_file)!r} does not exist; give AUTOMATIC1111's "
+                             f"styles.csv (columns name, prompt, negative_prompt)")
         if self.models_dir is not None and not Path(self.models_dir).is_dir():
             raise ValueError(f"--models-dir {str(self.models_dir)!r} is not a folder; create it or point to the "
                              f"folder that holds your .safetensors/.ckpt files and diffusers folders")

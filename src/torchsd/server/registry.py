@@ -19,10 +19,11 @@ import torch
 
 from ..checkpoints.io import file_sha256
 from ..runtime import RuntimeOptions, load_pipeline
+from ..text.styles import StyleLibrary
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-LORA_FOLDER, EMBEDDINGS_FOLDER = "Lora", "embeddings"
+LORA_FOLDER, EMBEDDINGS_FOLDER, STYLES_FILE = "Lora", "embeddings", "styles.csv"
 # folders of other kinds of weights, never offered as models
 SIDE_FOLDERS = {LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), "vae", "controlnet", "hypernetworks", "esrgan"}
 MAX_DEPTH = 4
@@ -118,8 +119,11 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None,
-                 variant: str | None = None, runtime: RuntimeOptions | None = None):
+                 variant: str | None = None, runtime: RuntimeOptions | None = None, styles_file: Path | None = None):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
+        if styles_file is None and self.models_dir is not None and (self.models_dir / STYLES_FILE).is_file():
+            styles_file = self.models_dir / STYLES_FILE
+        self.styles = StyleLibrary(styles_file)  # every loaded model's ``sd.styles``
         self.device, self.dtype, self.max_loaded = device, dtype, max_loaded
         self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: the defaults)
         self.vae = vae  # the operator's VAE swap (--vae), for every model
@@ -195,6 +199,7 @@ class ModelRegistry:
         # as the CLI and torchsd.load_pipeline load: the same defaults (runtime.py)
         sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, **options)
         sd.name = entry.model_name
+        sd.styles = self.styles
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)
             if key not in self._hashes:  # hashing reads the whole file: once per (path, mtime, size)

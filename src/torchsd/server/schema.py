@@ -225,8 +225,6 @@ def _refuse_unsupported(body: dict) -> None:
         raise RequestError("tiling (seamless textures) is not supported; set tiling to false")
     if body.get("restore_faces"):
         raise RequestError("face restoration is not supported; set restore_faces to false")
-    if body.get("styles"):
-        raise RequestError("prompt styles are not supported; put the style's text into the prompt")
     if body.get("script_name"):
         raise RequestError(f"script {body['script_name']!r} not found: torchsd has no scripts (see /sdapi/v1/scripts)")
     scripts = body.get("alwayson_scripts") or {}
@@ -236,6 +234,15 @@ def _refuse_unsupported(body: dict) -> None:
         args = value.get("args") if isinstance(value, dict) else value
         if args and args != [False]:  # [] and [False] are how clients say "off"
             raise RequestError(f"always-on script {name!r} not found: torchsd has no extensions")
+
+
+def check_styles(registry: ModelRegistry, names) -> None:
+    """Style names against the server's styles file (--styles-file, <models-dir>/styles.csv): an unknown
+    name is a 422 before the job is queued."""
+    try:
+        registry.styles.check(names)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
 
 
 def a1111_job(body: object, *, img2img: bool, config: ServerConfig, registry: ModelRegistry,
@@ -272,6 +279,7 @@ def a1111_job(body: object, *, img2img: bool, config: ServerConfig, registry: Mo
                          decode_image=lambda data, what: decode_image(data, what, config.max_image_pixels))
     for feature in FEATURES:  # every feature reads its own A1111 fields
         kwargs.update(feature.from_a1111(fields))
+    check_styles(registry, kwargs.get("styles", ()))
 
     parameters = {**defaults, **body}
     if img2img and not body.get("include_init_images"):
@@ -377,6 +385,7 @@ def openai_job(body: object, *, config: ServerConfig, registry: ModelRegistry, o
         sampler=_str(body, "sampler", None) or default_sampler(), batch_size=n,
         seed=seed if seed is not None and seed >= 0 else random_seed(),
         clip_skip=clip_skip if clip_skip and clip_skip > 1 else None, **features)
+    check_styles(registry, request.styles)
     return GenerationJob(request, model=model, parameters=dict(body)), response_format
 
 

@@ -57,6 +57,9 @@ class Run:
     embeddings: list = field(default_factory=list)  # textual-inversion embeddings the prompts used
     sample: Callable[..., torch.Tensor] | None = None  # (x, sigmas) -> latents: the run's sampler loop again
     state: dict[str, Any] = field(default_factory=dict)  # per feature name: what it keeps between steps
+    prompt: str | None = None  # the request's prompts as the run reads them (styles applied), as typed
+    negative_prompt: str | None = None
+    hires_steps: int | None = None  # while a hires pass samples: its steps (prompt schedules count over them)
 
     @property
     def batch_size(self) -> int:
@@ -129,6 +132,11 @@ class Feature:
         """Whether the feature changes this run at all."""
         return False
 
+    def active_in(self, request: GenerationRequest) -> bool:
+        """Whether the feature changes this run: by default its options say; a feature that reads the prompt
+        text (prompt editing) looks at the whole request."""
+        return self.active(request.options(self))
+
     # --- the run --------------------------------------------------------------------------------------
     def model_context(self, sd: StableDiffusion, request: GenerationRequest, run: Run
                       ) -> AbstractContextManager:
@@ -137,6 +145,25 @@ class Feature:
 
     def prepare(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> None:
         """After the plan, before the prompts are encoded: may change ``run.width``/``height``."""
+
+    def expand_prompts(self, sd: StableDiffusion, request: GenerationRequest, prompt: str,
+                       negative_prompt: str) -> tuple[str, str]:
+        """Before step 2: the prompts the run reads instead of the request's (styles); they are written in
+        the infotext."""
+        return prompt, negative_prompt
+
+    def encode_prompts(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> bool:
+        """Step 2 for a feature that reads the prompts' own syntax (prompt editing, ``AND``): encode
+        ``run.prompts``/``run.negative_prompts`` itself, set ``run.cond``/``run.uncond`` to the first step's
+        contexts and return True; the first active feature that does so replaces the plain encode."""
+        return False
+
+    def guidance(self, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor,
+                 observer=None) -> "Denoise | None":
+        """Step 4: the guided denoiser over ``sigmas`` (the levels this sampler loop visits) in place of
+        plain classifier-free guidance over ``run.cond``/``run.uncond``; None keeps the plain one. The
+        features' ``wrap_denoiser`` wrap what it returns."""
+        return None
 
     def wrap_denoiser(self, denoise: "Denoise", sd: StableDiffusion, request: GenerationRequest,
                       run: Run) -> "Denoise":

@@ -130,6 +130,7 @@ class Hires(Feature):
         x = upscaled + noise.to(upscaled.device) * sigmas[0].item()
         run.shape = tuple(upscaled.shape)
         run.concat = inpainting_concat(sd, None, None, run.shape) if sd.config.is_inpainting else None
+        run.hires_steps = steps  # prompt schedules of the second pass count over its own steps
         return run.sample(x, sigmas, progress=progress, callback=callback)
 
     # --- interfaces -------------------------------------------------------------------------------------------
