@@ -119,17 +119,30 @@ def check_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 # --- configs -------------------------------------------------------------------------------------
 
-def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+def unet_config_from_diffusers(cfg: dict, pooled_dim: int = 0) -> UNetConfig:
+    """``pooled_dim``: the width of the pooled text vector (the second text encoder's projection) for a
+    U-Net with SDXL's "text_time" added embedding; the rest of its input is micro-conditioning."""
     unsupported = {
-        "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim": None,
+        "class_embed_type": None, "encoder_hid_dim": None,
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "center_input_sample": False,
         "dual_cross_attention": False, "only_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
     }
     for key, default in unsupported.items():
         value = cfg.get(key, default)
         if any(v != default for v in (value if isinstance(value, list) else [value])):
-            raise CheckpointError(f"unet: {key}={cfg[key]!r} is not supported (SDXL and other families are not "
-                                  f"run by torchsd yet; SD 1.x and 2.x are)")
+            raise CheckpointError(f"unet: {key}={cfg[key]!r} is not supported (SD 1.x, 2.x and XL are)")
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise CheckpointError(f"unet: addition_embed_type={added!r} is not supported (SDXL's 'text_time' is)")
+    micro = {}
+    if added == "text_time":
+        dim = cfg.get("addition_time_embed_dim") or 256
+        rest = cfg["projection_class_embeddings_input_dim"] - pooled_dim
+        if pooled_dim <= 0 or rest <= 0 or rest % dim:
+            raise CheckpointError(f"unet: projection_class_embeddings_input_dim "
+                                  f"{cfg['projection_class_embeddings_input_dim']} is not the pooled text width "
+                                  f"{pooled_dim} plus a whole number of {dim}-wide micro-conditions")
+        micro = {"pooled_dim": pooled_dim, "micro_conditions": rest // dim, "micro_condition_dim": dim}
     widths = list(cfg["block_out_channels"])
     base = widths[0]
     if any(w % base for w in widths):
@@ -139,11 +152,14 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' historical naming
     heads = [heads] * levels if isinstance(heads, int) else list(heads)
     depth = cfg.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        if len(set(depth)) != 1:
-            raise CheckpointError(f"unet: per-level transformer depths {depth} are not supported")
-        depth = depth[0]
-    head_dims = {w // h for w, h in zip(widths, heads)}
+    depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+    if any(not isinstance(d, int) for d in depth):  # diffusers' per-block lists (SDXL-derived models)
+        raise CheckpointError(f"unet: transformer_layers_per_block {depth} per block is not supported")
+    # a level without attention has no transformer: diffusers' lists still hold a number there
+    depth = tuple(d if a else 1 for d, a in zip(depth, attention_levels))
+    # levels without attention do not tell the head width (SDXL lists 5 heads of 64 at its first, bare level)
+    attended = [(w, h) for w, h, a in zip(widths, heads, attention_levels) if a] or list(zip(widths, heads))
+    head_dims = {w // h for w, h in attended}
     if len(set(heads)) == 1:
         num_heads, head_dim = heads[0], None
     elif len(head_dims) == 1:
@@ -154,8 +170,15 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=base,
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg.get("layers_per_block", 2),
         attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, transformer_depth=depth,
+        mid_transformer_depth=_mid_depth(cfg),
         context_dim=cfg.get("cross_attention_dim", 768), use_linear_projection=cfg.get("use_linear_projection", False),
-        norm_groups=cfg.get("norm_num_groups", 32))
+        norm_groups=cfg.get("norm_num_groups", 32), **micro)
+
+
+def _mid_depth(cfg: dict) -> int:
+    """diffusers builds the middle block with the last entry of transformer_layers_per_block."""
+    given = cfg.get("transformer_layers_per_block", 1)
+    return given if isinstance(given, int) else given[-1]
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
@@ -168,12 +191,28 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": c.num_heads if c.num_heads is not None else [w // c.head_dim for w in widths],
         "cross_attention_dim": c.context_dim, "use_linear_projection": c.use_linear_projection,
-        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5, "transformer_layers_per_block": c.transformer_depth,
+        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5,
+        "transformer_layers_per_block": _diffusers_depth(c),
         "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1, "dual_cross_attention": False,
         "upcast_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
         "time_embedding_type": "positional",
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": c.micro_condition_dim,
+            "projection_class_embeddings_input_dim": c.added_embed_dim} if c.added_embed_dim else {}),
     }
+
+
+def _diffusers_depth(c: UNetConfig) -> int | list[int]:
+    """One number where the levels with attention and the middle agree (SD 1/2, SDXL's refiner), else a list
+    whose last entry diffusers also gives the middle block. Levels without attention take the middle's
+    number: diffusers lists one for them but builds no transformer there."""
+    depth = [d if a else c.mid_transformer_depth for d, a in zip(c.transformer_depth, c.attention_levels)]
+    if len(set(depth)) == 1:
+        return depth[0]
+    if depth[-1] != c.mid_transformer_depth:
+        raise CheckpointError(f"unet: diffusers gives the middle block the last level's transformer depth; "
+                              f"this config has {c.mid_transformer_depth} against {depth[-1]}")
+    return depth
 
 
 def vae_config_from_diffusers(cfg: dict) -> VAEConfig:

@@ -200,6 +200,14 @@ class MidBlock(nn.Module):
         return run(self.resnets[1], h, emb)
 
 
+def added_vector(pooled: torch.Tensor, micro_conditions: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's added vector y: the pooled text (B, pooled_dim) beside each micro-conditioning number
+    (B, n) as ``dim`` sinusoidal features, like a timestep's -> (B, pooled_dim + n*dim)."""
+    B, n = micro_conditions.shape
+    features = timestep_embedding(micro_conditions.reshape(-1), dim).reshape(B, n * dim)
+    return torch.cat([pooled.float(), features], dim=-1).to(pooled.dtype)
+
+
 class UNet(nn.Module):
     accepts_several_contexts = True  # see forward
 
@@ -214,15 +222,22 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResnetBlock:
             return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_groups, eps=1e-5)
 
-        def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.context_dim, c.heads_at(width), c.transformer_depth,
-                                      c.norm_groups, c.use_linear_projection)
+        def transformer(width: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(width, c.context_dim, c.heads_at(width), depth, c.norm_groups,
+                                      c.use_linear_projection)
 
         self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
         self.time_embedding = nn.Sequential()
         self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
         self.time_embedding.add_module("act", nn.SiLU())
         self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
+        if c.added_embed_dim:  # SDXL: the pooled text and the micro-conditioning, added to the time embedding
+            self.add_embedding = nn.Sequential()
+            self.add_embedding.add_module("linear_1", nn.Linear(c.added_embed_dim, temb))
+            self.add_embedding.add_module("act", nn.SiLU())
+            self.add_embedding.add_module("linear_2", nn.Linear(temb, temb))
+        else:
+            self.add_embedding = None
 
         # Down path; remember the width of every activation that is kept as a skip connection.
         skip_widths = [c.model_channels]
@@ -233,25 +248,27 @@ class UNet(nn.Module):
             resnets, attns = [], []
             for _ in range(c.num_res_blocks):
                 resnets.append(res(cin, width))
-                attns.append(transformer(width))
+                if c.attention_levels[level]:
+                    attns.append(transformer(width, c.transformer_depth[level]))
                 cin = width
                 skip_widths.append(width)
             down = None if last else Downsample(width)
             if not last:
                 skip_widths.append(width)
-            self.down_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, down, "downsamplers"))
+            self.down_blocks.append(Level(resnets, attns, down, "downsamplers"))
 
-        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin))
+        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin, c.mid_transformer_depth))
 
         self.up_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             resnets, attns = [], []
             for _ in range(c.num_res_blocks + 1):
                 resnets.append(res(cin + skip_widths.pop(), width))
-                attns.append(transformer(width))
+                if c.attention_levels[level]:
+                    attns.append(transformer(width, c.transformer_depth[level]))
                 cin = width
             up = Upsample(width) if level > 0 else None
-            self.up_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, up, "upsamplers"))
+            self.up_blocks.append(Level(resnets, attns, up, "upsamplers"))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_groups, cin, eps=1e-5)
         self.conv_out = nn.Conv2d(cin, c.out_channels, 3, padding=1)
@@ -264,8 +281,10 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim).
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim);
+        y: (k*B, added_embed_dim), the added vector of SDXL-like configs (see ``added_vector``).
 
         With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
         under the first, then under the second, ...), as classifier-free guidance asks for. Everything
@@ -275,11 +294,20 @@ class UNet(nn.Module):
         if context.shape[0] % x.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
                              "it needs the same number or a whole multiple of it")
+        if (y is None) != (self.add_embedding is None):
+            raise ValueError("this U-Net takes the added vector y (pooled text + micro-conditioning)" if y is None
+                             else "this U-Net has no added embedding: pass y=None")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
+        if y is not None and y.shape[0] != x.shape[0]:
+            # y differs per context (cond and uncond pooled vectors), so the time embedding does too:
+            # the latents part ways from the start
+            x, timesteps = repeat_rows(x, y.shape[0]), repeat_rows(timesteps, y.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
         emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
+        if y is not None:
+            emb = emb + self.add_embedding(y.to(emb.dtype))
 
         h = self.conv_in(x)
         skips = [h]
