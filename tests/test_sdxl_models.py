@@ -8,8 +8,15 @@ import dataclasses
 import pytest
 import torch
 
-from sdxl_reference import (SDXL_BASE_UNET, SDXL_REFINER_UNET, SDXL_TEXT_ENCODER_2, diffusers_unet_of, random_text_encoder,
-                            random_unet, transformers_text_encoder_of)
+from sdxl_reference import (
+    SDXL_BASE_UNET,
+    SDXL_REFINER_UNET,
+    SDXL_TEXT_ENCODER_2,
+    diffusers_unet_of,
+    random_text_encoder,
+    random_unet,
+    transformers_text_encoder_of,
+)
 from torchsd.checkpoints.diffusers import unet_config_from_diffusers, unet_config_to_diffusers
 from torchsd.config import ModelConfig, UNetConfig
 from torchsd.models.clip import CLIPTextModel
@@ -97,12 +104,15 @@ def test_full_size_unet_has_the_published_parameter_count(preset, published):
 
 
 def test_full_size_text_encoders_have_the_published_parameter_counts():
-    from transformers import CLIPTextConfig as Config, CLIPTextModel as Plain, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig as Config
+    from transformers import CLIPTextModel as Plain
+    from transformers import CLIPTextModelWithProjection
 
     config = ModelConfig.sdxl_base()
     with torch.device("meta"):
         clip_l, big_g = CLIPTextModel(config.text), CLIPTextModel(config.text_2)
-        ref_l, ref_g = Plain(Config(hidden_size=768, intermediate_size=3072, num_attention_heads=12)), CLIPTextModelWithProjection(Config(**SDXL_TEXT_ENCODER_2))
+        ref_l = Plain(Config(hidden_size=768, intermediate_size=3072, num_attention_heads=12))
+        ref_g = CLIPTextModelWithProjection(Config(**SDXL_TEXT_ENCODER_2))
     assert (_count(clip_l), _count(big_g)) == (_count(ref_l), _count(ref_g))
     assert ModelConfig.sdxl_refiner().text == config.text_2
 

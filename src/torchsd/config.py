@@ -95,10 +95,13 @@ class UNetConfig:
                              "neither")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("UNetConfig: set exactly one of num_heads (SD 1 style) and head_dim (SD 2 style)")
-        for mult in self.channel_mult:
+        for level, mult in enumerate(self.channel_mult):
             width = self.model_channels * mult
             if width % self.norm_groups:
                 raise ValueError(f"UNetConfig: width {width} is not divisible by norm_groups={self.norm_groups}")
+            # heads matter where there is attention: at each level that has it, and in the middle (the last)
+            if not (self.attention_levels[level] or level == len(self.channel_mult) - 1):
+                continue
             if self.head_dim is not None and width % self.head_dim:
                 raise ValueError(f"UNetConfig: width {width} is not divisible by head_dim={self.head_dim}")
             if self.num_heads is not None and width % self.num_heads:
@@ -361,18 +364,19 @@ class ModelConfig:
         """A few million parameters: a forward pass well under a second on a CPU. For tests."""
         vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
         if family in ("sdxl", "sdxl_refiner"):
-            # SDXL's shape in miniature: no attention at the top, deeper below, two encoders of other widths
-            clip_l = CLIPTextConfig(width=32, num_layers=3, num_heads=4, ffn_dim=64, projection_dim=32)
-            big_g = CLIPTextConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128, activation="gelu",
-                                   projection_dim=48, pad_token_id=0, with_projection=True)
+            # SDXL's shape in miniature: no attention at the top, deeper below, two encoders of other widths.
+            # Heads 64 wide, 32 groups, 256 features per micro-condition, as single-file detection assumes
+            clip_l = CLIPTextConfig(width=64, num_layers=3, num_heads=1, ffn_dim=128, projection_dim=64)
+            big_g = CLIPTextConfig(width=128, num_layers=3, num_heads=2, ffn_dim=256, activation="gelu",
+                                   projection_dim=96, pad_token_id=0, with_projection=True)
             texts = (clip_l, big_g) if family == "sdxl" else (big_g,)
-            unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(False, True), num_heads=None,
-                              head_dim=8, transformer_depth=(1, 2), context_dim=sum(t.width for t in texts),
-                              use_linear_projection=True, norm_groups=8, pooled_dim=48,
-                              micro_conditions=6 if family == "sdxl" else 5, micro_condition_dim=8)
-            return cls(unet=unet, vae=dataclasses.replace(vae, scaling_factor=0.13025), text=texts[0],
-                       text_2=texts[1] if family == "sdxl" else None, schedule=_sdxl_schedule(), family=family,
-                       sample_size=64)
+            unet = UNetConfig(model_channels=32, channel_mult=(1, 4), attention_levels=(False, True), num_heads=None,
+                              head_dim=64, transformer_depth=(1, 2), context_dim=sum(t.width for t in texts),
+                              use_linear_projection=True, pooled_dim=96,
+                              micro_conditions=6 if family == "sdxl" else 5, micro_condition_dim=256)
+            vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, scaling_factor=0.13025)
+            return cls(unet=unet, vae=vae, text=texts[0], text_2=texts[1] if family == "sdxl" else None,
+                       schedule=_sdxl_schedule(), family=family, sample_size=64)
         if family == "sd2":
             unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
                               num_heads=None, head_dim=8, context_dim=64, use_linear_projection=True,

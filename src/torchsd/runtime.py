@@ -111,8 +111,8 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    networks = (sd.unet, sd.vae, sd.text_encoder)
-    for name, model in zip(("unet", "vae", "text"), networks):
+    networks = (sd.unet, sd.vae) + sd.text_encoders
+    for name, model in zip(("unet", "vae", "text", "text"), networks):
         layout = torch.channels_last if wants_channels_last(options, device, name, dtype) else torch.contiguous_format
         model.to(dtype=dtype)
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change

@@ -39,11 +39,17 @@ class StableDiffusion:
     """The three networks, the tokenizer and the schedule. Build with ``load_pipeline`` or ``from_config``."""
 
     def __init__(self, config: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, *, name: str = "model", source: Path | None = None):
+                 tokenizer: CLIPTokenizer, *, name: str = "model", source: Path | None = None,
+                 text_encoder_2: CLIPTextModel | None = None):
+        if (text_encoder_2 is None) != (config.text_2 is None):
+            raise ValueError("StableDiffusion: give text_encoder_2 exactly when the config has a second text "
+                             "encoder (SDXL base)")
         self.config = config
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
+        # SDXL base's OpenCLIP bigG (the refiner's bigG is its only encoder, ``text_encoder``)
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
@@ -65,7 +71,7 @@ class StableDiffusion:
         torch.manual_seed(seed)
         tokenizer = CLIPTokenizer(pad_token_id=config.text.pad_token_id)
         return cls(config, UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text), tokenizer,
-                   name=name)
+                   name=name, text_encoder_2=CLIPTextModel(config.text_2) if config.text_2 is not None else None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, *, device: torch.device | str | None = None,
@@ -79,13 +85,23 @@ class StableDiffusion:
 
         loaded = load_model(path, device=device, dtype=dtype, **options)
         sd = cls(loaded.config, loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, name=loaded.name,
-                 source=loaded.source)
+                 source=loaded.source, text_encoder_2=loaded.text_encoder_2)
         sd.clip = loaded.clip
         for folder in lora_dirs:
             sd.loras.add_dir(folder)
         for folder in embedding_dirs:
             sd.embeddings.add_dir(folder)
         return sd
+
+    @property
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        """Every network of the model: U-Net, VAE and the text encoder(s)."""
+        return (self.unet, self.vae) + self.text_encoders
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        """In the order of ``config.text_encoders`` (SDXL base: CLIP-L, then bigG)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +112,7 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in self.networks:
             model.to(device=device, dtype=dtype)
         return self
 
