@@ -24,7 +24,7 @@ from ..models.clip import CLIP, CLIPTextModel
 from ..models.tiling import VAETiling
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
-from ..text.conditioning import Conditioning, encode_prompts
+from ..text.conditioning import Conditioning, encode_prompts, encode_prompts_sdxl
 from ..text.styles import StyleLibrary
 from ..text.tokenizer import CLIPTokenizer
 from . import autoencoding
@@ -134,7 +134,10 @@ class StableDiffusion:
 
     @torch.no_grad()
     def condition(self, prompts: list[str], clip_skip: int | None = None) -> Conditioning:
-        """``encode_prompt`` that also tells which embeddings the prompts used."""
+        """``encode_prompt`` that also tells which embeddings the prompts used (and for SDXL the pooled output)."""
+        if self.config.is_sdxl:  # both encoders' penultimate states; clip_skip does not apply
+            return encode_prompts_sdxl(self.text_encoders, self.tokenizer, prompts, self.embeddings,
+                                       device=self.execution_device)
         return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip or self.config.clip_skip,
                               self.embeddings, device=self.execution_device)
 

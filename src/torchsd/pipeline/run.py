@@ -27,6 +27,7 @@ from ..text.prompts import extract_extra_networks
 from .features import Run
 from .features.img2img import IMG2IMG
 from .features.inpaint import INPAINT, inpainting_concat
+from .features.sdxl import SDXL
 from .features.variation import VARIATION
 from .infotext import infotext_for
 from .request import GenerationRequest, GenerationResult
@@ -121,7 +122,9 @@ def encode_prompts(sd, request: GenerationRequest, run: Run, prompts: list[str],
     uncond = sd.condition(run.negative_prompts, request.clip_skip) if request.guidance_scale != 1.0 else None
     used = cond.embeddings + (uncond.embeddings if uncond is not None else [])
     run.embeddings = list({e.name: e for e in used}.values())
-    run.cond, run.uncond = cond.context, uncond.context if uncond is not None else None
+    # the context, or for SDXL a Condition that also carries the added vector (pooled text, sizes)
+    run.cond = SDXL.condition(sd, request, run, cond, negative=False)
+    run.uncond = SDXL.condition(sd, request, run, uncond, negative=True) if uncond is not None else None
 
 
 # --- 3. the starting latents ----------------------------------------------------------------------------
