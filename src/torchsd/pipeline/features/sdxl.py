@@ -23,8 +23,18 @@ import torch
 
 from ...diffusion.denoisers import Condition
 from ...models.unet import added_vector
-from .base import MAX_SIDE, A1111Fields, Feature, GenerationRequest, Run, StableDiffusion, number, \
-    parse_number, parse_size_value, size_argument
+from .base import (
+    MAX_SIDE,
+    A1111Fields,
+    Feature,
+    GenerationRequest,
+    Run,
+    StableDiffusion,
+    number,
+    parse_number,
+    parse_size_value,
+    size_argument,
+)
 
 Size = tuple[int, int]  # (height, width)
 
