@@ -11,6 +11,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..models.quantized import QuantizedTensor
 from .io import CheckpointError
 
 Rules = list[tuple[str, str]]  # (torchsd regex, original replacement); first full-prefix match wins
@@ -49,9 +50,10 @@ def _original_name(name: str, rules, what: str) -> str:
     raise KeyError(f"no original {what} name for torchsd parameter {name!r}")
 
 
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
+def swap_halves(t):
+    """(a; b) -> (b; a) along the rows, also for weights kept quantized (their rows are stored apart)."""
     first, second = t.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
+    return QuantizedTensor.cat([second, first]) if isinstance(t, QuantizedTensor) else torch.cat([second, first])
 
 
 def check_keys(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], what: str,
