@@ -147,6 +147,17 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("data", weight.data)
         self.register_buffer("scale", weight.scale)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.loras: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (down, up, scale) side paths
+
+    def add_lora(self, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+        """A low-rank update kept beside the quantized weight: y += scale * (x downᵀ) upᵀ."""
+        if down.shape[1] != self.in_features or up.shape[0] != self.out_features:
+            raise ValueError(f"LoRA {tuple(up.shape)} @ {tuple(down.shape)} does not fit a "
+                             f"({self.out_features}, {self.in_features}) layer")
+        self.loras.append((down, up, scale))
+
+    def remove_loras(self) -> None:
+        self.loras.clear()
 
     def quantized_weight(self) -> QuantizedTensor:
         return QuantizedTensor(self.data, self.qtype, (self.out_features, self.in_features), self.scale)
@@ -154,7 +165,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight().dequantize(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        for down, up, scale in self.loras:
+            y = y + scale * F.linear(F.linear(x, down.to(x)), up.to(x))
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype}"
