@@ -13,7 +13,7 @@ from torchsd.checkpoints.io import CheckpointError, save_safetensors
 from torchsd.checkpoints.quantized import load_flux, quantized_bytes, read_fp8, read_gguf
 from torchsd.config import FluxConfig
 from torchsd.models.flux import Flux
-from torchsd.models.quantized import QuantizedLinear, QuantizedTensor
+from torchsd.models.quantized import GGUF_BLOCKS, QuantizedLinear, QuantizedTensor
 
 gguf = pytest.importorskip("gguf")
 TYPES = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "F16", "BF16"]
@@ -152,3 +152,41 @@ def test_unsupported_and_mismatched_files_name_the_problem(tmp_path):
     save_safetensors(bfl.to_bfl(Flux(TINY).state_dict(), TINY), tmp_path / "f.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         load_flux(tmp_path / "f.safetensors", FluxConfig(**{**TINY.__dict__, "num_single_blocks": 3}))
+
+
+def test_sd35_from_fp8_all_in_one_file_equals_dequantized_model(tmp_path):
+    from test_mmdit import CONFIGS
+    from torchsd.checkpoints import sd3_original
+    from torchsd.checkpoints.quantized import load_mmdit
+    from torchsd.models.mmdit import MMDiT
+
+    config = CONFIGS["sd35_medium"]
+    torch.manual_seed(0)
+    original = sd3_original.to_original(MMDiT(config).state_dict(), config)  # under model.diffusion_model.
+    tensors = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in original.items()}
+    tensors["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(3, 4)
+    save_safetensors(tensors, tmp_path / "sd3.5_medium_fp8.safetensors")
+    model = load_mmdit(tmp_path / "sd3.5_medium_fp8.safetensors", config, dtype=torch.float32)
+    dense = MMDiT(config).eval()
+    dense.load_state_dict(sd3_original.from_original({k: v.float() for k, v in tensors.items()}, config))
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == \
+        sum(isinstance(m, torch.nn.Linear) for m in dense.modules())
+    gen = torch.Generator().manual_seed(0)
+    x, context, pooled = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 5, 24, generator=gen), \
+        torch.randn(1, 12, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([300.0]), context, pooled),
+                           dense(x, torch.tensor([300.0]), context, pooled))
+
+
+@pytest.mark.parametrize("kind,limit_gb", [("Q8_0", 13.0), ("Q5_K", 8.5), ("Q4_K", 7.0), ("Q4_0", 7.0),
+                                           ("float8_e4m3fn", 12.5)])
+def test_full_size_flux_dev_fits_24_gb_kept_quantized(kind, limit_gb):
+    """FLUX.1-dev's BFL tensors on the meta device, their matrices at the format's bytes per value (as city96's
+    GGUFs: matrices whose rows hold whole blocks), the rest in float32: the resident weights."""
+    size, nbytes = {"float8_e4m3fn": (1, 1), **GGUF_BLOCKS}[kind]
+    total = 0
+    for shape in bfl.layout(FluxConfig.flux_dev()).expected_shapes().values():
+        count = int(np.prod(shape))
+        total += count * nbytes // size if len(shape) == 2 and shape[1] % size == 0 else count * 4
+    assert total / 1e9 < limit_gb

@@ -111,6 +111,9 @@ def load_quantized(build: Callable[[], nn.Module], state: Mapping[str, "torch.Te
         raise CheckpointError(f"{source}: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
                               f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
     model.load_state_dict({k: v for k, v in plain.items() if k not in quantized}, strict=False, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: no values for {left[:5]} (tensors the model computes, not stored)")
     return model.eval()
 
 
@@ -127,3 +130,13 @@ def load_flux(path: str | Path, config=None, dtype: torch.dtype = torch.bfloat16
     tensors = bfl.transformer_tensors(read_quantized(path))
     config = config or bfl.config_of(tensors, path)
     return load_quantized(lambda: Flux(config), bfl.from_bfl(tensors, config, path), dtype, path)
+
+
+def load_mmdit(path: str | Path, config=None, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """An SD 3 / 3.5 MMDiT from a Stability-layout GGUF or fp8 file (transformer-only or all-in-one)."""
+    from ..models.mmdit import MMDiT
+    from . import sd3_original
+
+    tensors = sd3_original.transformer_tensors(read_quantized(path))
+    config = config or sd3_original.config_of(tensors, path)
+    return load_quantized(lambda: MMDiT(config), sd3_original.from_original(tensors, config, path), dtype, path)
