@@ -174,3 +174,10 @@ def test_ae_safetensors_reads_as_diffusers_converts_it():
                for k, v in from_diffusers_keys(reference.state_dict(), "vae").items())
     with pytest.raises(CheckpointError, match="latent channels"):
         bfl.vae_from_original(original, VAEConfig())
+
+
+def test_fill_and_depth_transformers_are_refused_by_name():
+    original = bfl_from_diffusers(diffusers_flux(TINY).state_dict())
+    original["img_in.weight"] = torch.zeros(32, 16 + 80)  # FLUX.1 Fill: latents + masked image + mask
+    with pytest.raises(CheckpointError, match="Fill, Depth or Canny"):
+        bfl.config_of(original, "flux1-fill-dev.safetensors", axes_dims_rope=TINY.axes_dims_rope)

@@ -190,3 +190,28 @@ def test_full_size_flux_dev_fits_24_gb_kept_quantized(kind, limit_gb):
         count = int(np.prod(shape))
         total += count * nbytes // size if len(shape) == 2 and shape[1] % size == 0 else count * 4
     assert total / 1e9 < limit_gb
+
+
+def test_load_transformer_tells_the_family_and_variant_from_the_tensors(tmp_path):
+    from test_mmdit import CONFIGS
+    from torchsd.checkpoints import sd3_original
+    from torchsd.checkpoints.flow_files import detect, load_transformer
+    from torchsd.models.mmdit import MMDiT
+
+    torch.manual_seed(0)
+    schnell = FluxConfig(**{**WIDE.__dict__, "guidance_embeds": False})
+    original = bfl.to_bfl(Flux(schnell).state_dict(), schnell)
+    write_gguf(tmp_path / "schnell.gguf", {k: quantize(v, "Q8_0") if v.ndim == 2 else v.numpy()
+                                           for k, v in original.items()},
+               {k: "Q8_0" for k, v in original.items() if v.ndim == 2})
+    found, model = load_transformer(tmp_path / "schnell.gguf", dtype=torch.float32)
+    assert (found.family, found.variant, found.config) == ("flux", "schnell", schnell)
+    assert isinstance(model, Flux) and isinstance(model.single_blocks[0].mlp_in, QuantizedLinear)
+
+    config = CONFIGS["sd35_medium"]
+    save_safetensors(sd3_original.to_original(MMDiT(config).state_dict(), config), tmp_path / "sd35m.safetensors")
+    found, model = load_transformer(tmp_path / "sd35m.safetensors", dtype=torch.float32)
+    assert (found.family, found.variant) == ("sd3", "sd35_medium") and isinstance(model, MMDiT)
+    assert {**found.config.__dict__, "sample_size": 16} == config.__dict__  # the base grid size is not stored
+    with pytest.raises(CheckpointError, match=r"u\.safetensors: neither a FLUX.1"):
+        detect({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "u.safetensors")

@@ -78,6 +78,11 @@ def config_of(state: Mapping[str, torch.Tensor], source: object = "state dict",
     if MARKER not in state:
         raise CheckpointError(f"{source}: not a FLUX.1 transformer in BFL's layout (no {MARKER})")
     width, in_features = state["img_in.weight"].shape
+    out_features = state["final_layer.linear.weight"].shape[0]
+    if in_features != out_features:  # Fill: 384 = 64 + 320 (masked image, mask); Depth/Canny: 128
+        raise CheckpointError(f"{source}: a FLUX.1 transformer with {in_features} input features per token for "
+                              f"{out_features} outputs (FLUX.1 Fill, Depth or Canny): torchsd runs the text-to-image "
+                              f"models (dev, schnell), whose image tokens are {out_features} latent features")
     head_dim = state[MARKER].shape[0]
     single = _count(state, "single_blocks.")
     mlp_dim = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * width if single
