@@ -206,3 +206,14 @@ def test_bad_loras_name_the_problem():
                      "flux", TINY)
     assert lora.updates == () and lora.text_encoder_keys == ("lora_te1_text_model_encoder_layers_0_mlp_fc1"
                                                              ".lora_down.weight",)
+
+
+def test_bare_diffusers_and_onetrainer_names_reach_the_same_layer():
+    down, up = torch.randn(2, 32), torch.randn(32, 2)
+    for key in ("transformer.transformer_blocks.1.attn.to_k", "transformer_blocks.1.attn.to_k"):
+        (update,) = read_lora({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, "flux", TINY).updates
+        assert update.module == "double_blocks.1.image.attn.k" and update.scale == 1.0
+    key = "lora_transformer_transformer_blocks_1_attn_to_k"
+    (update,) = read_lora({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                           f"{key}.alpha": torch.tensor(1.0)}, "flux", TINY).updates
+    assert update.module == "double_blocks.1.image.attn.k" and update.scale == 0.5

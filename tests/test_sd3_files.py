@@ -124,6 +124,9 @@ def test_all_in_one_file_gives_every_component(tmp_path):
     assert set(parts["clip_l"]) == {"text_model.final_layer_norm.weight"}
     assert set(parts["clip_g"]) == {"text_projection.weight"} and set(parts["t5xxl"]) == {"shared.weight"}
     assert diffusers_conversion(tensors).keys() == reference.keys()  # diffusers reads the same file
+    written = sd3_original.all_in_one_tensors(parts["transformer"], config, parts["vae"], vae_config,
+                                              {n: parts[n] for n in sd3_original.TEXT_ENCODERS})
+    assert written.keys() == tensors.keys() and all(torch.equal(written[k], tensors[k]) for k in tensors)
 
 
 def test_wrong_file_names_the_file_and_the_keys():

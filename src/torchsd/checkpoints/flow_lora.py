@@ -4,7 +4,8 @@
   / ``.lora_up.weight`` / ``.alpha``, on the original single-file modules (``double_blocks_0_img_attn_qkv``,
   ``single_blocks_0_linear1``; SD 3: ``joint_blocks_0_x_block_attn_qkv``);
 - diffusers / PEFT: ``transformer.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` (alpha from
-  ``lora_adapter_metadata`` or ``.alpha`` keys);
+  ``lora_adapter_metadata`` or ``.alpha`` keys), also without ``transformer.``, and OneTrainer's kohya-style
+  ``lora_transformer_<diffusers module, dots as _>``;
 - the original layout itself (BFL's own LoRAs, ComfyUI saves): ``[diffusion_model.]double_blocks.0.img_attn.qkv
   .lora_A.weight`` (or lora_down/lora_up).
 
@@ -64,7 +65,9 @@ def _targets(layout: Layout, diffusers_name) -> dict[str, tuple[str, tuple[str, 
             targets[prefix + module] = (original, parts)
         targets["lora_unet_" + module.replace(".", "_")] = (original, parts)
         for part in parts:
-            targets["transformer." + diffusers_name(part).removesuffix(".weight")] = (part, (part,))
+            module = diffusers_name(part).removesuffix(".weight")
+            for name in ("transformer." + module, module, "lora_transformer_" + module.replace(".", "_")):
+                targets[name] = (part, (part,))
     return targets
 
 

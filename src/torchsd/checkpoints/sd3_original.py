@@ -122,3 +122,22 @@ def read_all_in_one(state: Mapping[str, torch.Tensor], source: object = "state d
         if tensors:
             out[name] = tensors
     return out
+
+
+def all_in_one_tensors(transformer: Mapping[str, torch.Tensor], config: MMDiTConfig,
+                       vae: Mapping[str, torch.Tensor] | None = None, vae_config: VAEConfig | None = None,
+                       text_encoders: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """The inverse of ``read_all_in_one``: torchsd's MMDiT (and VAE), with the text encoders' tensors in
+    transformers' layout, as one Stability-layout state dict."""
+    from .bfl import vae_to_original
+
+    out = to_original(transformer, config)
+    if vae is not None:
+        vae_tensors = vae_to_original(vae, vae_config or VAEConfig.sd3())
+        out.update({"first_stage_model." + k: v for k, v in vae_tensors.items()})
+    for name, tensors in (text_encoders or {}).items():
+        if name not in TEXT_ENCODERS:
+            raise ValueError(f"text encoder {name!r}: an SD 3 single file holds {TEXT_ENCODERS}")
+        out.update({f"text_encoders.{name}.transformer.{k}": v for k, v in tensors.items()})
+    return out
