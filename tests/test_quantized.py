@@ -215,3 +215,21 @@ def test_load_transformer_tells_the_family_and_variant_from_the_tensors(tmp_path
     assert {**found.config.__dict__, "sample_size": 16} == config.__dict__  # the base grid size is not stored
     with pytest.raises(CheckpointError, match=r"u\.safetensors: neither a FLUX.1"):
         detect({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "u.safetensors")
+
+
+def test_gguf_convolution_flattened_by_comfyui_gguf_gets_its_shape_back(tmp_path):
+    weight = torch.randn(8, 16, 2, 2, generator=torch.Generator().manual_seed(0))
+    writer = gguf.GGUFWriter(str(tmp_path / "conv.gguf"), "sd3")
+    writer.add_array("comfy.gguf.orig_shape.x_embedder.proj.weight", list(weight.shape))
+    writer.add_tensor("x_embedder.proj.weight", quantize(weight.reshape(8, 64), "Q8_0"),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("bias", quantize(torch.randn(1, 64), "Q8_0")[0], raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors = read_gguf(tmp_path / "conv.gguf")
+    conv = tensors["x_embedder.proj.weight"]
+    assert isinstance(conv, torch.Tensor) and conv.shape == (8, 16, 2, 2)
+    assert (conv - weight).abs().max() < 0.03
+    assert isinstance(tensors["bias"], torch.Tensor) and tensors["bias"].shape == (64,)

@@ -95,8 +95,8 @@ def write(layout: Layout, state: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str, marker: str) -> dict[str, torch.Tensor]:
-    """The tensors under ``prefix`` with it removed when ``prefix + marker`` is present, else those outside
-    any known component prefix as they are (transformer-only files)."""
+    """The tensors under ``prefix`` with it removed when ``prefix + marker`` is present (all-in-one files,
+    ComfyUI's saves), else all of them as they are (transformer-only files)."""
     if prefix + marker in state:
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return dict(state)

@@ -58,19 +58,26 @@ def read_gguf(path: str | Path) -> Tensors:
     import numpy as np
 
     out: Tensors = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
+    reader = gguf.GGUFReader(str(path))
+    for tensor in reader.tensors:
         shape = tuple(int(n) for n in reversed(tensor.shape))
+        # ComfyUI-GGUF stores convolutions flattened to 2-D, with their shape in the metadata
+        field = reader.fields.get(f"comfy.gguf.orig_shape.{tensor.name}")
+        true_shape = tuple(int(field.parts[i][0]) for i in field.data) if field is not None else shape
         kind = tensor.tensor_type.name
         data = torch.from_numpy(np.array(tensor.data))  # a copy out of the memory map
         if kind == "F32":
-            out[tensor.name] = data.view(torch.float32).reshape(shape)
+            out[tensor.name] = data.view(torch.float32).reshape(true_shape)
         elif kind in ("F16", "BF16"):
-            value = data.view(torch.uint8).view(torch.float16 if kind == "F16" else torch.bfloat16).reshape(shape)
-            out[tensor.name] = QuantizedTensor(value, kind, shape) if len(shape) == 2 else value.float()
+            value = data.view(torch.uint8).view(torch.float16 if kind == "F16" else torch.bfloat16)
+            out[tensor.name] = (QuantizedTensor(value.reshape(shape), kind, shape) if len(true_shape) == 2
+                                else value.float().reshape(true_shape))
         elif kind in GGUF_BLOCKS:
-            rows = QuantizedTensor(data.view(torch.uint8).reshape(shape[0] if len(shape) == 2 else 1, -1), kind,
-                                   shape if len(shape) == 2 else (1, shape[0]))
-            out[tensor.name] = rows if len(shape) == 2 else rows.dequantize().reshape(shape)
+            if len(true_shape) == 2:
+                out[tensor.name] = QuantizedTensor(data.view(torch.uint8).reshape(shape[0], -1), kind, shape)
+            else:  # vectors and convolutions are small: dequantized once, here
+                flat = QuantizedTensor(data.view(torch.uint8).reshape(1, -1), kind, (1, int(np.prod(shape))))
+                out[tensor.name] = flat.dequantize().reshape(true_shape)
         else:
             raise CheckpointError(f"{path}: tensor {tensor.name} is {kind}; torchsd reads F32, F16, BF16 and "
                                   f"{', '.join(GGUF_BLOCKS)} GGUF tensors")
