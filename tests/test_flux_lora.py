@@ -12,7 +12,7 @@ from test_flux import TINY, diffusers_flux, run_diffusers
 from test_mmdit import CONFIGS as MMDIT_CONFIGS
 from test_mmdit import diffusers_mmdit
 from torchsd.checkpoints import bfl, flux, mmdit
-from torchsd.checkpoints.flow_lora import apply_lora, load_lora, read_lora
+from torchsd.checkpoints.flow_lora import apply_lora, load_lora, loras_applied, read_lora
 from torchsd.checkpoints.io import CheckpointError, save_safetensors
 from torchsd.checkpoints.quantized import load_flux
 from torchsd.models.flux import Flux, pack
@@ -217,3 +217,22 @@ def test_bare_diffusers_and_onetrainer_names_reach_the_same_layer():
     (update,) = read_lora({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                            f"{key}.alpha": torch.tensor(1.0)}, "flux", TINY).updates
     assert update.module == "double_blocks.1.image.attn.k" and update.scale == 0.5
+
+
+def test_loras_applied_restores_the_weights_bit_for_bit(tmp_path):
+    torch.manual_seed(0)
+    original = bfl.to_bfl(Flux(TINY).state_dict(), TINY)
+    save_safetensors({k: v.to(torch.float8_e5m2) if k.startswith("single_blocks") and v.ndim == 2 else v
+                      for k, v in original.items()}, tmp_path / "mixed.safetensors")
+    model = load_flux(tmp_path / "mixed.safetensors", TINY, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = read_lora(kohya_flux_lora(TINY), "flux", TINY)
+    x, t, context, pooled = inputs(TINY, 4)
+    with torch.no_grad():
+        plain = model(x, t, context, pooled, guidance=3.0)
+        with loras_applied(model, [(lora, 1.0), (lora, -0.5)]):
+            assert not torch.allclose(model(x, t, context, pooled, guidance=3.0), plain)
+            assert any(m.loras for m in model.modules() if isinstance(m, QuantizedLinear))
+        assert torch.equal(model(x, t, context, pooled, guidance=3.0), plain)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.loras for m in model.modules() if isinstance(m, QuantizedLinear))

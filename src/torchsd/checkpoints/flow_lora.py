@@ -18,9 +18,10 @@ encoders' loader)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -132,3 +133,27 @@ def apply_lora(model: nn.Module, lora: TransformerLora, strength: float = 1.0) -
                 layer.weight.copy_(merged.to(layer.weight.dtype))
         else:
             raise CheckpointError(f"LoRA target {update.module} is a {type(layer).__name__}, not a linear layer")
+
+
+@contextmanager
+def loras_applied(model: nn.Module, loras: list[tuple[TransformerLora, float]]) -> Iterator[None]:
+    """LoRAs (with strengths) applied for a run; afterwards the float weights are restored bit for bit from
+    copies of the layers they touched, and the quantized layers' side paths removed."""
+    saved, side_paths = {}, {}
+    for lora, _ in loras:
+        for update in lora.updates:
+            layer = model.get_submodule(update.module)
+            if isinstance(layer, QuantizedLinear):
+                side_paths.setdefault(update.module, len(layer.loras))
+            elif update.module not in saved:
+                saved[update.module] = layer.weight.detach().clone()
+    try:
+        for lora, strength in loras:
+            apply_lora(model, lora, strength)
+        yield
+    finally:
+        with torch.no_grad():
+            for module, weight in saved.items():
+                model.get_submodule(module).weight.copy_(weight)
+        for module, count in side_paths.items():
+            del model.get_submodule(module).loras[count:]
