@@ -94,7 +94,7 @@ def test_flux_from_gguf_stays_quantized_and_equals_dequantized_model(tmp_path):
     model = load_flux(path, dtype=torch.float32)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert {m.qtype for m in layers} == set(TYPES)
-    assert all(m.data.dtype == (torch.uint8 if m.qtype[0] == "Q" else {"F16": torch.float16,
+    assert all(m.quantized_weight().data.dtype == (torch.uint8 if m.qtype[0] == "Q" else {"F16": torch.float16,
                                                                         "BF16": torch.bfloat16}[m.qtype])
                for m in layers)
     stored = sum(a.nbytes for n, a in arrays.items() if n in kinds)
@@ -134,12 +134,15 @@ def test_flux_from_fp8_stays_quantized_and_equals_dequantized_model(tmp_path, la
     model = load_flux(path, TINY, dtype=torch.float32)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == sum(isinstance(m, torch.nn.Linear) for m in Flux(TINY).modules())  # every one
-    assert all(m.data.element_size() == 1 for m in layers)
+    assert all(m.quantized_weight().data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for m in layers)
     quantized = read_fp8(path)
     assert torch.equal(run(model, TINY), run(reference_model(TINY, bfl.transformer_tensors(quantized)), TINY))
     error = max((q.dequantize() - original[k]).abs().max() for k, q in quantized.items()
                 if isinstance(q, QuantizedTensor))
     assert error < 0.05
+    model.to(torch.bfloat16)  # the float tensors become bfloat16; the stored bytes stay fp8
+    assert all(m.quantized_weight().data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for m in layers)
+    assert quantized_bytes(model) == sum(m.out_features * m.in_features for m in layers)
 
 
 def test_unsupported_and_mismatched_files_name_the_problem(tmp_path):

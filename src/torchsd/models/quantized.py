@@ -138,15 +138,19 @@ class QuantizedTensor:
 
 
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W stored quantized (buffers ``data`` and ``scale``) and dequantized to x's dtype on
-    each call: the float weight lives only while this layer runs."""
+    """y = x W^T + b with W stored quantized and dequantized to x's dtype on each call: the float weight
+    lives only while this layer runs. The stored bytes (``data``, and an fp8 ``scale``) are uint8 buffers, so
+    ``model.to(device)`` moves them and ``model.to(dtype)`` leaves them as they are (it would otherwise
+    widen fp8 and F16 weights, undoing the point)."""
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.qtype = weight.qtype
-        self.register_buffer("data", weight.data)
-        self.register_buffer("scale", weight.scale)
+        self.storage_dtype = weight.data.dtype
+        self.register_buffer("data", weight.data.contiguous().view(torch.uint8))
+        scale = weight.scale.float().reshape(-1) if weight.scale is not None else None
+        self.register_buffer("scale", scale.view(torch.uint8) if scale is not None else None)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.loras: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (down, up, scale) side paths
 
@@ -161,7 +165,9 @@ class QuantizedLinear(nn.Module):
         self.loras.clear()
 
     def quantized_weight(self) -> QuantizedTensor:
-        return QuantizedTensor(self.data, self.qtype, (self.out_features, self.in_features), self.scale)
+        scale = self.scale.view(torch.float32) if self.scale is not None else None
+        return QuantizedTensor(self.data.view(self.storage_dtype), self.qtype, (self.out_features, self.in_features),
+                               scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight().dequantize(x.dtype)
