@@ -184,7 +184,7 @@ def test_a1111_tolerates_what_clients_send(server):
     ({"steps": 151}, 422, "steps 151 is above this server's limit of 150"),
     ({"batch_size": 9, "n_iter": 2}, 422, "18 images were asked for; this server makes at most 16"),
     ({"sampler_name": "Nonexistent"}, 422, "unknown sampler 'Nonexistent'"),
-    ({"tiling": True}, 422, "tiling (seamless textures) is not supported"),
+    ({"tiling": "yes"}, 422, "tiling must be true or false"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hires upscaler 'R-ESRGAN 4x+'"),
     ({"subseed_strength": 1.5}, 422, "subseed_strength must be between 0"),
     ({"seed": "abc"}, 422, "seed must be an integer; got 'abc'"),

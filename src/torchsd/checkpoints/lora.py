@@ -170,8 +170,8 @@ def _kohya_update(name: str, parts: dict[str, torch.Tensor], path: Path) -> Weig
     def need(kind: str, *keys: str) -> list[torch.Tensor]:
         missing = [k for k in keys if k not in parts]
         if missing:
-            raise CheckpointError(f"{path}: {kind} layer {name} lacks {', '.join(missing)} (has {', '.join(sorted(parts))});"
-                                  f" the file is incomplete")
+            raise CheckpointError(f"{path}: {kind} layer {name} lacks {', '.join(missing)} (has "
+                                  f"{', '.join(sorted(parts))}); the file is incomplete")
         return [parts[k] for k in keys]
 
     if "lora_down.weight" in parts:

@@ -9,9 +9,10 @@ from .hires import HIRES
 from .img2img import IMG2IMG
 from .inpaint import INPAINT
 from .lora import LORA
+from .tiling import TILING
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CLIP_GUIDANCE)
+FEATURES: tuple[Feature, ...] = (IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CLIP_GUIDANCE, TILING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
