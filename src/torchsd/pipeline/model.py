@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..checkpoints.embeddings import EmbeddingLibrary
+from ..checkpoints.upscalers import UpscalerLibrary
 from ..checkpoints.lora import LoraLibrary
 from ..config import ModelConfig
 from ..diffusion.denoisers import ModelDenoiser
@@ -52,6 +53,7 @@ class StableDiffusion:
         self._hash: str | None = None
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
+        self.upscalers = UpscalerLibrary()  # folders of ESRGAN-family networks, used by file name (hires fix)
         self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
         # entered around every sampling loop (the runtime's packed weights, for one)
         self.sampling_hooks: dict[str, Callable[[], AbstractContextManager]] = {}

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.io import file_sha256
+from ..checkpoints.upscalers import UpscalerLibrary
 from ..runtime import RuntimeOptions, load_pipeline
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-LORA_FOLDER, EMBEDDINGS_FOLDER = "Lora", "embeddings"
+LORA_FOLDER, EMBEDDINGS_FOLDER, UPSCALER_FOLDER = "Lora", "embeddings", "ESRGAN"
 # folders of other kinds of weights, never offered as models
 SIDE_FOLDERS = {LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), "vae", "controlnet", "hypernetworks", "esrgan"}
 MAX_DEPTH = 4
@@ -128,6 +129,10 @@ class ModelRegistry:
         self._loaded: OrderedDict[Path, object] = OrderedDict()
         self._extra: list[ModelEntry] = []
         self.entries: list[ModelEntry] = []
+        # ESRGAN-family networks by file stem, as A1111 lists <models-dir>/ESRGAN; shared by every loaded model
+        self.upscalers = UpscalerLibrary()
+        if self.models_dir is not None and (self.models_dir / UPSCALER_FOLDER).is_dir():
+            self.upscalers.add_dir(self.models_dir / UPSCALER_FOLDER)
         self.refresh()
         self.current = self._default_entry(default)
 
@@ -195,6 +200,7 @@ class ModelRegistry:
         # as the CLI and torchsd.load_pipeline load: the same defaults (runtime.py)
         sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, **options)
         sd.name = entry.model_name
+        sd.upscalers = self.upscalers
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)
             if key not in self._hashes:  # hashing reads the whole file: once per (path, mtime, size)
