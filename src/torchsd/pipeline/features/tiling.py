@@ -56,7 +56,7 @@ class Tiling(Feature):
         # a VAE decoding tile by tile would wrap each tile around itself: decode whole images instead
         vae_tiling, sd.vae_tiling = sd.vae_tiling, None
         try:
-            with circular_padding(sd.unet, sd.vae):
+            with circular_padding(sd.unet, sd.vae, *[m for m in [getattr(sd, "taesd", None)] if m is not None]):
                 yield
         finally:
             sd.vae_tiling = vae_tiling
