@@ -219,3 +219,31 @@ def test_webuiapi_txt2img_hires_with_the_network(api, models_dir):
                                   guidance_scale=7.0, hires=True, hires_scale=2, hires_upscaler="R-ESRGAN 4x+",
                                   hires_steps=1, hires_strength=0.5)
     assert np.abs(np.asarray(result.image, np.int16) - np.asarray(expected.images[0], np.int16)).max() <= 1
+
+
+def test_img2img_resizes_the_init_image_with_the_network(upscaler_dir):
+    from torchsd.pipeline.upscaling import resize
+
+    sd = random_pipeline("sd1", seed=2)
+    sd.upscalers.add_dir(upscaler_dir)
+    small = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    options = dict(seed=3, width=64, height=64, steps=2, sampler="ddim", strength=0.5)
+    network = sd.generate("a cat", init_image=small, img2img_upscaler="R-ESRGAN 4x+", **options)
+    by_hand = sd.generate("a cat", init_image=resize(small, 64, 64, "R-ESRGAN 4x+", sd.upscalers), **options)
+    lanczos = sd.generate("a cat", init_image=small, **options)
+    assert torch.equal(network.latents, by_hand.latents)
+    assert not torch.equal(network.latents, lanczos.latents)
+    with pytest.raises(ValueError, match="unknown upscaler 'nope'"):
+        sd.generate("a cat", init_image=small, img2img_upscaler="nope", **options)
+
+
+def test_webuiapi_img2img_with_upscaler_for_img2img(api, models_dir):
+    small = Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    result = api.img2img(images=[small], prompt="a cat", width=64, height=64, seed=5, denoising_strength=0.5,
+                         override_settings={"upscaler_for_img2img": "R-ESRGAN 4x+"})
+    local = load_pipeline(models_dir / "tiny-a", "cpu", torch.float32)
+    local.upscalers.add_dir(models_dir / "ESRGAN")
+    with one_thread():
+        expected = local.generate("a cat", init_image=small, img2img_upscaler="R-ESRGAN 4x+", width=64, height=64,
+                                  steps=3, sampler="ddim", eta=1.0, seed=5, guidance_scale=7.0, strength=0.5)
+    assert np.abs(np.asarray(result.image, np.int16) - np.asarray(expected.images[0], np.int16)).max() <= 1
