@@ -204,7 +204,6 @@ def test_lora_for_another_model_family_is_refused(sd, tmp_path):
 
 
 @pytest.mark.parametrize("key, kind", [("lora_unet_x.oft_blocks", "OFT"), ("lora_unet_x.lora_mid.weight", "Tucker"),
-                                       ("unet.x.lora_magnitude_vector", "DoRA in the PEFT layout"),
                                        ("lora_unet_x.hada_w1_a", "LoHa layer lora_unet_x lacks hada_w1_b"),
                                        ("model.weight", "not a LoRA file")])
 def test_other_adapter_files_are_refused(sd, tmp_path, key, kind):

@@ -117,6 +117,17 @@ def test_dora_matches_peft(sd, tmp_path):
     compare(sd, unet, path, layers)
 
 
+def test_dora_in_the_peft_layout_matches_peft(sd, tmp_path):
+    """As diffusers' save_lora_weights writes it: PEFT's own state dict (…lora_magnitude_vector) under "unet."."""
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, use_dora=True, init_lora_weights=False)
+    unet = adapted(sd, config)
+    state = {f"unet.{k}": v.contiguous() for k, v in peft.get_peft_model_state_dict(unet).items()}
+    assert any(k.endswith(".lora_magnitude_vector") for k in state)
+    save_file(state, str(tmp_path / "dora.safetensors"))
+    layers = sum(1 for k in state if k.endswith(".lora_A.weight"))
+    compare(sd, unet, tmp_path / "dora.safetensors", layers)
+
+
 def test_loha_through_a_prompt_tag_changes_the_image_and_restores_weights(sd, tmp_path):
     unet = adapted(sd, peft.LoHaConfig(r=4, alpha=4, target_modules=TARGETS, init_weights=False))
     path, _ = kohya_file(unet, tmp_path, LOHA_PARTS)

@@ -8,7 +8,7 @@ Two file layouts are read, for the U-Net and the text encoder, for Linear and Co
   (see ``lycoris.py``).
 - diffusers/PEFT: ``unet.<path>.lora_A.weight`` (= down) / ``lora_B.weight`` (= up) and
   ``text_encoder.[text_model.]<path>…``; alpha from the file's ``lora_adapter_metadata`` (lora_alpha,
-  alpha_pattern, use_rslora) or ``.alpha`` keys, else alpha = rank.
+  alpha_pattern, use_rslora) or ``.alpha`` keys, else alpha = rank; DoRA's ``.lora_magnitude_vector``.
 
 Weights are merged for a run and restored from copies afterwards (``merged_loras``), which is what
 AUTOMATIC1111 does: no per-step cost, and the model's weights after the run are bit-identical to
@@ -136,9 +136,7 @@ def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFi
 
 
 def _refuse_other_adapters(state: dict[str, torch.Tensor], path: Path) -> None:
-    kinds = {"lora_magnitude_vector": "DoRA in the PEFT layout (save it in the kohya/LyCORIS layout, with "
-                                      "dora_scale keys, which torchsd reads)",
-             ".lora_mid.": "LoCon with a Tucker core (lora_mid)", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
+    kinds = {".lora_mid.": "LoCon with a Tucker core (lora_mid)", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
     for marker, kind in kinds.items():
         if any(marker in k for k in state):
             raise CheckpointError(f"{path}: a {kind} file; torchsd applies LoRA, LoCon, LoHa and LoKr (optionally "
@@ -206,7 +204,10 @@ def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dic
         config = configs.get(component, {})
         alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else _peft_alpha(config, module, rank)
         scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-        pairs[name] = (LowRank(down, up), scale, None)
+        # DoRA: PEFT's get_peft_model_state_dict writes one magnitude per output channel
+        magnitude = state.get(name + ".lora_magnitude_vector", state.get(name + ".lora_magnitude_vector.weight"))
+        # ((out,) for Linear, (1, out, 1, 1) for Conv2d): always per output channel, so flattened
+        pairs[name] = (LowRank(down, up), scale, magnitude.reshape(-1) if magnitude is not None else None)
     return pairs
 
 
