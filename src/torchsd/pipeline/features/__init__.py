@@ -12,10 +12,11 @@ from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
 from .sdxl import SDXL
 from .styles import STYLES
+from .tiling import TILING
 from .variation import VARIATION
 
 FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE,
-                                  SDXL)
+                                  TILING, SDXL)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
