@@ -169,3 +169,35 @@ def test_default_size_is_the_models(sd):
     import torchsd.config as config
 
     assert config.ModelConfig.sdxl_base().sample_size == 1024 and sd.config.sample_size == 64
+
+
+def test_sdxl_embedding_matches_diffusers_textual_inversion(folder, tmp_path):
+    """An SDXL embedding file (clip_l, clip_g) splices each set into its encoder, as diffusers'
+    load_textual_inversion does when given each encoder and tokenizer."""
+    from safetensors.torch import save_file
+
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    vectors = {"clip_l": torch.randn(2, 64, generator=gen), "clip_g": torch.randn(2, 128, generator=gen)}
+    (tmp_path / "emb").mkdir()
+    save_file(vectors, str(tmp_path / "emb" / "shinyemb.safetensors"))
+    sd.embeddings.add_dir(tmp_path / "emb")
+    cond = sd.condition(["a photo of shinyemb on a table"])
+    assert [e.name for e in cond.embeddings] == ["shinyemb"]
+    pipe = diffusers_xl(folder)
+    pipe.load_textual_inversion(vectors["clip_l"], token="shinyemb", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token="shinyemb", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    embeds, _, pooled, _ = pipe.encode_prompt("a photo of shinyemb on a table", do_classifier_free_guidance=False)
+    assert max_rel_error(cond.context, embeds) < 1e-5 and max_rel_error(cond.pooled, pooled) < 1e-5
+
+
+def test_turbo_style_single_step_without_guidance_matches_diffusers(sd, folder):
+    """SDXL Turbo's way: trailing spacing, one Euler a step, guidance 1 (no unconditional pass)."""
+    ours = sd.generate(PROMPT, steps=1, guidance_scale=1.0, sampler="Euler a", scheduler="trailing", width=32,
+                       height=32, latents=noise(3), seed=2)
+    theirs = diffusers_xl(folder, "EulerAncestralDiscreteScheduler", timestep_spacing="trailing")(
+        PROMPT, num_inference_steps=1, guidance_scale=0.0, width=32, height=32, latents=noise(3),
+        generator=torch.Generator().manual_seed(2), output_type="latent").images
+    assert max_rel_error(ours.latents, theirs) < TOL

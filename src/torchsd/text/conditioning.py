@@ -144,12 +144,14 @@ def chunk_input(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, chunk: Pr
     if chunk.fixes:
         token_embeddings = text_encoder.token_embedding(token_ids).clone()
         for position, embedding in chunk.fixes:
-            if embedding.width != token_embeddings.shape[-1]:
+            vectors = embedding.vectors_for(token_embeddings.shape[-1])
+            if vectors is None:
                 raise ValueError(f"embedding {embedding.name!r} ({embedding.path.name}) has vectors of width "
-                                 f"{embedding.width}, but this model's text encoder is {token_embeddings.shape[-1]} "
-                                 f"wide: it was made for another model family (SD 1.x is 768, SD 2.x is 1024)")
+                                 f"{' and '.join(map(str, embedding.widths))}, but this model's text encoder is "
+                                 f"{token_embeddings.shape[-1]} wide: it was made for another model family (SD 1.x "
+                                 f"is 768, SD 2.x is 1024, SDXL files hold 768 and 1280)")
             start = position + 1  # after BOS
-            token_embeddings[0, start:start + embedding.num_vectors] = embedding.vectors.to(token_embeddings)
+            token_embeddings[0, start:start + embedding.num_vectors] = vectors.to(token_embeddings)
     return token_ids, token_embeddings
 
 
