@@ -44,8 +44,8 @@ def load_embedding(path: str | Path, name: str | None = None) -> Embedding:
         if any(not isinstance(v, torch.Tensor) or v.ndim != 2 for v in sets) or sets[0].shape[0] != sets[1].shape[0]:
             raise CheckpointError(f"{path}: SDXL embedding {name!r} needs clip_l and clip_g of shape (n_vectors, "
                                   f"width) with the same n_vectors; got {[tuple(v.shape) for v in sets]}")
-        l, g = (v.detach().float().cpu() for v in sets)
-        return Embedding(name, l, path, other_vectors=(g,))
+        clip_l, clip_g = (v.detach().float().cpu() for v in sets)
+        return Embedding(name, clip_l, path, other_vectors=(clip_g,))
     vectors = _vectors_of(data, path)
     if vectors.ndim == 1:
         vectors = vectors[None]
