@@ -201,3 +201,48 @@ def test_turbo_style_single_step_without_guidance_matches_diffusers(sd, folder):
         PROMPT, num_inference_steps=1, guidance_scale=0.0, width=32, height=32, latents=noise(3),
         generator=torch.Generator().manual_seed(2), output_type="latent").images
     assert max_rel_error(ours.latents, theirs) < TOL
+
+
+def test_kohya_sdxl_lora_matches_diffusers(folder, tmp_path):
+    """kohya's SDXL layout: lora_unet_ + the original layout's names, lora_te1_ (CLIP-L), lora_te2_ (bigG);
+    diffusers' load_lora_weights reads the same file."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from ldm_reference import unet_to_original
+
+    pipe = diffusers_xl(folder)
+    gen, state = torch.Generator().manual_seed(11), {}
+
+    def add(key, module):
+        rank = 2
+        if isinstance(module, nn.Linear):
+            down, up = torch.randn(rank, module.in_features, generator=gen), torch.randn(module.out_features, rank,
+                                                                                           generator=gen)
+        else:
+            down = torch.randn(rank, module.in_channels, *module.kernel_size, generator=gen)
+            up = torch.randn(module.out_channels, rank, 1, 1, generator=gen)
+        state[key + ".lora_down.weight"], state[key + ".lora_up.weight"] = down * 0.1, up * 0.1
+        state[key + ".alpha"] = torch.tensor(1.0)
+
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and (".attentions." in name or ".resnets." in name):
+            original = next(iter(unet_to_original({name + ".weight": None}, 2)))  # the independent writer's names
+            add("lora_unet_" + original.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_"),
+                module)
+    for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in name:
+                add(prefix + ("text_model." + name.removeprefix("text_model.")).replace(".", "_"), module)
+    (tmp_path / "loras").mkdir()
+    save_file(state, str(tmp_path / "loras" / "xl.safetensors"))
+    pipe.load_lora_weights(str(tmp_path / "loras" / "xl.safetensors"), adapter_name="xl")
+    pipe.set_adapters(["xl"], adapter_weights=[0.7])
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=5.0, width=32, height=32,
+                  latents=noise(4), output_type="latent").images
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32, lora_dirs=[tmp_path / "loras"])
+    options = dict(steps=3, guidance_scale=5.0, sampler="ddim", width=32, height=32, latents=noise(4), seed=0)
+    ours = sd.generate(f"{PROMPT} <lora:xl:0.7>", NEGATIVE, **options)
+    without = sd.generate(PROMPT, NEGATIVE, **options)
+    assert max_rel_error(ours.latents, theirs) < TOL
+    assert max_rel_error(ours.latents, without.latents) > 100 * TOL
