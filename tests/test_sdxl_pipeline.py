@@ -228,8 +228,8 @@ def test_kohya_sdxl_lora_matches_diffusers(folder, tmp_path):
     for name, module in pipe.unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and (".attentions." in name or ".resnets." in name):
             original = next(iter(unet_to_original({name + ".weight": None}, 2)))  # the independent writer's names
-            add("lora_unet_" + original.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_"),
-                module)
+            original = original.removeprefix("model.diffusion_model.").removesuffix(".weight")
+            add("lora_unet_" + original.replace(".", "_"), module)
     for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
         for name, module in encoder.named_modules():
             if isinstance(module, nn.Linear) and ".layers." in name:
