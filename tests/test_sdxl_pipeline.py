@@ -246,3 +246,18 @@ def test_kohya_sdxl_lora_matches_diffusers(folder, tmp_path):
     without = sd.generate(PROMPT, NEGATIVE, **options)
     assert max_rel_error(ours.latents, theirs) < TOL
     assert max_rel_error(ours.latents, without.latents) > 100 * TOL
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_moves_both_text_encoders(folder, mode):
+    """Offloading (here onto the CPU itself) runs the second encoder through its hooks as well."""
+    from torchsd.offload import enable_model_offload, enable_sequential_offload
+
+    sd = torchsd.load_pipeline(folder, dtype=torch.float32)
+    expected = sd.generate(PROMPT, NEGATIVE, steps=2, width=32, height=32, seed=1).latents
+    offload = (enable_model_offload if mode == "model" else enable_sequential_offload)(sd, "cpu")
+    try:
+        again = sd.generate(PROMPT, NEGATIVE, steps=2, width=32, height=32, seed=1).latents
+    finally:
+        offload.remove()
+    assert max_rel_error(again, expected) < 1e-5  # offloaded layers take the plain (unfused) paths

@@ -50,8 +50,9 @@ class Run:
     shape: tuple[int, ...] = ()
     prompts: list[str] = field(default_factory=list)  # per image, extra-network tags removed
     negative_prompts: list[str] = field(default_factory=list)
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    # the text context (B, T, W), or for SDXL a diffusion.denoisers.Condition: context + added vector y
+    cond: Any = None
+    uncond: Any = None
     concat: torch.Tensor | None = None  # extra U-Net input channels (inpainting models)
     noise: Callable[[], torch.Tensor] | None = None  # unit initial noise, drawn when called (order of draws)
     embeddings: list = field(default_factory=list)  # textual-inversion embeddings the prompts used
