@@ -251,7 +251,10 @@ def test_kohya_sdxl_lora_matches_diffusers(folder, tmp_path):
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_moves_both_text_encoders(folder, mode):
     """Offloading (here onto the CPU itself) runs the second encoder through its hooks as well."""
-    from torchsd.offload import enable_model_offload, enable_sequential_offload
+    try:  # the offload moves into torchsd.accel with the accel branch
+        from torchsd.accel import enable_model_offload, enable_sequential_offload
+    except ImportError:
+        from torchsd.offload import enable_model_offload, enable_sequential_offload
 
     sd = torchsd.load_pipeline(folder, dtype=torch.float32)
     expected = sd.generate(PROMPT, NEGATIVE, steps=2, width=32, height=32, seed=1).latents
