@@ -264,3 +264,20 @@ def test_offload_moves_both_text_encoders(folder, mode):
     finally:
         offload.remove()
     assert max_rel_error(again, expected) < 1e-5  # offloaded layers take the plain (unfused) paths
+
+
+def test_base_then_refiner_matches_diffusers_denoising_end_and_start(sd, folder, tmp_path):
+    """A1111's refiner_checkpoint / refiner_switch_at against diffusers' hand-off: the base pipeline with
+    denoising_end, its latents into the refiner's img2img pipeline with denoising_start. diffusers cuts at a
+    training timestep (0.5: t >= 500, so DDIM's 831 and 665 of six leading steps go to the base), A1111 at a
+    fraction of the steps: switching after 2 of 6 steps is the same split."""
+    random_sdxl("sdxl_refiner", seed=6).save(tmp_path / "refiner")
+    ours = sd.generate(PROMPT, NEGATIVE, steps=6, guidance_scale=5.0, sampler="ddim", width=32, height=32,
+                       latents=noise(5), seed=0, refiner_checkpoint=str(tmp_path / "refiner"), refiner_switch_at=1 / 3)
+    base = diffusers_xl(folder)(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=5.0,
+                                width=32, height=32, latents=noise(5), denoising_end=0.5, output_type="latent").images
+    refiner = diffusers_xl(tmp_path / "refiner", cls="StableDiffusionXLImg2ImgPipeline")
+    theirs = refiner(PROMPT, negative_prompt=NEGATIVE, image=base, num_inference_steps=6, guidance_scale=5.0,
+                     denoising_start=0.5, output_type="latent").images
+    assert max_rel_error(ours.latents, theirs) < TOL
+    assert "Refiner: refiner" in ours.infotexts[0] and "Refiner switch at: 0.333" in ours.infotexts[0]

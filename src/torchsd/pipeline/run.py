@@ -87,6 +87,8 @@ def image_size(sd, request: GenerationRequest) -> tuple[int, int]:
 def schedule(sd, request: GenerationRequest, run: Run) -> None:
     """The noise levels, the latent shape for the (final) size and how the initial noise is drawn."""
     run.sigmas = build_sigmas(sd.config.schedule, request.steps, run.spec, run.scheduler)
+    for feature in request.active():  # the refiner's hand-off: the first model's part of the levels
+        run.sigmas = feature.cut_sigmas(run.sigmas, sd, request, run)
     f = sd.config.vae.downscale_factor
     run.shape = (run.batch_size, sd.config.vae.latent_channels, run.height // f, run.width // f)
     if request.latents is not None and tuple(request.latents.shape) != run.shape:

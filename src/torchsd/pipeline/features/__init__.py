@@ -10,13 +10,14 @@ from .img2img import IMG2IMG
 from .inpaint import INPAINT
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
+from .refiner import REFINER
 from .sdxl import SDXL
 from .styles import STYLES
 from .tiling import TILING
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE,
-                                  TILING, SDXL)
+FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, REFINER, HIRES, LORA, PROMPT_EDITING,
+                                  CLIP_GUIDANCE, TILING, SDXL)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:

@@ -153,6 +153,12 @@ class Feature:
         the infotext."""
         return prompt, negative_prompt
 
+    def cut_sigmas(self, sigmas: torch.Tensor, sd: StableDiffusion, request: GenerationRequest, run: Run
+                   ) -> torch.Tensor:
+        """Step 1, after the levels are built: the levels the first sampler loop visits (the refiner's
+        hand-off keeps the first part and samples the rest itself in ``after_sampling``)."""
+        return sigmas
+
     def encode_prompts(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> bool:
         """Step 2 for a feature that reads the prompts' own syntax (prompt editing, ``AND``): encode
         ``run.prompts``/``run.negative_prompts`` itself, set ``run.cond``/``run.uncond`` to the first step's
