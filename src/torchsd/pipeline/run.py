@@ -172,7 +172,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
            progress: bool = False, callback: StepCallback | None = None, observer=None) -> torch.Tensor:
     """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end."""
     denoise = build_denoiser(sd, request, run, observer, sigmas)
-    kwargs = sampler_options(run.spec, run.generators, request.eta)
+    kwargs = sampler_options(run.spec, run.generators, request.eta, sd.config.schedule)
     # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
     # waits for the accelerator, and in float32, the precision they had on the device
     levels = sigmas.to("cpu", torch.float32)
