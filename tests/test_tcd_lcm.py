@@ -15,7 +15,7 @@ import test_samplers_parity as parity
 from reference import diffusers_unet, max_rel_error, random_pipeline
 from torchsd.config import ScheduleConfig
 from torchsd.diffusion.denoisers import classifier_free_guidance
-from torchsd.diffusion.samplers import build_sigmas, get_sampler, resolve_sampler, sampler_options
+from torchsd.diffusion.samplers import get_sampler, resolve_sampler, sampler_options
 from torchsd.diffusion.schedules import final_sigma, sigma_at
 
 Case = parity.Case

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..config import ScheduleConfig
+from ..noise import Generators, randn_like
 from .denoisers import Denoise
 from .schedules import timestep_of_sigma, training_sigmas
-from ..noise import Generators, randn_like
 from .stepping import Callback, ancestral_step, notify
 
 
