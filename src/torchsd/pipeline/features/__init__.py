@@ -10,10 +10,12 @@ from .img2img import IMG2IMG
 from .inpaint import INPAINT
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
+from .step_cost import DEEP_CACHE, TOKEN_MERGING
 from .styles import STYLES
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE)
+FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE,
+                                 DEEP_CACHE, TOKEN_MERGING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
