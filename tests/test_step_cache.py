@@ -76,3 +76,13 @@ def test_options_in_infotext_and_errors_teach(sd):
         sd.generate("a red circle", deep_cache_interval=0, **RUN)
     with pytest.raises(ValueError, match="deep_cache_branch must be between 0 and"):
         sd.generate("a red circle", deep_cache_interval=2, deep_cache_branch=99, **RUN)
+
+
+def test_cli_flags_reach_the_request():
+    from torchsd.cli import build_parser
+    from torchsd.cli.flags import request_from_args
+
+    args = build_parser().parse_args(["generate", "a cat", "--model", "x", "--deep-cache-interval", "3",
+                                      "--deep-cache-branch", "2"])
+    request = request_from_args(args)
+    assert (request.deep_cache_interval, request.deep_cache_branch) == (3, 2)

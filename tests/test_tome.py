@@ -67,3 +67,13 @@ def test_options_in_infotext_cli_and_a1111(sd):
     assert feature.from_a1111(fields)["tome_ratio"] == 0.4
     with pytest.raises(ValueError, match="tome_ratio must be between 0 .off. and 0.75"):
         sd.generate("a red circle", tome_ratio=0.9, **RUN)
+
+
+def test_cli_flags_reach_the_request():
+    from torchsd.cli import build_parser
+    from torchsd.cli.flags import request_from_args
+
+    args = build_parser().parse_args(["generate", "a cat", "--model", "x", "--tome-ratio", "0.4",
+                                      "--tome-max-downsample", "2"])
+    request = request_from_args(args)
+    assert (request.tome_ratio, request.tome_max_downsample) == (0.4, 2)
