@@ -12,10 +12,11 @@ from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
 from .step_cost import DEEP_CACHE, TOKEN_MERGING
 from .styles import STYLES
+from .tiling import TILING
 from .variation import VARIATION
 
 FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE,
-                                 DEEP_CACHE, TOKEN_MERGING)
+                                 TILING, DEEP_CACHE, TOKEN_MERGING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
