@@ -35,8 +35,9 @@ def test_off_is_bit_identical_and_the_unet_comes_back(sd):
     assert torch.equal(plain, sd.generate("a red circle", **RUN).latents)
 
 
-@pytest.mark.parametrize("branch", [0, 2, 4])
-def test_full_steps_are_the_plain_unet_bit_for_bit(sd, branch):
+@pytest.mark.parametrize("family, branch", [("sd1", 0), ("sd1", 2), ("sd1", 4), ("sd2", 1)])
+def test_full_steps_are_the_plain_unet_bit_for_bit(family, branch):
+    sd = random_pipeline(family, seed=2)
     gen = torch.Generator().manual_seed(0)
     z, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(2, 77, sd.unet.config.context_dim, generator=gen)
     wrapper = DeepCacheUNet(sd.unet, interval=1, branch=branch)
@@ -86,3 +87,11 @@ def test_cli_flags_reach_the_request():
                                       "--deep-cache-branch", "2"])
     request = request_from_args(args)
     assert (request.deep_cache_interval, request.deep_cache_branch) == (3, 2)
+
+
+def test_a_step_is_a_distinct_timestep_and_a_higher_one_starts_a_new_pass(sd):
+    """Heun's second evaluation lands on the next step's timestep (DeepCache's index into the scheduler's
+    timesteps counts it there too); a hires or img2img pass starts over with a full step."""
+    wrapper = DeepCacheUNet(sd.unet, interval=2)
+    steps = [wrapper._next_step(torch.tensor([t])) for t in (900.0, 800.0, 800.0, 700.0, 700.0, 999.0, 500.0)]
+    assert steps == [0, 1, 1, 2, 2, 0, 1]

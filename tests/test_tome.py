@@ -27,9 +27,11 @@ def test_off_is_bit_identical_and_leaves_the_model_alone(sd):
     assert torch.equal(plain, sd.generate("a red circle", **RUN).latents)
 
 
-@pytest.mark.parametrize("ratio, max_downsample", [(0.5, 1), (0.3, 2), (0.75, 8)])
-def test_unet_matches_tomesd(sd, ratio, max_downsample):
+@pytest.mark.parametrize("family, ratio, max_downsample", [("sd1", 0.5, 1), ("sd1", 0.3, 2), ("sd1", 0.75, 8),
+                                                            ("sd2", 0.5, 2)])
+def test_unet_matches_tomesd(family, ratio, max_downsample):
     tomesd = pytest.importorskip("tomesd")
+    sd = random_pipeline(family, seed=2)
     theirs_unet = diffusers_unet(sd)
     tomesd.apply_patch(theirs_unet, ratio=ratio, max_downsample=max_downsample, use_rand=False)
     gen = torch.Generator().manual_seed(0)

@@ -74,7 +74,8 @@ def bipartite_soft_matching(metric: torch.Tensor, height: int, width: int, r: in
 
 
 def _adopt(cls: type[nn.Module], module: nn.Module) -> nn.Module:
-    """A ``cls`` instance holding ``module``'s own submodules and attributes (no copy of any weight)."""
+    """A ``cls`` instance holding ``module``'s own submodules and attributes (no copy of any weight), and its
+    hooks (offloading's, torchsd.explain's), which keep working on the variant."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     for key, value in module.__dict__.items():
