@@ -34,7 +34,7 @@ from .models.clip import CLIP, CLIPTextModel
 from .models.tiling import VAETiling
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
-from .prepacked import packed_weights
+from .accel.prepacked import packed_weights
 from .text.conditioning import Conditioning, encode_prompts
 from .text.prompts import extract_extra_networks
 from .text.tokenizer import CLIPTokenizer
