@@ -86,9 +86,11 @@ def calls_for(name, config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name, family", [("unet", "sd1"), ("unet", "sd2"), ("vae", "sd1")])
+@pytest.mark.parametrize("name, family", [("unet", "sd1"), ("unet", "sd2"), ("vae", "sd1"), ("text", "sd1"),
+                                          ("text", "sd2")])
 def test_optimized_model_gives_the_plain_models_numbers(kernels, name, family, dtype):
-    """sd1's U-Net projects into its transformers with 1x1 convolutions, sd2's with Linear layers."""
+    """sd1's U-Net projects into its transformers with 1x1 convolutions, sd2's with Linear layers; sd2's
+    text encoder uses GELU, sd1's quick GELU."""
     models, config = networks(family)
     plain = models[name].to(dtype)
     fast = optimize(copy.deepcopy(plain), "cpu", dtype)
@@ -106,7 +108,7 @@ def test_optimized_model_gives_the_plain_models_numbers(kernels, name, family, d
         assert kernels["winograd" if dtype == torch.float32 else "bf16 attention"] > 0
 
 
-@pytest.mark.parametrize("name", ["unet", "vae"])
+@pytest.mark.parametrize("name", ["unet", "vae", "text"])
 def test_optimize_shares_the_parameters_and_keeps_the_state_dict(name):
     model = networks()[0][name]
     before = [(key, id(p), p.data_ptr()) for key, p in model.named_parameters()]
@@ -158,14 +160,14 @@ def test_only_cpu_inference_in_float32_or_bfloat16_is_optimized():
     assert [type(m) for m in unet.modules()] == types
 
 
-@pytest.mark.parametrize("name", ["unet", "vae"])
+@pytest.mark.parametrize("name", ["unet", "vae", "text"])
 def test_under_autograd_the_optimized_model_runs_the_plain_path(kernels, name):
     """Bit for bit the plain model's numbers, and no oneDNN inference kernel (the maps here are too small
     for the sub-pixel upsampler, which is plain ops and runs under autograd too)."""
     models, config = networks()
     plain = models[name].requires_grad_(True)  # as training has it (the pipeline freezes its networks)
     fast = optimize(copy.deepcopy(plain))
-    calls = {"unet": lambda: unet_calls(config, torch.float32)[2:],
+    calls = {"unet": lambda: unet_calls(config, torch.float32)[2:], "text": text_calls,
              "vae": lambda: [lambda m: m.decode(torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3)))]}
     for call in calls[name]():
         expected = call(plain)
@@ -181,7 +183,7 @@ def test_the_runtime_optimizes_on_a_cpu_only():
     from torchsd.runtime import RuntimeOptions, apply_runtime
 
     sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float32)
-    for model in (sd.unet, sd.vae):
+    for model in (sd.unet, sd.vae, sd.text_encoder):
         assert any(type(m) in PLAIN for m in model.modules())
     assert sd.denoiser.unet is sd.unet
     sd = apply_runtime(sd, RuntimeOptions(), "meta", torch.float32)  # any device but a CPU: plain blocks back
@@ -189,3 +191,15 @@ def test_the_runtime_optimizes_on_a_cpu_only():
         assert not any(type(m) in PLAIN for m in model.modules())
     sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.float16)  # nothing fast in fp16
     assert not any(type(m) in PLAIN for m in sd.unet.modules())
+
+
+def test_clip_layers_call_a_hooked_attention_or_mlp_as_modules():
+    """FusedEncoderLayer inlines its attention and MLP; a hook on either (explain, offload, a user's) must
+    still run, so that layer takes the plain path."""
+    text = optimize(networks()[0]["text"])
+    seen = []
+    text.layers[0].self_attn.register_forward_hook(lambda module, args, out: seen.append("attention"))
+    text.layers[1].mlp.register_forward_pre_hook(lambda module, args: seen.append("mlp"))
+    with torch.inference_mode():
+        text_calls()[0](text)
+    assert seen == ["attention", "mlp"]

@@ -82,6 +82,13 @@ def linear(x: torch.Tensor, layer: nn.Module, *, residual: torch.Tensor | None =
     return y if residual is None else y.add_(residual)  # a fresh output: in place is safe under autograd
 
 
+def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``F.gelu(layer(x))`` (exact, erf GELU)."""
+    if _fusable(x, layer):
+        return _mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+    return F.gelu(layer(x))
+
+
 def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """GEGLU (Shazeer 2020): ``hidden * gelu(gate)`` where ``hidden, gate = proj(x).chunk(2, -1)``.
 

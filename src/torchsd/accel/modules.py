@@ -15,6 +15,8 @@ wrapper, a layer with hooks such as sequential offload's; ``fused.is_plain``).
   context's keys and values reused across sampling steps.
 - ``BandedFeedForward``: GEGLU fused into its projection, in bands of rows at large sizes.
 - ``FastSelfAttention2d``: the VAE's attention through the bf16 attention kernel.
+- ``FusedEncoderLayer``: CLIP's transformer layer with its linears through oneDNN, both residual adds
+  and (where the activation is GELU) the activation as their post-ops.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import Downsample, ResnetBlock, Upsample, attention_probabilities, repeat_rows, silu
+from ..models.clip import MLP, EncoderLayer, SelfAttention
+from ..models.layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows,
+                             silu)
 from ..models.unet import CrossAttention, GEGLUFeedForward, SpatialTransformer
 from ..models.vae import SelfAttention2d
 from . import cpu_attention, fused, prepacked, subpixel
@@ -155,3 +159,22 @@ class FastSelfAttention2d(SelfAttention2d):
                                              chunk=self.attention_chunk))
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
+
+class FusedEncoderLayer(EncoderLayer):
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        if not (fused.cpu_inference(x) and _called_plainly(attn, SelfAttention) and _called_plainly(mlp, MLP)):
+            return super().forward(x, causal)
+        h = self.layer_norm1(x)
+        q, k, v = (fused.linear(h, proj) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        h = attention(q, k, v, attn.num_heads, causal=causal, chunk=attn.attention_chunk)
+        x = fused.linear(h, attn.out_proj, residual=x)
+        h = self.layer_norm2(x)
+        h = fused.linear_gelu(h, mlp.fc1) if mlp.act is F.gelu else mlp.act(fused.linear(h, mlp.fc1))
+        return fused.linear(h, mlp.fc2, residual=x)
+
+
+def _called_plainly(module: nn.Module, cls: type) -> bool:
+    """Whether calling ``module`` would run just ``cls.forward`` (so its body may be inlined): that class
+    exactly, no hooks."""
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks

@@ -13,12 +13,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models.clip import EncoderLayer
 from ..models.layers import Downsample, ResnetBlock, Upsample
 from ..models.unet import CrossAttention, GEGLUFeedForward, SpatialTransformer
 from ..models.vae import SelfAttention2d
 from . import fused
-from .modules import (BandedFeedForward, FastCrossAttention, FastSelfAttention2d, FusedDownsample, FusedResnetBlock,
-                      FusedSpatialTransformer, SubpixelUpsample)
+from .modules import (BandedFeedForward, FastCrossAttention, FastSelfAttention2d, FusedDownsample,
+                      FusedEncoderLayer, FusedResnetBlock, FusedSpatialTransformer, SubpixelUpsample)
 from .prepacked import PackableConv2d, is_packing
 
 # plain class -> fast class. Exact types only, so a subclass (a model's own variant of a block) is
@@ -31,6 +32,7 @@ FAST: dict[type, type] = {
     GEGLUFeedForward: BandedFeedForward,
     SpatialTransformer: FusedSpatialTransformer,
     SelfAttention2d: FastSelfAttention2d,
+    EncoderLayer: FusedEncoderLayer,
     nn.Conv2d: PackableConv2d,
 }
 PLAIN = {fast: plain for plain, fast in FAST.items()}
