@@ -20,7 +20,7 @@ shifted logits of the keys that matter small. It is estimated before the matmul 
 the query's own key (self-attention's usual peak). Rows whose shifted maximum still exceeds ``DELTA``
 are shifted by that maximum and recomputed, so every row ends with its largest logit in [~0, DELTA].
 
-The U-Net's output is as close to float32 as with PyTorch's kernel; ``tests/test_cpu_attention.py``
+The U-Net's output is as close to float32 as with PyTorch's kernel; ``tests/test_accel_cpu_attention.py``
 checks the kernel against float64 attention, including rows whose peak the estimate misses. The models
 call ``models.layers.attention``; the attention blocks ``accel.optimize`` swaps in call ``attend``.
 """

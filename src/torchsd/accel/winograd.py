@@ -9,7 +9,7 @@ over input channels, the 16 positions become 16 independent matrix products:
 16 multiplies per 2x2 outputs and channel pair instead of 36: 2.25x fewer for the matmuls that dominate, for
 the price of the transforms (adds and subtracts over the input and output). cuDNN uses it for the same
 convolutions; oneDNN on this CPU does not. In float32 the result differs from direct convolution only by
-rounding (``tests/test_winograd.py`` holds it under 2e-6 of the output's scale); in bfloat16 the rounded
+rounding (``tests/test_accel_winograd.py`` holds it under 2e-6 of the output's scale); in bfloat16 the rounded
 transforms tripled the error, so it is float32 only.
 
 The work goes in bands of tile rows: each band's padded input, V and M stay small enough to come from
