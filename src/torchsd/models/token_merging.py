@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import fused
 from .layers import repeat_rows
 from .unet import SpatialTransformer, TransformerBlock, UNet
 
@@ -107,16 +106,16 @@ class TokenMergingTransformer(SpatialTransformer):
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
-            h = fused.linear(h.permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in)  # (B, HW, C)
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         else:
-            h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context, size=(H, W))
         B = h.shape[0]
         if self.linear_projection:
-            h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
-            h = fused.conv2d(h.reshape(B, H, W, C).permute(0, 3, 1, 2), self.proj_out)
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
         return repeat_rows(x, h.shape[0]) + h
 
 

@@ -187,9 +187,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
 
     watched = bar is not None or callback is not None
     try:
-        with ExitStack() as stack:
-            for hook in sd.sampling_hooks.values():  # the runtime's (packed weights for the loop)
-                stack.enter_context(hook())
+        with sd.sampling_context():  # the runtime's (packed weights for the loop)
             x = run.spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
     finally:
         if bar is not None:
