@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import prepacked, winograd
+from . import winograd
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _mkldnn = torch.ops.mkldnn
@@ -49,10 +49,22 @@ def available() -> bool:
 
 
 def is_plain(layer: nn.Module) -> bool:
-    """A bare Linear/Conv2d (or the packable Conv2d ``optimize`` swaps in) whose call is just its weights:
-    no hooks, no forward replaced on the object."""
-    return (type(layer) in (nn.Linear, nn.Conv2d, prepacked.PackableConv2d) and not layer._forward_hooks
-            and not layer._forward_pre_hooks and "forward" not in layer.__dict__)
+    """A bare Linear/Conv2d (or a subclass that declares ``plain_call``, as ``prepacked.PackableConv2d``
+    does) whose call is just its weights: no hooks, no forward replaced on the object."""
+    return ((type(layer) in (nn.Linear, nn.Conv2d) or getattr(type(layer), "plain_call", False))
+            and not layer._forward_hooks and not layer._forward_pre_hooks and "forward" not in layer.__dict__)
+
+
+# A convolution may hold its weight packed for a while (``prepacked.PackableConv2d``, which calls this module,
+# so it is recognised by what it offers rather than imported): ``packing`` is set inside ``packed_weights``,
+# ``packed_weight(x)`` gives the reordered weight, ``plain_weight()`` the plain one written back first.
+
+def _is_packing(conv: nn.Module) -> bool:
+    return getattr(conv, "packing", None) is not None
+
+
+def _plain_weight(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.plain_weight() if hasattr(conv, "plain_weight") else conv.weight
 
 
 def cpu_inference(x: torch.Tensor) -> bool:
@@ -120,12 +132,12 @@ def try_conv2d(x: torch.Tensor, conv: nn.Conv2d, *, residual: torch.Tensor | Non
     if not (_fusable(x, conv) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
         return None
     if _winograd_wins(x, conv):
-        return winograd.conv3x3(x, prepacked.plain_weight(conv), conv.bias, residual)
+        return winograd.conv3x3(x, _plain_weight(conv), conv.bias, residual)
     weight = None
-    if prepacked.is_packing(conv) and _packing_pays(x, conv):  # inside ``prepacked.packed_weights``
+    if _is_packing(conv) and _packing_pays(x, conv):  # inside ``prepacked.packed_weights``
         weight = conv.packed_weight(x)
     if weight is None:
-        weight = prepacked.plain_weight(conv)  # written back first if it was packed at another size
+        weight = _plain_weight(conv)  # written back first if it was packed at another size
         if _as_matmul_wins(x, conv):
             return _conv_as_matmul(x, weight, conv, residual)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)

@@ -95,6 +95,7 @@ class PackableConv2d(nn.Conv2d):
     doc). ``packing``: None outside the context, else a ``Stage`` or the packed weight."""
 
     packing: Stage | _Packed | None = None
+    plain_call = True  # its call is its weights' (``fused.is_plain``): the fused kernels may run it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing is None:
