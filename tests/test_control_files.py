@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from reference import random_pipeline
+from test_controlnet import random_controlnet
 from torchsd.checkpoints.controlnet import find_controlnets, load_controlnet, read_controlnet_state
 from torchsd.checkpoints.diffusers import from_diffusers_keys, to_diffusers_keys
 from torchsd.checkpoints.io import CheckpointError
-from test_controlnet import random_controlnet
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,16 @@ def write_original(diffusers_state: dict, layers_per_block: int) -> dict:
         k = re.sub(r"^time_embedding\.linear_2\.", "time_embed.2.", k)
         k = re.sub(r"^conv_in\.", "input_blocks.0.0.", k)
         k = re.sub(r"^controlnet_cond_embedding\.conv_in\.", "input_hint_block.0.", k)
-        k = re.sub(r"^controlnet_cond_embedding\.blocks\.(\d+)\.", lambda m: f"input_hint_block.{2 * int(m[1]) + 2}.", k)
+        k = re.sub(r"^controlnet_cond_embedding\.blocks\.(\d+)\.",
+                   lambda m: f"input_hint_block.{2 * int(m[1]) + 2}.", k)
         k = re.sub(r"^controlnet_cond_embedding\.conv_out\.", "input_hint_block.14.", k)
         k = re.sub(r"^controlnet_down_blocks\.(\d+)\.", r"zero_convs.\1.0.", k)
         k = re.sub(r"^controlnet_mid_block\.", "middle_block_out.0.", k)
         k = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
                    lambda m: f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.", k)
         k = re.sub(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
-                   lambda m: f"input_blocks.{1 + int(m[1]) * per_level + int(m[3])}.{0 if m[2] == 'resnets' else 1}.", k)
+                   lambda m: f"input_blocks.{1 + int(m[1]) * per_level + int(m[3])}."
+                             f"{0 if m[2] == 'resnets' else 1}.", k)
         k = re.sub(r"^mid_block\.resnets\.(\d+)\.", lambda m: f"middle_block.{2 * int(m[1])}.", k)
         k = re.sub(r"^mid_block\.attentions\.0\.", "middle_block.1.", k)
         m = re.match(r"^((?:input_blocks\.\d+|middle_block)\.[02]\.)(\w+)\.(.*)$", k)
@@ -83,8 +85,8 @@ def test_original_layout_loads_and_equals_diffusers_conversion(sd, net, tmp_path
 def test_diffusers_folder_and_single_file(sd, net, tmp_path):
     from diffusers import ControlNetModel
 
-    from test_controlnet import diffusers_controlnet
     from reference import diffusers_unet
+    from test_controlnet import diffusers_controlnet
 
     ref = diffusers_controlnet(net, diffusers_unet(sd))
     ref.save_pretrained(tmp_path / "folder")
