@@ -11,9 +11,9 @@ from torchsd.models.controlnet import ControlNet
 TOL = 1e-4
 
 
-def random_controlnet(sd, seed: int = 3) -> ControlNet:
+def random_controlnet(sd, seed: int = 3, hint_widths=(16, 32, 96, 256)) -> ControlNet:
     """from_unet, then every weight perturbed: zero convolutions at zero would hide a wrong wiring."""
-    net = ControlNet.from_unet(sd.unet)
+    net = ControlNet.from_unet(sd.unet, hint_widths=hint_widths)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -24,7 +24,7 @@ def random_controlnet(sd, seed: int = 3) -> ControlNet:
 def diffusers_controlnet(net: ControlNet, unet_reference):
     from diffusers import ControlNetModel
 
-    ref = ControlNetModel.from_unet(unet_reference)
+    ref = ControlNetModel.from_unet(unet_reference, conditioning_embedding_out_channels=net.config.hint_widths)
     ref.load_state_dict(to_diffusers_keys(net.state_dict(), "unet"), strict=True)
     return ref.eval()
 

@@ -13,6 +13,7 @@ of the U-Net's encoder) are refused by name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.d
 
     state, config = read_controlnet_state(path, unet_config)
     hint_channels, widths = hint_config(state)
+    # an SD 1.5 ControlNet reads the 4 latent channels also beside an inpainting model's 9-channel U-Net
+    unet_config = dataclasses.replace(unet_config, in_channels=state["conv_in.weight"].shape[1])
     net_config = ControlNetConfig(unet_config, hint_channels, widths,
                                   global_pool=bool(config.get("global_pool_conditions", False)))
     with torch.device("meta"):

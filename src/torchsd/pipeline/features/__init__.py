@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import A1111Fields, Feature, Run
 from .clip_guidance import CLIP_GUIDANCE
+from .control import CONTROL
 from .hires import HIRES
 from .img2img import IMG2IMG
 from .inpaint import INPAINT
@@ -13,7 +14,8 @@ from .prompt_editing import PROMPT_EDITING
 from .styles import STYLES
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE)
+FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CONTROL, PROMPT_EDITING,
+                                  CLIP_GUIDANCE)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
