@@ -329,7 +329,8 @@ class Control(Feature):
         """``alwayson_scripts.controlnet.args``: a list of units as webuiapi's ControlNetUnit.to_dict() sends
         them (taken out of the body by the server, which checks the rest of alwayson_scripts)."""
         scripts = fields.get("alwayson_scripts") or {}
-        entry = scripts.get("controlnet") or scripts.get("ControlNet") if isinstance(scripts, dict) else None
+        entry = next((v for k, v in scripts.items() if k.lower() == "controlnet"), None) \
+            if isinstance(scripts, dict) else None
         args = entry.get("args") if isinstance(entry, dict) else entry
         if not args:
             return {}
