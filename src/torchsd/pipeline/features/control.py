@@ -264,9 +264,10 @@ class Control(Feature):
         return {"control": tuple(units)} if units else {}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("ControlNet (each flag repeatable: the n-th of each makes unit n)")
+        group = parser  # ControlNet units: each flag repeatable, the n-th of each makes unit n
         group.add_argument("--control", dest="control_images", action="append", default=[], metavar="IMAGE",
-                           help="hint image of a ControlNet unit")
+                           help="hint image of a ControlNet unit (repeatable: the n-th of each --control-* flag "
+                                "belongs to the n-th unit)")
         group.add_argument("--control-model", dest="control_models", action="append", default=[],
                            metavar="FILE_OR_NAME",
                            help="ControlNet file, diffusers folder, or name in --control-dir")
