@@ -169,8 +169,10 @@ class Level(nn.Module):
         setattr(self, resample_name, nn.ModuleList([resample]) if resample is not None else None)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
-                skips: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Down levels return every output as a skip; up levels pop one skip per ResBlock."""
+                skips: list[torch.Tensor] | None = None, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down levels return every output as a skip; up levels pop one skip per ResBlock. ``residual`` (a
+        T2I-Adapter's feature) is added to the last ResBlock's (and transformer's) output."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
@@ -178,6 +180,8 @@ class Level(nn.Module):
             h = run(resnet, h, emb)
             if self.attentions is not None:
                 h = run(self.attentions[i], h, context)
+            if residual is not None and i == len(self.resnets) - 1:
+                h = add_rows(h, residual)
             outputs.append(h)
         resample = getattr(self, self.resample_name)
         if resample is not None:
@@ -265,8 +269,8 @@ class UNet(nn.Module):
         return module(*args)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor, *,
-                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                level_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim).
 
         With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
@@ -276,7 +280,8 @@ class UNet(nn.Module):
         (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512).
 
         ``down_residuals`` (one per skip connection, in the order they are made) and ``mid_residual`` are
-        added to the skips and to the middle block's output: a ControlNet's outputs."""
+        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (one
+        per down level: a T2I-Adapter's features) are added to each level's last activation."""
         if context.shape[0] % x.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
                              "it needs the same number or a whole multiple of it")
@@ -288,8 +293,9 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, outputs = block(h, emb, context, self._run)
+        for level, block in enumerate(self.down_blocks):
+            h, outputs = block(h, emb, context, self._run,
+                               residual=None if level_residuals is None else level_residuals[level])
             skips.extend(outputs)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
