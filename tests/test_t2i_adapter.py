@@ -53,3 +53,68 @@ def test_features_and_unet_match_diffusers(sd):
                             down_intrablock_additional_residuals=[f * 0.5 for f in theirs]).sample
         assert max_rel_error(out, expected) < TOL
         assert max_rel_error(out, sd.unet(x, t, context)) > 1e-3
+
+
+# --- files and the pipeline ---------------------------------------------------------------------------------
+
+def test_files_diffusers_and_original_layouts(tmp_path):
+    from safetensors.torch import save_file
+
+    from torchsd.checkpoints.controlnet import load_control_model
+    from torchsd.checkpoints.io import CheckpointError
+
+    sd = random_pipeline("sd1")
+    adapter = random_adapter(sd, downscale=8)
+    ref = diffusers_adapter(adapter)
+    ref.save_pretrained(tmp_path / "folder")
+    diffusers_state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(diffusers_state, str(tmp_path / "single.safetensors"))
+    # TencentARC's flat layout, as diffusers' conversion script reads it: body.{2 * level + j}, in_conv on 2 * level
+    original = {}
+    for key, value in diffusers_state.items():
+        parts = key.removeprefix("adapter.").split(".")
+        if parts[0] == "body" and parts[2] == "resnets":
+            key = f"body.{2 * int(parts[1]) + int(parts[3])}.{'.'.join(parts[4:])}"
+        elif parts[0] == "body":
+            key = f"body.{2 * int(parts[1])}.{'.'.join(parts[2:])}"
+        else:
+            key = ".".join(parts)
+        original[key] = value
+    torch.save(original, tmp_path / "t2iadapter_canny_sd15v2.pth")
+    for path in (tmp_path / "folder", tmp_path / "single.safetensors", tmp_path / "t2iadapter_canny_sd15v2.pth"):
+        loaded = load_control_model(path, sd.config.unet)
+        assert loaded.config == adapter.config, path
+        for key, value in adapter.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), (path, key)
+    original["body.0.skep.weight"] = torch.zeros(1)
+    torch.save(original, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match="skep"):
+        load_control_model(tmp_path / "old.pth", sd.config.unet)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_final_latents_match_diffusers_adapter_pipeline(tmp_path, scale):
+    """(StableDiffusionAdapterPipeline has no adapter_conditioning_factor: start/end are ControlNet's code path)"""
+    import numpy as np
+    from diffusers import T2IAdapter as Reference
+    from PIL import Image
+
+    import torchsd
+    from test_pipeline_parity import diffusers_pipeline, initial_latents
+
+    sd = random_pipeline("sd1")
+    sd.save(tmp_path / "model")
+    adapter = random_adapter(sd)  # unshuffle by the tiny VAE's factor 2: features at the latents' size
+    diffusers_adapter(adapter).save_pretrained(tmp_path / "adapter")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    pipe = diffusers_pipeline(tmp_path / "model", "StableDiffusionAdapterPipeline",
+                              adapter=Reference.from_pretrained(tmp_path / "adapter"))
+    prompt, negative = "a red circle", "blurry"
+    theirs = pipe(prompt, negative_prompt=negative, image=image, num_inference_steps=8, guidance_scale=6.0,
+                  width=32, height=32, latents=initial_latents(), adapter_conditioning_scale=scale,
+                  output_type="latent").images
+    ours = torchsd.load_pipeline(tmp_path / "model", dtype=torch.float32).generate(
+        prompt, negative, steps=8, guidance_scale=6.0, sampler="ddim", eta=0.0, width=32, height=32,
+        latents=initial_latents(), seed=0,
+        control=[torchsd.ControlUnit(image=image, model=tmp_path / "adapter", weight=scale)])
+    assert max_rel_error(ours.latents, theirs) < TOL

@@ -88,9 +88,8 @@ def read_controlnet_state(path: str | Path, c: UNetConfig) -> tuple[dict[str, to
         state = from_diffusers_keys(tensors, "unet")
     elif any(k.startswith(("input_hint_block.", PREFIX + "input_hint_block.")) for k in tensors):
         state = from_original(tensors, c, path)
-    elif any(k.startswith(("adapter.", "body.", "conv_in.")) for k in tensors):
-        raise CheckpointError(f"{path}: looks like a T2I-Adapter, not a ControlNet; torchsd does not read "
-                              f"T2I-Adapters yet")
+    elif is_adapter(tensors):
+        raise CheckpointError(f"{path}: a T2I-Adapter, not a ControlNet; load it with load_control_model")
     else:
         raise CheckpointError(f"{path}: not a ControlNet: no controlnet_cond_embedding (diffusers) or "
                               f"input_hint_block (original) weights among {len(tensors)} tensors")
@@ -131,3 +130,76 @@ def find_controlnets(folders: list[Path]) -> dict[str, Path]:
             elif entry.is_dir() and (entry / "config.json").is_file():
                 found.setdefault(entry.name, entry)
     return found
+
+
+# --- T2I-Adapters ------------------------------------------------------------------------------------------
+
+def is_adapter(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("adapter.body.", "body.")) for k in tensors) and \
+        any(k.endswith("conv_in.weight") for k in tensors)
+
+
+def adapter_from_original(tensors: dict[str, torch.Tensor], source: object) -> dict[str, torch.Tensor]:
+    """TencentARC's flat layout (``body.{level * blocks + j}.block1``, ``in_conv`` on a level's first block) ->
+    torchsd's (``body.{level}.resnets.{j}.block1``, ``body.{level}.in_conv``)."""
+    indices = {int(k.split(".")[1]) for k in tensors if k.startswith("body.")}
+    widths = {}
+    for n in sorted(indices):
+        widths[n] = tensors[f"body.{n}.block1.weight"].shape[0]
+    blocks = 1  # blocks per level: the run of equal widths up to the first in_conv after block 0
+    starts = [n for n in sorted(indices) if f"body.{n}.in_conv.weight" in tensors]
+    if starts:
+        blocks = starts[0]
+    elif len(set(widths.values())) == 1:
+        raise CheckpointError(f"{source}: cannot tell the T2I-Adapter's blocks per level (no in_conv weights)")
+    out = {}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if parts[0] == "conv_in":
+            out[key] = value
+        elif parts[0] == "body" and parts[2] in ("block1", "block2"):
+            n = int(parts[1])
+            out[f"body.{n // blocks}.resnets.{n % blocks}.{'.'.join(parts[2:])}"] = value
+        elif parts[0] == "body" and parts[2] == "in_conv" and int(parts[1]) % blocks == 0:
+            out[f"body.{int(parts[1]) // blocks}.{'.'.join(parts[2:])}"] = value
+        else:
+            raise CheckpointError(f"{source}: no rule maps the T2I-Adapter key {key!r} (older adapters with "
+                                  f"'skep' convolutions are not read; use a diffusers T2IAdapter)")
+    return out
+
+
+def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A T2I-Adapter ("full adapter", SD 1.x/2.x): diffusers' folder or file (``adapter.`` keys) or TencentARC's
+    original file. The config is read from the weights' shapes."""
+    from ..models.adapter import AdapterConfig, T2IAdapter
+
+    path = Path(path)
+    tensors = read_weights(path) if path.is_dir() else load_state_dict(path)
+    if not is_adapter(tensors):
+        raise CheckpointError(f"{path}: not a T2I-Adapter (no conv_in and body weights)")
+    if any(k.startswith("adapter.") for k in tensors):
+        state = {k.removeprefix("adapter."): v for k, v in tensors.items()}
+    else:
+        state = adapter_from_original(tensors, path)
+    levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
+    blocks = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("body.0.resnets."))
+    widths = tuple(state[f"body.{i}.resnets.0.block1.weight"].shape[0] for i in range(levels))
+    unshuffled = state["conv_in.weight"].shape[1]
+    hint_channels = 1 if unshuffled % 3 else 3  # the sketch adapter reads one channel: 64 = 1 * 8**2
+    downscale = round((unshuffled / hint_channels) ** 0.5)
+    config = AdapterConfig(hint_channels, widths, blocks, downscale)
+    with torch.device("meta"):
+        adapter = T2IAdapter(config)
+    check_state(adapter, state, str(path))
+    adapter.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+    return adapter.eval().requires_grad_(False)
+
+
+def load_control_model(path: str | Path, unet_config: UNetConfig, *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu"):
+    """A ControlNet or a T2I-Adapter, whichever the file holds."""
+    path = Path(path)
+    tensors = read_weights(path) if path.is_dir() else load_state_dict(path)
+    if is_adapter(tensors) and not any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in tensors):
+        return load_adapter(path, dtype=dtype, device=device)
+    return load_controlnet(path, unet_config, dtype=dtype, device=device)

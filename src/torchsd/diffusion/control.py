@@ -1,7 +1,9 @@
 """ControlNet residuals inside the denoiser: ``ControlledDenoiser`` wraps a ``ModelDenoiser`` so that every
 U-Net call first runs each active ControlNet on the same scaled latents, timestep and context, and hands the
-summed, scaled residuals to the U-Net. Because the residuals are computed per call, every sampler (Heun's
-second evaluation, DPM2's midpoints, a hires pass's own sigmas) sees control at the level it evaluates.
+summed, scaled residuals to the U-Net. T2I-Adapters ride along: their features (per down level, computed once
+from the hint) are handed over at the steps where they act. Because the residuals are computed per call, every
+sampler (Heun's second evaluation, DPM2's midpoints, a hires pass's own sigmas) sees control at the level it
+evaluates.
 
 Which units act at a call is decided from sigma: the call belongs to step i of the loop when
 sigmas[i] >= sigma > sigmas[i+1], and a unit acts on step i of n unless i/n < start or (i+1)/n > end
@@ -36,6 +38,16 @@ class ControlInput:
 
     def acts_on(self, step: int, steps: int) -> bool:
         return not (step / steps < self.start or (step + 1) / steps > self.end)
+
+    @property
+    def is_adapter(self) -> bool:
+        """A T2I-Adapter: features per down level from the hint alone, the same at every step (kept)."""
+        return not hasattr(self.net, "controlnet_down_blocks")
+
+    def adapter_features(self) -> list[torch.Tensor]:
+        if getattr(self, "_features", None) is None:
+            self._features = [f * s for f, s in zip(self.net(self.hint), self.scales, strict=True)]
+        return self._features
 
 
 def soft_scales(weight: float, count: int) -> list[float]:
@@ -77,10 +89,17 @@ class ControlledDenoiser:
             return self.model(x, sigma, context, concat)
         c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
         z = (x * c_in).to(context.dtype)
-        t = self.model.timestep(sigma)
+        t = self.model.timestep(sigma) if any(not u.is_adapter for u in active) else None
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
+        levels: list[torch.Tensor] | None = None
         for unit in active:
+            if unit.is_adapter:
+                features = unit.adapter_features()
+                if unit.cond_only and uncond_rows:
+                    features = [_zero_rows(f, context.shape[0], uncond_rows) for f in features]
+                levels = features if levels is None else [_add(a, b) for a, b in zip(levels, features)]
+                continue
             net_input = z
             if concat is not None and unit.net.config.unet.in_channels > z.shape[1]:  # an inpainting ControlNet
                 net_input = torch.cat([z, concat.to(z.dtype)], dim=1)
@@ -90,7 +109,10 @@ class ControlledDenoiser:
                 residuals = [_zero_rows(r, context.shape[0], uncond_rows) for r in residuals]
             down = residuals[:-1] if down is None else [_add(a, b) for a, b in zip(down, residuals[:-1])]
             mid = residuals[-1] if mid is None else _add(mid, residuals[-1])
-        return self.model(x, sigma, context, concat, down_residuals=down, mid_residual=mid)
+        inputs = {} if down is None else {"down_residuals": down, "mid_residual": mid}
+        if levels is not None:
+            inputs["level_residuals"] = levels
+        return self.model(x, sigma, context, concat, **inputs)
 
 
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

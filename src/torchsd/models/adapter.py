@@ -24,6 +24,11 @@ class AdapterConfig:
     num_res_blocks: int = 2
     downscale: int = 8  # pixel-unshuffle factor: the VAE's
 
+    @property
+    def hint_downscale(self) -> int:
+        """The hint is this many times the latents' size (the unshuffle factor)."""
+        return self.downscale
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
         if self.hint_channels <= 0 or self.num_res_blocks <= 0 or self.downscale <= 0 or not self.widths:

@@ -1,5 +1,9 @@
 """ControlNet units: ``control=[ControlUnit(image=..., model=..., weight=...), ...]``.
 
+A unit's model may also be a T2I-Adapter (as the A1111 extension lists both among its models): its features
+are added to the U-Net's down levels with the unit's weight, start/end and, for "ControlNet is more
+important", on the conditional rows only.
+
 Each unit names a ControlNet (a path, or a name found in the control folders: ``--control-dir``, the
 server's ``<models-dir>/ControlNet``), a hint image (optionally run through a built-in preprocessor:
 ``control_detect.py``), a weight, the fraction of the steps it acts on and a control mode. The residuals are
@@ -170,12 +174,13 @@ class ControlModels:
                          f"Known: {known}")
 
     def load(self, sd: StableDiffusion, model: str | Path) -> torch.nn.Module:
-        from ...checkpoints.controlnet import load_controlnet
+        """A ControlNet or a T2I-Adapter."""
+        from ...checkpoints.controlnet import load_control_model
 
         path = self.resolve(model)
         key = (str(path.resolve()), sd.device, sd.dtype)
         if key not in self.loaded:
-            self.loaded[key] = load_controlnet(path, sd.config.unet, dtype=sd.dtype, device=sd.device)
+            self.loaded[key] = load_control_model(path, sd.config.unet, dtype=sd.dtype, device=sd.device)
         return self.loaded[key]
 
 
@@ -224,10 +229,15 @@ class Control(Feature):
             # size, or the hires pass's while it samples
             f = net.config.hint_downscale
             width, height = run.shape[-1] * f, run.shape[-2] * f
-            residuals = len(net.controlnet_down_blocks) + 1
-            balanced = unit.control_mode == CONTROL_MODES[0]
-            scales = [unit.weight] * residuals if balanced else soft_scales(unit.weight, residuals)
+            if hasattr(net, "controlnet_down_blocks"):
+                residuals = len(net.controlnet_down_blocks) + 1
+                balanced = unit.control_mode == CONTROL_MODES[0]
+                scales = [unit.weight] * residuals if balanced else soft_scales(unit.weight, residuals)
+            else:  # a T2I-Adapter: the weight on every level (the 0.825 decay is ControlNet's 13 residuals')
+                scales = [unit.weight] * len(net.config.widths)
             hint = hint_tensor(control_map(unit, width, height)).to(sd.device, sd.dtype)
+            if getattr(net.config, "hint_channels", 3) == 1:  # the sketch adapter: one channel
+                hint = hint.mean(dim=1, keepdim=True)
             inputs.append(ControlInput(net, hint, scales, unit.guidance_start, unit.guidance_end,
                                        cond_only=unit.control_mode == CONTROL_MODES[2]))
         return ControlledDenoiser(model, inputs, sigmas)
