@@ -85,6 +85,10 @@ def test_modes_samplers_img2img_inpaint_and_hires_run(setup):
                                     **base).latents
     assert max_rel_error(results["prompt"], results["balanced"]) > 1e-3
     assert max_rel_error(results["control"], results["prompt"]) > 1e-3
+    edited = sd.generate("a [cat:dog:0.5]", NEGATIVE, control=[dataclasses.replace(unit, control_mode="control")],
+                         **base)  # prompt editing's own guidance calls the controlled model
+    plain_edit = sd.generate("a [cat:dog:0.5]", NEGATIVE, **base)
+    assert max_rel_error(edited.latents, plain_edit.latents) > 1e-3
     for sampler in ("euler_a", "heun", "dpm2", "dpmpp_2m"):
         out = sd.generate(PROMPT, NEGATIVE, sampler=sampler, control=[unit], **base)
         assert torch.isfinite(out.latents).all()

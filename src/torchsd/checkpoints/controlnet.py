@@ -67,16 +67,21 @@ def hint_config(state: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
     return first.shape[1], tuple(widths)
 
 
-def read_controlnet_state(path: str | Path, c: UNetConfig) -> tuple[dict[str, torch.Tensor], dict]:
-    """A ControlNet file or diffusers folder -> (torchsd state dict, diffusers config or {})."""
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return read_weights(path) if path.is_dir() else load_state_dict(path)
+
+
+def read_controlnet_state(path: str | Path, c: UNetConfig, tensors: dict[str, torch.Tensor] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A ControlNet file or diffusers folder -> (torchsd state dict, diffusers config or {}). ``tensors``: the
+    file's, where the caller has read them already."""
     path = Path(path)
     config: dict = {}
+    tensors = read_tensors(path) if tensors is None else tensors
     if path.is_dir():
         if (path / "config.json").is_file():
             config = json.loads((path / "config.json").read_text())
-        tensors = read_weights(path)
     else:
-        tensors = load_state_dict(path)
         sidecar = path.with_suffix(".json")  # none usually; a diffusers config saved beside a single file
         if sidecar.is_file():
             config = json.loads(sidecar.read_text())
@@ -97,11 +102,11 @@ def read_controlnet_state(path: str | Path, c: UNetConfig) -> tuple[dict[str, to
 
 
 def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu"):
+                    device: str | torch.device = "cpu", tensors: dict[str, torch.Tensor] | None = None):
     """The ControlNet in a file or diffusers folder, for a model whose U-Net has ``unet_config``."""
     from ..models.controlnet import ControlNet, ControlNetConfig
 
-    state, config = read_controlnet_state(path, unet_config)
+    state, config = read_controlnet_state(path, unet_config, tensors)
     hint_channels, widths = hint_config(state)
     # an SD 1.5 ControlNet reads the 4 latent channels also beside an inpainting model's 9-channel U-Net
     unet_config = dataclasses.replace(unet_config, in_channels=state["conv_in.weight"].shape[1])
@@ -168,13 +173,14 @@ def adapter_from_original(tensors: dict[str, torch.Tensor], source: object) -> d
     return out
 
 
-def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 tensors: dict[str, torch.Tensor] | None = None):
     """A T2I-Adapter ("full adapter", SD 1.x/2.x): diffusers' folder or file (``adapter.`` keys) or TencentARC's
     original file. The config is read from the weights' shapes."""
     from ..models.adapter import AdapterConfig, T2IAdapter
 
     path = Path(path)
-    tensors = read_weights(path) if path.is_dir() else load_state_dict(path)
+    tensors = read_tensors(path) if tensors is None else tensors
     if not is_adapter(tensors):
         raise CheckpointError(f"{path}: not a T2I-Adapter (no conv_in and body weights)")
     if any(k.startswith("adapter.") for k in tensors):
@@ -199,7 +205,7 @@ def load_control_model(path: str | Path, unet_config: UNetConfig, *, dtype: torc
                        device: str | torch.device = "cpu"):
     """A ControlNet or a T2I-Adapter, whichever the file holds."""
     path = Path(path)
-    tensors = read_weights(path) if path.is_dir() else load_state_dict(path)
+    tensors = read_tensors(path)  # once: a ControlNet file is 1.4 GB
     if is_adapter(tensors) and not any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in tensors):
-        return load_adapter(path, dtype=dtype, device=device)
-    return load_controlnet(path, unet_config, dtype=dtype, device=device)
+        return load_adapter(path, dtype=dtype, device=device, tensors=tensors)
+    return load_controlnet(path, unet_config, dtype=dtype, device=device, tensors=tensors)
