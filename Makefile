@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# and its sampling module needs only these.
 	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1
 	$(PY) -m pip install -q torchsde torchdiffeq scipy einops jsonmerge
+	# spandrel is the ESRGAN-family reference of the upscaler tests; it declares torchvision, which its
+	# ESRGAN and Compact code never imports (the tests stand in a stub while importing it)
+	$(PY) -m pip install -q --no-deps spandrel==0.4.2
 	# the web page tests drive Debian's chromium through Playwright (`playwright install` is never run);
 	# the emoji dataset renders Noto Color Emoji
 	@{ command -v chromium >/dev/null 2>&1 && [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; } || { \

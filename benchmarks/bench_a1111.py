@@ -15,6 +15,7 @@ import time
 import torch
 
 from torchsd.checkpoints.lora import AppliedLora, LoraFile, LoraLayer, merged_loras
+from torchsd.checkpoints.lycoris import LowRank
 from torchsd.config import ModelConfig
 from torchsd.models.clip import CLIPTextModel
 from torchsd.models.unet import UNet
@@ -57,8 +58,8 @@ def random_lora(sd: StableDiffusion, rank: int) -> LoraFile:
                if isinstance(m, torch.nn.Linear) and (".attn" in n or ".ff." in n)]
     targets += [("text_encoder", n, m) for n, m in sd.text_encoder.named_modules() if isinstance(m, torch.nn.Linear)]
     for component, name, module in targets:
-        layers.append(LoraLayer(component, name, torch.randn(rank, module.in_features) * 0.01,
-                                torch.randn(module.out_features, rank) * 0.01, 1.0))
+        update = LowRank(torch.randn(rank, module.in_features) * 0.01, torch.randn(module.out_features, rank) * 0.01)
+        layers.append(LoraLayer(component, name, update, 1.0))
     return LoraFile("bench", None, tuple(layers))
 
 

@@ -44,7 +44,23 @@ def build_models_dir(root: Path) -> Path:
     torch.save({"string_to_param": {"*": torch.zeros(2, 64)}, "name": "tok", "step": 100},
                models / "embeddings" / "tok.pt")
     save_file({"emb_params": torch.zeros(3, 768)}, str(models / "embeddings" / "sd15only.safetensors"))
+    (models / "ESRGAN").mkdir()
+    torch.save({"params_ema": tiny_compact_upscaler(seed=0)}, models / "ESRGAN" / "R-ESRGAN 4x+.pth")
     return models
+
+
+def tiny_compact_upscaler(seed: int, features: int = 8, convs: int = 1, scale: int = 4) -> dict:
+    """Random weights in Real-ESRGAN's SRVGGNetCompact layout (body.0 conv, body.1 PReLU, …, last conv to
+    3·scale² channels), written from the layout itself rather than from torchsd's module."""
+    gen = torch.Generator().manual_seed(seed)
+    state, n = {}, 0
+    for cin, cout in [(3, features)] + [(features, features)] * convs + [(features, 3 * scale ** 2)]:
+        state[f"body.{n}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (1 / (cin * 9)) ** 0.5
+        state[f"body.{n}.bias"] = torch.randn(cout, generator=gen) * 0.01
+        if cout != 3 * scale ** 2:
+            state[f"body.{n + 1}.weight"] = torch.full((cout,), 0.25) + 0.05 * torch.randn(cout, generator=gen)
+        n += 2
+    return state
 
 
 @contextmanager

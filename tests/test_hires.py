@@ -74,7 +74,7 @@ def test_upscaler_names_are_read_like_automatic1111s():
     (dict(hires_steps=0), "hires_steps must be between 1"),
     (dict(hires_strength=2.0), "hires_strength must be between 0 and 1"),
     (dict(hires_size=(30, 32)), "hires_size must be multiples of 8"),
-    (dict(hires_upscaler="SwinIR"), "unknown hires upscaler"),
+    (dict(hires_upscaler=" "), "hires_upscaler must be an upscaler's name"),  # names: checked by the run
     (dict(init_image="/no/such.png"), "does not exist"),
 ])
 def test_bad_hires_options_are_refused(options, message):

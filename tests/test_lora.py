@@ -203,8 +203,9 @@ def test_lora_for_another_model_family_is_refused(sd, tmp_path):
         sd.generate("a cat", loras=[(tmp_path / "xl.safetensors", 1.0)], **OPTIONS)
 
 
-@pytest.mark.parametrize("key, kind", [("lora_unet_x.hada_w1_a", "LoHa"), ("lora_unet_x.lokr_w1", "LoKr"),
-                                       ("lora_unet_x.dora_scale", "DoRA"), ("model.weight", "not a LoRA file")])
+@pytest.mark.parametrize("key, kind", [("lora_unet_x.oft_blocks", "OFT"), ("lora_unet_x.lora_mid.weight", "Tucker"),
+                                       ("lora_unet_x.hada_w1_a", "LoHa layer lora_unet_x lacks hada_w1_b"),
+                                       ("model.weight", "not a LoRA file")])
 def test_other_adapter_files_are_refused(sd, tmp_path, key, kind):
     save_file({key: torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match=kind):

@@ -164,7 +164,8 @@ def test_samplers_schedulers_loras_embeddings_scripts(api):
     assert embeddings["loaded"] == {"tok": {"step": 100, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                             "shape": 64, "vectors": 2}}
     assert embeddings["skipped"]["sd15only"]["shape"] == 768  # another text encoder's width
-    assert api.get_sd_vae() == [] and api.get_upscalers() == []
+    assert api.get_sd_vae() == []
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest", "R-ESRGAN 4x+"]
 
 
 def test_a1111_tolerates_what_clients_send(server):
@@ -184,8 +185,8 @@ def test_a1111_tolerates_what_clients_send(server):
     ({"steps": 151}, 422, "steps 151 is above this server's limit of 150"),
     ({"batch_size": 9, "n_iter": 2}, 422, "18 images were asked for; this server makes at most 16"),
     ({"sampler_name": "Nonexistent"}, 422, "unknown sampler 'Nonexistent'"),
-    ({"tiling": True}, 422, "tiling (seamless textures) is not supported"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "unknown hires upscaler 'R-ESRGAN 4x+'"),
+    ({"tiling": "yes"}, 422, "tiling must be true or false"),
+    ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, 422, "unknown hires upscaler '4x-UltraSharp'"),
     ({"subseed_strength": 1.5}, 422, "subseed_strength must be between 0"),
     ({"seed": "abc"}, 422, "seed must be an integer; got 'abc'"),
     ({"cfg_scale": "high"}, 422, "cfg_scale must be a finite number"),

@@ -234,20 +234,35 @@ def _tiling(text: str) -> VAETiling:
 
 def load_pipeline(path: str | Path | None = None, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, *, runtime: RuntimeOptions | None = None,
-                  lora_dirs: list[str | Path] = (), embedding_dirs: list[str | Path] = (), **options):
+                  lora_dirs: list[str | Path] = (), embedding_dirs: list[str | Path] = (),
+                  taesd: str | Path | None = None, fast_decode: bool = False, **options):
     """A ready ``StableDiffusion`` from a diffusers folder or single file (``None``: the bundled model).
 
     ``device`` defaults to CUDA where there is one, else the CPU; ``dtype`` to ``default_dtype(device)``
     (bfloat16 on a CPU with native bf16: pass ``torch.float32`` for the reference's exact numbers);
-    ``runtime``: ``RuntimeOptions`` (defaults: see the module doc). ``options``: see
+    ``runtime``: ``RuntimeOptions`` (defaults: see the module doc). ``taesd``: a TAESD file or folder for
+    previews; ``fast_decode``: decode final images with it too. ``options``: see
     ``checkpoints.read_checkpoint`` (``vae=``, ``use_ema=``, ``prediction_type=`` …)."""
     from .pipeline import StableDiffusion
 
     runtime = runtime or RuntimeOptions()  # validated before the (slow) load
+    if fast_decode and taesd is None:
+        raise ValueError("fast_decode decodes with TAESD: give one (--taesd PATH: taesd_decoder.pth, or a diffusers "
+                         "AutoencoderTiny folder)")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     sd = StableDiffusion.from_checkpoint(path, device="cpu", dtype=dtype, lora_dirs=lora_dirs,
                                          embedding_dirs=embedding_dirs, **options)
+    if taesd is not None:
+        from .checkpoints.taesd import load_taesd
+
+        sd.taesd, sd.fast_decode = load_taesd(taesd, device, dtype), fast_decode
+        tiny, vae = sd.taesd.config, sd.config.vae
+        if (tiny.downscale_factor, tiny.latent_channels) != (vae.downscale_factor, vae.latent_channels):
+            raise ValueError(f"{taesd}: this TAESD downsamples by {tiny.downscale_factor} into {tiny.latent_channels} "
+                             f"latent channels; the model's VAE by {vae.downscale_factor} into "
+                             f"{vae.latent_channels}: it is for another model family (taesd for SD 1/2, "
+                             f"taesdxl for SDXL)")
     return apply_runtime(sd, runtime, device, dtype)
 
 
@@ -261,6 +276,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    p.add_argument("--taesd", "--preview-vae", dest="taesd", type=Path, default=None, metavar="PATH",
+                   help="TAESD (taesd_decoder.pth, a folder of taesd_*.pth, or a diffusers AutoencoderTiny folder): "
+                        "the server's live previews (default there: <models-dir>/VAE-taesd)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode final images with --taesd too: much faster, a little blurrier")
     add_runtime_arguments(p)
 
 
@@ -268,7 +288,8 @@ def load_from_args(args: argparse.Namespace):
     """``load_pipeline`` with the flags of ``add_model_arguments``."""
     options = runtime_options_from_args(args)  # validate before the (slow) load
     return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None),
-                         variant=getattr(args, "variant", None))
+                         variant=getattr(args, "variant", None), taesd=getattr(args, "taesd", None),
+                         fast_decode=getattr(args, "fast_decode", False))
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

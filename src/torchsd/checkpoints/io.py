@@ -183,9 +183,10 @@ def _load_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def flatten_state_dict(obj: object, path: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Accept {"state_dict": {...}} (Lightning), {"model": ...}, or a flat dict of tensors."""
+    """Accept {"state_dict": {...}} (Lightning), {"model": ...}, {"params_ema": ...} (BasicSR: the EMA weights
+    before the raw ones, as Real-ESRGAN and AUTOMATIC1111 use them), or a flat dict of tensors."""
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "module"):
+        for key in ("state_dict", "model", "module", "params_ema", "params"):
             inner = obj.get(key)
             if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
                 obj = inner

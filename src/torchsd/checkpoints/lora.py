@@ -3,10 +3,12 @@
 Two file layouts are read, for the U-Net and the text encoder, for Linear and Conv2d layers:
 - kohya (sd-scripts, AUTOMATIC1111): ``lora_unet_<diffusers path with _>.lora_down.weight`` /
   ``.lora_up.weight`` / ``.alpha``, and ``lora_te_text_model_…`` for the text encoder. Conv layers have
-  down (rank, in, kh, kw) and up (out, rank, 1, 1). A missing alpha means alpha = rank.
+  down (rank, in, kh, kw) and up (out, rank, 1, 1). A missing alpha means alpha = rank. The same names
+  carry LyCORIS's LoHa (``hada_w1_a`` …) and LoKr (``lokr_w1`` …) factors, and DoRA's ``dora_scale``
+  (see ``lycoris.py``).
 - diffusers/PEFT: ``unet.<path>.lora_A.weight`` (= down) / ``lora_B.weight`` (= up) and
   ``text_encoder.[text_model.]<path>…``; alpha from the file's ``lora_adapter_metadata`` (lora_alpha,
-  alpha_pattern, use_rslora) or ``.alpha`` keys, else alpha = rank.
+  alpha_pattern, use_rslora) or ``.alpha`` keys, else alpha = rank; DoRA's ``.lora_magnitude_vector``.
 
 Weights are merged for a run and restored from copies afterwards (``merged_loras``), which is what
 AUTOMATIC1111 does: no per-step cost, and the model's weights after the run are bit-identical to
@@ -30,6 +32,7 @@ from torch import nn
 from .diffusers import TEXT_PREFIX, TEXT_RULES, UNET_RULES, _rename
 from .io import CheckpointError, file_sha256, load_state_dict, safetensors_metadata
 from .library import FileLibrary
+from .lycoris import Hadamard, Kronecker, LowRank, WeightUpdate, apply_dora
 
 
 class Networks(Protocol):
@@ -46,17 +49,17 @@ COMPONENTS = ("unet", "text_encoder")
 class LoraLayer:
     component: str  # "unet" or "text_encoder"
     module: str  # torchsd module path inside that component
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    update: WeightUpdate  # LoRA's up/down pair, or LyCORIS's LoHa / LoKr factors
     scale: float  # alpha / rank (or alpha / sqrt(rank) for rank-stabilised LoRA)
+    magnitude: torch.Tensor | None = None  # DoRA's dora_scale: W + ΔW is rescaled to it
 
-    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """up @ down · scale in float32 on ``device``, shaped (out, in·kh·kw); the caller reshapes it."""
-        if self.up.ndim == 4 and self.up.shape[2:] != (1, 1):
-            raise CheckpointError(f"LoRA layer {self.module}: up weights with a {tuple(self.up.shape[2:])} kernel "
-                                  f"are not supported (only 1x1 up projections)")
-        up, down = (t.to(device, torch.float32).flatten(1) for t in (self.up, self.down))
-        return (up @ down) * self.scale
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """The change to ``weight`` at multiplier 1, in float32 on the weight's device, shaped like it."""
+        delta = (self.update.delta(weight.device) * self.scale).reshape(weight.shape)
+        if self.magnitude is None:
+            return delta
+        original = weight.detach().float()
+        return apply_dora(original, original + delta, self.magnitude)
 
 
 @dataclass(frozen=True)
@@ -98,30 +101,31 @@ def module_names(sd: Networks) -> dict[str, tuple[str, str]]:
 # --- reading files ---------------------------------------------------------------------------------
 
 def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFile:
-    """Read a kohya or PEFT LoRA file and match its layers to ``sd``'s modules (shapes checked)."""
+    """Read a kohya/LyCORIS (LoRA, LoCon, LoHa, LoKr, each optionally DoRA) or PEFT LoRA file and match its
+    layers to ``sd``'s modules (shapes checked)."""
     path = Path(path)
     state = load_state_dict(path)
     metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     _refuse_other_adapters(state, path)
-    if any(k.endswith(".lora_down.weight") for k in state):
-        pairs = _kohya_pairs(state)
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
+        layers_in_file = _kohya_layers(state, path)
     elif any(".lora_A." in k for k in state):
-        pairs = _peft_pairs(state, metadata)
+        layers_in_file = _peft_pairs(state, metadata)
     else:
-        raise CheckpointError(f"{path}: not a LoRA file torchsd reads: expected kohya keys (…lora_down.weight / "
-                              f"lora_up.weight) or diffusers/PEFT keys (…lora_A.weight / lora_B.weight); "
-                              f"first keys: {', '.join(sorted(state)[:3])}")
+        raise CheckpointError(f"{path}: not a LoRA file torchsd reads: expected kohya/LyCORIS keys (lora_unet_… / "
+                              f"lora_te_… with lora_down/lora_up, hada_w1_a/…, lokr_w1/…) or diffusers/PEFT keys "
+                              f"(…lora_A.weight / lora_B.weight); first keys: {', '.join(sorted(state)[:3])}")
     names = module_names(sd)
     layers, unmatched = [], []
-    for key, (down, up, scale) in pairs.items():
+    for key, (update, scale, magnitude) in layers_in_file.items():
         if key not in names:
             unmatched.append(key)
             continue
         component, module_path = names[key]
-        layers.append(LoraLayer(component, module_path, down, up, scale))
+        layers.append(LoraLayer(component, module_path, update, scale, magnitude))
         _check_shape(layers[-1], weight_of(sd, layers[-1]), path)
     if not layers:
-        raise CheckpointError(f"{path}: none of its {len(pairs)} LoRA layers belong to this model (first: "
+        raise CheckpointError(f"{path}: none of its {len(layers_in_file)} LoRA layers belong to this model (first: "
                               f"{', '.join(unmatched[:3])}); it was made for another architecture (SDXL?)")
     if unmatched:
         import warnings
@@ -132,31 +136,60 @@ def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFi
 
 
 def _refuse_other_adapters(state: dict[str, torch.Tensor], path: Path) -> None:
-    kinds = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-             ".lora_mid.": "LoCon with a Tucker core", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
+    kinds = {".lora_mid.": "LoCon with a Tucker core (lora_mid)", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
     for marker, kind in kinds.items():
         if any(marker in k for k in state):
-            raise CheckpointError(f"{path}: a {kind} file; torchsd applies plain LoRA (kohya lora_down/lora_up "
-                                  f"or PEFT lora_A/lora_B) to SD 1.x/2.x models")
+            raise CheckpointError(f"{path}: a {kind} file; torchsd applies LoRA, LoCon, LoHa and LoKr (optionally "
+                                  f"with DoRA) in the kohya/LyCORIS layout, and PEFT lora_A/lora_B, to SD 1.x/2.x "
+                                  f"models")
 
 
-def _kohya_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    pairs = {}
-    for key in state:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key[: -len(".lora_down.weight")]
-        down, up = state[key], state.get(name + ".lora_up.weight")
-        if up is None:
-            raise CheckpointError(f"LoRA layer {name}: lora_down without lora_up; the file is incomplete")
-        rank = down.shape[0]
-        alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else float(rank)
-        pairs[name] = (down, up, alpha / rank)
-    return pairs
+Layer = tuple[WeightUpdate, float, torch.Tensor | None]  # update, scale, DoRA magnitude
 
 
-def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def _kohya_layers(state: dict[str, torch.Tensor], path: Path) -> dict[str, Layer]:
+    """Group ``lora_unet_<module>.<part>`` keys by module and read each group's kind from its parts."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.startswith(("lora_unet_", "lora_te_")):
+            name, _, part = key.partition(".")
+            groups.setdefault(name, {})[part] = tensor
+    layers = {}
+    for name, parts in groups.items():
+        update = _kohya_update(name, parts, path)
+        rank = update.rank
+        # LyCORIS: alpha / rank; no alpha means alpha = rank; a LoKr with both factors whole has no rank: scale 1
+        scale = float(parts["alpha"]) / rank if "alpha" in parts and rank else 1.0
+        layers[name] = (update, scale, parts.get("dora_scale"))
+    return layers
+
+
+def _kohya_update(name: str, parts: dict[str, torch.Tensor], path: Path) -> WeightUpdate:
+    def need(kind: str, *keys: str) -> list[torch.Tensor]:
+        missing = [k for k in keys if k not in parts]
+        if missing:
+            raise CheckpointError(f"{path}: {kind} layer {name} lacks {', '.join(missing)} (has "
+                                  f"{', '.join(sorted(parts))}); the file is incomplete")
+        return [parts[k] for k in keys]
+
+    if "lora_down.weight" in parts:
+        return LowRank(*need("LoRA", "lora_down.weight", "lora_up.weight"))
+    if "hada_w1_a" in parts:
+        return Hadamard(*need("LoHa", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+                        t1=parts.get("hada_t1"), t2=parts.get("hada_t2"))
+    if any(part.startswith("lokr_") for part in parts):
+        fields = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
+        update = Kronecker(**{f: parts.get("lokr_" + f) for f in fields})
+        if not update.fits():
+            raise CheckpointError(f"{path}: LoKr layer {name} needs lokr_w1 or lokr_w1_a/_b, and lokr_w2 or "
+                                  f"lokr_w2_a/_b; it has {', '.join(sorted(parts))}")
+        return update
+    raise CheckpointError(f"{path}: layer {name} holds {', '.join(sorted(parts))}: not a LoRA/LoCon (lora_down/"
+                          f"lora_up), LoHa (hada_w1_a …) or LoKr (lokr_w1 …) layer; other LyCORIS kinds (OFT, "
+                          f"BOFT, GLoRA, IA3, full diff) are not supported")
+
+
+def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Layer]:
     configs = _peft_configs(metadata)
     pairs = {}
     for key in state:
@@ -171,7 +204,10 @@ def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]
         config = configs.get(component, {})
         alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else _peft_alpha(config, module, rank)
         scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-        pairs[name] = (down, up, scale)
+        # DoRA: PEFT's get_peft_model_state_dict writes one magnitude per output channel
+        magnitude = state.get(name + ".lora_magnitude_vector", state.get(name + ".lora_magnitude_vector.weight"))
+        # ((out,) for Linear, (1, out, 1, 1) for Conv2d): always per output channel, so flattened
+        pairs[name] = (LowRank(down, up), scale, magnitude.reshape(-1) if magnitude is not None else None)
     return pairs
 
 
@@ -203,12 +239,19 @@ def weight_of(sd: Networks, layer: LoraLayer) -> torch.Tensor:
 
 
 def _check_shape(layer: LoraLayer, weight: torch.Tensor, path: Path) -> None:
-    out_features, in_size = weight.shape[0], weight[0].numel()
-    if layer.up.shape[0] != out_features or layer.down[0].numel() != in_size or \
-            layer.up.shape[1] != layer.down.shape[0]:
-        raise CheckpointError(f"{path}: LoRA layer {layer.module} has down {tuple(layer.down.shape)} and up "
-                              f"{tuple(layer.up.shape)}, which do not fit the weight {tuple(weight.shape)}: the "
-                              f"LoRA was made for another model family (SD 1.x vs 2.x?)")
+    out_in = weight.shape[0], weight[0].numel()
+    if not layer.update.fits() or layer.update.out_in() != out_in:
+        kind = type(layer.update).__name__
+        shapes = ", ".join(f"{f} {tuple(t.shape)}" for f, t in vars(layer.update).items() if t is not None)
+        raise CheckpointError(f"{path}: {kind} layer {layer.module} has {shapes}, which do not fit the weight "
+                              f"{tuple(weight.shape)}: the LoRA was made for another model family (SD 1.x vs 2.x?)")
+    magnitude = layer.magnitude
+    if magnitude is not None:
+        per_output, per_input = (weight.shape[0], *[1] * (weight.ndim - 1)), (1, *weight.shape[1:2],
+                                                                                 *[1] * (weight.ndim - 2))
+        if tuple(magnitude.shape) not in (per_output, per_input, (weight.shape[0],)):
+            raise CheckpointError(f"{path}: layer {layer.module}: dora_scale {tuple(magnitude.shape)} fits neither "
+                                  f"{per_output} (per output channel) nor {per_input} (per input channel)")
 
 
 def lora_shorthash(path: Path) -> str:
@@ -268,7 +311,7 @@ def merged_loras(sd: Networks, loras: list[AppliedLora]) -> Iterator[None]:
                     key = (layer.component, layer.module)
                     if key not in backups:
                         backups[key] = weight.detach().clone()
-                    delta = layer.delta(weight.device).reshape(weight.shape) * multiplier
+                    delta = layer.delta(weight) * multiplier
                     weight.copy_((weight.float() + delta).to(weight.dtype))
         yield
     finally:

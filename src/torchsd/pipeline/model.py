@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from ..checkpoints.embeddings import EmbeddingLibrary
+from ..checkpoints.upscalers import UpscalerLibrary
+from ..models.taesd import TinyAutoencoder
 from ..checkpoints.lora import LoraLibrary
 from ..config import ModelConfig
 from ..diffusion.denoisers import ModelDenoiser
@@ -54,6 +56,9 @@ class StableDiffusion:
         self.loras = LoraLibrary()  # folders where <lora:name:w> names are found
         self.embeddings = EmbeddingLibrary()  # folders of textual-inversion embeddings, used by file name
         self.styles = StyleLibrary()  # prompt styles by name: sd.styles.load("styles.csv")
+        self.upscalers = UpscalerLibrary()  # folders of ESRGAN-family networks, used by file name (hires fix)
+        self.taesd: TinyAutoencoder | None = None  # the tiny VAE: live previews, and final images if fast_decode
+        self.fast_decode = False  # decode final images with ``taesd`` (much faster, a little blurrier)
         self.vae_tiling: VAETiling | None = None  # tile VAE encode/decode of larger images (runtime.py)
         # entered around every sampling loop (the runtime's packed weights, for one)
         self.sampling_hooks: dict[str, Callable[[], AbstractContextManager]] = {}
@@ -132,7 +137,19 @@ class StableDiffusion:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (float32); a non-finite half-precision decode is redone
         in float32, and one still not finite raises ``FloatingPointError``."""
+        if self.fast_decode and self.taesd is not None:
+            return self.decode_preview(latents)
         return autoencoding.decode(self.vae, latents / self.config.vae.scaling_factor, tiling=self.vae_tiling)
+
+    @torch.no_grad()
+    def decode_preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (float32) for a look while sampling: through TAESD when the
+        pipeline has one (a small fraction of the VAE's cost), else the full VAE."""
+        if self.taesd is None or self.taesd.decoder is None:
+            return autoencoding.decode(self.vae, latents / self.config.vae.scaling_factor, tiling=self.vae_tiling)
+        parameter = next(self.taesd.parameters())
+        images = self.taesd.decode(latents.to(parameter.device, parameter.dtype)).float()
+        return torch.nan_to_num(images).clamp(-1, 1)
 
     # --- the whole run -------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,

@@ -57,7 +57,8 @@ def run(sd, request: GenerationRequest, *, progress: bool = False, callback: Ste
                              observer=observer)
             for feature in active:  # 6.
                 latents = feature.after_sampling(latents, sd, request, state, progress=progress, callback=callback)
-    return finish(sd, request, state, latents, decode(sd, latents))  # 7.-8.
+        images = decode(sd, latents)  # 7. still inside the features' contexts: tiling pads the VAE circularly
+    return finish(sd, request, state, latents, images)  # 8.
 
 
 # --- 1. the plan ---------------------------------------------------------------------------------------

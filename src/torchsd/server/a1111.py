@@ -12,11 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from ..diffusion import samplers as samplers_module
 from .schema import read_json
+from .extras import extras_batch, extras_single, upscalers_list
 from .jobs import run_generation, switch_model
 from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info
 
 # routes clients probe at start-up that name features torchsd does not have: an empty list each
-EMPTY_LISTS = ("sd-vae", "upscalers", "latent-upscale-modes", "hypernetworks", "face-restorers",
+EMPTY_LISTS = ("sd-vae", "latent-upscale-modes", "hypernetworks", "face-restorers",
                "realesrgan-models", "script-info", "extensions")
 
 
@@ -157,6 +158,24 @@ def router(state) -> APIRouter:
     @api.get("/prompt-styles")
     def prompt_styles():
         return registry.styles.as_list()
+
+    @api.get("/upscalers")
+    def upscalers():
+        return upscalers_list(registry.upscalers)
+
+    async def extras(request: Request, function) -> dict:
+        body = await read_json(request)
+        # on the worker, one job at a time like generations: an ESRGAN pass is as heavy as a sampling step
+        return await state.run("extras", lambda control: function(body, registry.upscalers, config,
+                                                                  registry.device))
+
+    @api.post("/extra-single-image")
+    async def extra_single_image(request: Request):
+        return await extras(request, extras_single)
+
+    @api.post("/extra-batch-images")
+    async def extra_batch_images(request: Request):
+        return await extras(request, extras_batch)
 
     @api.get("/scripts")
     def scripts():

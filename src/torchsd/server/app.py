@@ -187,7 +187,8 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
     if registry is None:
         registry = ModelRegistry(config.models_dir, config.model, device=config.device_or_default,
                                  dtype=config.dtype_or_default, max_loaded=config.max_loaded_models, vae=config.vae,
-                                 variant=config.variant, runtime=config.runtime, styles_file=config.styles_file)
+                                 variant=config.variant, runtime=config.runtime, styles_file=config.styles_file,
+                                 taesd=config.taesd, fast_decode=config.fast_decode)
     if preload:
         registry.pipeline()
     state = ServerState(config, registry, Worker(config.queue_size))

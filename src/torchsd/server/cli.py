@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
         max_body_bytes=args.max_body_mb * 1024 * 1024, vae=getattr(args, "vae", None),
         variant=getattr(args, "variant", None), styles_file=args.styles_file,
+        taesd=getattr(args, "taesd", None), fast_decode=getattr(args, "fast_decode", False),
         runtime=runtime_options_from_args(args))
     if not config.is_loopback and config.api_key is None:
         print(f"torchsd: warning: listening on {config.host} without --api-key: anyone who can reach this "

@@ -30,6 +30,8 @@ class ServerConfig:
     vae: Path | None = None  # a VAE for every model
     variant: str | None = None  # diffusers folders' weights variant ("fp16"), for every folder model
     styles_file: Path | None = None  # AUTOMATIC1111's styles.csv (default: <models-dir>/styles.csv if there)
+    taesd: Path | None = None  # previews through TAESD (None: <models-dir>/VAE-taesd if it exists, else the VAE)
+    fast_decode: bool = False  # final images through TAESD too
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # as the CLI's flags give it (runtime.py)
 
     def __post_init__(self) -> None:

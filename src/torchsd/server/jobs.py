@@ -43,7 +43,7 @@ def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobCont
                                   height=request.height or sd.config.sample_size)
 
     def preview(x0) -> Image.Image:
-        return tensor_to_pil(sd.decode_latents(x0))[0]
+        return tensor_to_pil(sd.decode_preview(x0))[0]  # TAESD when there is one: a fraction of the VAE's cost
 
     images, seeds, infotexts, interrupted = [], [], [], False
     subseeds: list[int] = []

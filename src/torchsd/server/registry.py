@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.io import file_sha256
+from ..checkpoints.upscalers import UpscalerLibrary
 from ..runtime import RuntimeOptions, load_pipeline
 from ..text.styles import StyleLibrary
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
-LORA_FOLDER, EMBEDDINGS_FOLDER, STYLES_FILE = "Lora", "embeddings", "styles.csv"
+LORA_FOLDER, EMBEDDINGS_FOLDER, UPSCALER_FOLDER, TAESD_FOLDER = "Lora", "embeddings", "ESRGAN", "VAE-taesd"
+STYLES_FILE = "styles.csv"
 # folders of other kinds of weights, never offered as models
-SIDE_FOLDERS = {LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), "vae", "controlnet", "hypernetworks", "esrgan"}
+SIDE_FOLDERS = {LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), "vae", "controlnet", "hypernetworks", "esrgan",
+                TAESD_FOLDER.lower()}
 MAX_DEPTH = 4
 
 
@@ -119,7 +122,8 @@ class ModelRegistry:
 
     def __init__(self, models_dir: Path | None, default: Path | None = None, *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_loaded: int = 1, vae: Path | None = None,
-                 variant: str | None = None, runtime: RuntimeOptions | None = None, styles_file: Path | None = None):
+                 variant: str | None = None, runtime: RuntimeOptions | None = None, styles_file: Path | None = None,
+                 taesd: Path | None = None, fast_decode: bool = False):
         self.models_dir = Path(models_dir).resolve() if models_dir is not None else None
         if styles_file is None and self.models_dir is not None and (self.models_dir / STYLES_FILE).is_file():
             styles_file = self.models_dir / STYLES_FILE
@@ -128,10 +132,20 @@ class ModelRegistry:
         self.runtime = runtime  # RuntimeOptions applied to every model loaded (None: the defaults)
         self.vae = vae  # the operator's VAE swap (--vae), for every model
         self.variant = variant  # the weights variant of folder models (--variant)
+        if taesd is None and self.models_dir is not None and (self.models_dir / TAESD_FOLDER).is_dir():
+            taesd = self.models_dir / TAESD_FOLDER  # as A1111 keeps its TAESD files
+        if fast_decode and taesd is None:
+            raise ValueError(f"--fast-decode decodes with TAESD: give --taesd PATH or put the files in "
+                             f"<models-dir>/{TAESD_FOLDER}")
+        self.taesd, self.fast_decode = taesd, fast_decode  # previews (and with fast_decode, final images)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._loaded: OrderedDict[Path, object] = OrderedDict()
         self._extra: list[ModelEntry] = []
         self.entries: list[ModelEntry] = []
+        # ESRGAN-family networks by file stem, as A1111 lists <models-dir>/ESRGAN; shared by every loaded model
+        self.upscalers = UpscalerLibrary()
+        if self.models_dir is not None and (self.models_dir / UPSCALER_FOLDER).is_dir():
+            self.upscalers.add_dir(self.models_dir / UPSCALER_FOLDER)
         self.refresh()
         self.current = self._default_entry(default)
 
@@ -197,9 +211,11 @@ class ModelRegistry:
             options["lora_dirs"] = [p for p in [self.models_dir / LORA_FOLDER] if p.is_dir()]
             options["embedding_dirs"] = [p for p in [self.models_dir / EMBEDDINGS_FOLDER] if p.is_dir()]
         # as the CLI and torchsd.load_pipeline load: the same defaults (runtime.py)
-        sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, **options)
+        sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, taesd=self.taesd,
+                           fast_decode=self.fast_decode, **options)
         sd.name = entry.model_name
         sd.styles = self.styles
+        sd.upscalers = self.upscalers
         if self.models_dir is not None:  # ControlNet models by name, as the A1111 extension finds them
             from ..pipeline.features.control import control_models
 

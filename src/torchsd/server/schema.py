@@ -221,8 +221,6 @@ IMG2IMG_DEFAULTS = {
 
 def _refuse_unsupported(body: dict) -> None:
     """Fields that would change the image in ways torchsd does not do: refused, never silently ignored."""
-    if body.get("tiling"):
-        raise RequestError("tiling (seamless textures) is not supported; set tiling to false")
     if body.get("restore_faces"):
         raise RequestError("face restoration is not supported; set restore_faces to false")
     if body.get("script_name"):

@@ -12,10 +12,11 @@ from .inpaint import INPAINT
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
 from .styles import STYLES
+from .tiling import TILING
 from .variation import VARIATION
 
 FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CONTROL, PROMPT_EDITING,
-                                  CLIP_GUIDANCE)
+                                  CLIP_GUIDANCE, TILING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from ...diffusion.samplers import build_sigmas
 from ...diffusion.schedulers import img2img_start
 from ...images import pil_to_tensor, tensor_to_pil
 from .base import GenerationRequest, StableDiffusion, MAX_SIDE, MAX_STEPS, A1111Fields, Feature, Run, number, parse_number, parse_size_value, size_argument
+from ..upscaling import RESAMPLERS, canonical_name, resize
 from .inpaint import inpainting_concat
 from .variation import VARIATION
 
@@ -42,13 +45,28 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def upscaler_label(name: str) -> str:
-    """The AUTOMATIC1111 label of an upscaler named in any case or spacing ("latent-bicubic" too)."""
+def builtin_label(name: str) -> str | None:
+    """The AUTOMATIC1111 label of a built-in upscaler named in any case or spacing ("latent-bicubic" too)."""
     for label in UPSCALERS:
         if _key(label) == _key(name):
             return label
-    raise ValueError(f"unknown hires upscaler {name!r}; choose one of {', '.join(UPSCALERS)} "
-                     f"(AI upscalers such as ESRGAN are not available)")
+    return None
+
+
+def upscaler_label(name: str, sd: StableDiffusion | None = None) -> str:
+    """The label of a built-in upscaler, or the name of a network in ``sd``'s upscaler folders (its file stem:
+    "R-ESRGAN 4x+")."""
+    label = builtin_label(name)
+    if label is not None:
+        return label
+    library = getattr(sd, "upscalers", None)
+    network = canonical_name(name, library)
+    if network is not None and network not in RESAMPLERS:
+        return network
+    networks = sorted(library.files()) if library is not None else []
+    raise ValueError(f"unknown hires upscaler {name!r}; choose one of {', '.join([*UPSCALERS, *networks])} "
+                     f"(ESRGAN-family networks are found by file name in the upscaler folder: --upscalers-dir, "
+                     f"or <models-dir>/ESRGAN for the server)")
 
 
 def target_size(options: "HiresOptions", width: int, height: int) -> tuple[int, int]:
@@ -59,7 +77,12 @@ def target_size(options: "HiresOptions", width: int, height: int) -> tuple[int, 
 
 def upscale(sd: StableDiffusion, latents: torch.Tensor, width: int, height: int, upscaler: str) -> torch.Tensor:
     """First-pass latents -> latents for a ``width``×``height`` picture."""
-    space, mode, antialias = UPSCALERS[upscaler_label(upscaler)]
+    label = upscaler_label(upscaler, sd)
+    if label not in UPSCALERS:  # a network: on the decoded pictures
+        images = [resize(image, width, height, label, sd.upscalers, sd.device)
+                  for image in tensor_to_pil(sd.decode_latents(latents))]
+        return _encode(sd, images)
+    space, mode, antialias = UPSCALERS[label]
     f = sd.config.vae.downscale_factor
     if space == "latent":
         align = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
@@ -67,7 +90,10 @@ def upscale(sd: StableDiffusion, latents: torch.Tensor, width: int, height: int,
     from PIL import Image
 
     resample = Image.LANCZOS if mode == "lanczos" else Image.NEAREST
-    images = [image.resize((width, height), resample) for image in tensor_to_pil(sd.decode_latents(latents))]
+    return _encode(sd, [image.resize((width, height), resample) for image in tensor_to_pil(sd.decode_latents(latents))])
+
+
+def _encode(sd: StableDiffusion, images: list) -> torch.Tensor:
     pixels = torch.cat([pil_to_tensor(image) for image in images])
     with torch.no_grad():
         posterior = sd.vae.encode(pixels.to(sd.device, sd.dtype))
@@ -108,10 +134,19 @@ class Hires(Feature):
                              f"got {options.hires_steps}")
         if not 0.0 <= options.hires_strength <= 1.0:
             raise ValueError(f"hires_strength must be between 0 and 1; got {options.hires_strength}")
-        return HiresOptions(**{**options.__dict__, "hires_upscaler": upscaler_label(options.hires_upscaler)})
+        if not isinstance(options.hires_upscaler, str) or not options.hires_upscaler.strip():
+            raise ValueError(f"hires_upscaler must be an upscaler's name; got {options.hires_upscaler!r}")
+        # a network's name is checked against the model's upscaler folders when the run starts
+        label = builtin_label(options.hires_upscaler) or options.hires_upscaler.strip()
+        return HiresOptions(**{**options.__dict__, "hires_upscaler": label})
 
     def active(self, options: HiresOptions) -> bool:
         return options.hires
+
+    def model_context(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> AbstractContextManager:
+        # an unknown network fails before the first pass; the infotext names it as its folder lists it
+        run.state[self.name] = upscaler_label(request.options(self).hires_upscaler, sd)
+        return nullcontext()
 
     def after_sampling(self, latents: torch.Tensor, sd: StableDiffusion, request: GenerationRequest, run: Run,
                        *, progress: bool = False, callback=None) -> torch.Tensor:
@@ -139,7 +174,8 @@ class Hires(Feature):
         return {"Denoising strength": options.hires_strength,
                 "Hires upscale": number(options.hires_scale) if options.hires_size is None else None,
                 "Hires resize": "{}x{}".format(*options.hires_size) if options.hires_size else None,
-                "Hires steps": options.hires_steps, "Hires upscaler": options.hires_upscaler}
+                "Hires steps": options.hires_steps,
+                "Hires upscaler": run.state.get(self.name, options.hires_upscaler)}
 
     def from_infotext(self, params: dict[str, str]) -> dict:
         if not any(k in params for k in ("Hires upscale", "Hires resize", "Hires upscaler")):
@@ -161,9 +197,17 @@ class Hires(Feature):
         parser.add_argument("--hires", action="store_true", help="hires fix: upscale and run a second pass")
         parser.add_argument("--hires-scale", type=float, default=2.0)
         parser.add_argument("--hires-size", type=size_argument, default=None, metavar="WxH", help="instead of --hires-scale")
-        parser.add_argument("--hires-upscaler", default="Latent", help="Latent, 'Latent (bicubic)', Lanczos, Nearest …")
+        parser.add_argument("--hires-upscaler", default="Latent",
+                            help="Latent, 'Latent (bicubic)', Lanczos, Nearest …, or a network in --upscalers-dir")
+        parser.add_argument("--upscalers-dir", action="append", default=[], type=Path,
+                            help="folder of ESRGAN-family upscalers (.pth/.safetensors), named by file stem "
+                                 "(repeatable)")
         parser.add_argument("--hires-steps", type=int, default=None, help="default: --steps")
         parser.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the second pass")
+
+    def configure_model(self, sd: StableDiffusion, args: argparse.Namespace) -> None:
+        for folder in getattr(args, "upscalers_dir", []):
+            sd.upscalers.add_dir(folder)
 
     def from_a1111(self, fields: A1111Fields) -> dict:
         if fields.img2img or not fields.bool("enable_hr"):

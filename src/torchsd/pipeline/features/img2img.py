@@ -16,6 +16,7 @@ from PIL import Image
 
 from ...diffusion.schedulers import img2img_start
 from ...images import open_image, pil_to_tensor
+from ..upscaling import resize
 from .base import GenerationRequest, StableDiffusion, A1111Fields, Feature, Run, parse_number
 
 
@@ -24,6 +25,9 @@ from .base import GenerationRequest, StableDiffusion, A1111Fields, Feature, Run,
 class Img2ImgOptions:
     init_image: Image.Image | str | Path | None = None
     strength: float = 0.75  # 0 keeps the image, 1 ignores it
+    # how an init image of another size is brought to the run's: Lanczos, or an upscaler network's name
+    # (A1111's "upscaler_for_img2img" setting)
+    img2img_upscaler: str = "Lanczos"
 
 
 class Img2Img(Feature):
@@ -35,8 +39,12 @@ class Img2Img(Feature):
         if not 0.0 <= options.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1 (0 keeps the image, 1 ignores it); "
                              f"got {options.strength}")
+        if not isinstance(options.img2img_upscaler, str) or not options.img2img_upscaler.strip():
+            raise ValueError(f"img2img_upscaler must be an upscaler's name (Lanczos, Nearest or a network in the "
+                             f"upscaler folder); got {options.img2img_upscaler!r}")
         if options.init_image is not None and not isinstance(options.init_image, Image.Image):
-            options = Img2ImgOptions(open_image(options.init_image, what="init image"), options.strength)
+            options = Img2ImgOptions(open_image(options.init_image, what="init image"), options.strength,
+                                     options.img2img_upscaler)
         return options
 
     def active(self, options: Img2ImgOptions) -> bool:
@@ -50,7 +58,11 @@ class Img2Img(Feature):
         start = img2img_start(request.steps, request.strength)
         if start == 0 and source is None:
             return None
-        image = pil_to_tensor(source or request.init_image, run.width, run.height).expand(run.batch_size, -1, -1, -1)
+        picture = source or request.init_image
+        upscaler = request.options(self).img2img_upscaler
+        if picture.size != (run.width, run.height) and upscaler.lower() != "lanczos":
+            picture = resize(picture.convert("RGB"), run.width, run.height, upscaler, sd.upscalers, sd.device)
+        image = pil_to_tensor(picture, run.width, run.height).expand(run.batch_size, -1, -1, -1)
         run.state["image"] = image
         init_latents = sd.encode_image(image, run.generators)  # draws from the generators before the noise
         run.sigmas = run.sigmas[start:]
@@ -71,6 +83,9 @@ class Img2Img(Feature):
                             help="start from this image (image-to-image; also the first argument of img2img)")
         parser.add_argument("--strength", type=float, default=0.75,
                             help="with an init image: 0 keeps the image, 1 ignores it")
+        parser.add_argument("--img2img-upscaler", default="Lanczos",
+                            help="resizes an init image of another size: Lanczos, Nearest, or a network in "
+                                 "--upscalers-dir")
 
     def from_a1111(self, fields: A1111Fields) -> dict:
         if not fields.img2img:
@@ -79,8 +94,15 @@ class Img2Img(Feature):
         if not images or not isinstance(images, list):
             raise fields.error("img2img needs init_images: a list holding one base64-encoded image")
         resize_mode = resize_mode_of(fields)
-        init = fit_image(fields.decode_image(images[0], "init_images[0]"), fields.width, fields.height, resize_mode)
-        return {"init_image": init, "strength": fields.float("denoising_strength", 0.75)}
+        overrides = fields.get("override_settings", {})
+        upscaler = (overrides.get("upscaler_for_img2img") if isinstance(overrides, dict) else None) or "Lanczos"
+        if not isinstance(upscaler, str):
+            raise fields.error(f"override_settings.upscaler_for_img2img must be an upscaler's name; got {upscaler!r}")
+        # with a network, only the crop is done here; the run resizes with it (it knows the upscaler folder)
+        init = fit_image(fields.decode_image(images[0], "init_images[0]"), fields.width, fields.height, resize_mode,
+                         resample=upscaler.lower() in ("lanczos", "none"))
+        return {"init_image": init, "strength": fields.float("denoising_strength", 0.75),
+                "img2img_upscaler": "Lanczos" if upscaler.lower() == "none" else upscaler}
 
     def a1111_info(self, request, subseeds) -> dict:
         return {"denoising_strength": request.strength if request.init_image is not None else None}
@@ -94,9 +116,18 @@ def resize_mode_of(fields: A1111Fields) -> int:
     return 1 if resize_mode == 1 else 0
 
 
-def fit_image(image: Image.Image, width: int, height: int, resize_mode: int) -> Image.Image:
-    """A1111's resize modes 0 (just resize) and 1 (crop and resize: cover, then centre-crop)."""
+def fit_image(image: Image.Image, width: int, height: int, resize_mode: int, *, resample: bool = True
+              ) -> Image.Image:
+    """A1111's resize modes 0 (just resize) and 1 (crop and resize: cover, then centre-crop). ``resample``
+    False: only crop to the target's aspect ratio, leaving the resize to an upscaler."""
     image = image.convert("RGB")
+    if not resample:
+        if resize_mode != 1:
+            return image
+        scale = max(width / image.width, height / image.height)
+        w, h = round(width / scale), round(height / scale)  # the box, in the image's own pixels
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        return image.crop((left, top, left + w, top + h))
     if resize_mode == 1:
         scale = max(width / image.width, height / image.height)
         w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
