@@ -1,0 +1,90 @@
+"""IP-Adapter: the same random weights, written in the published file layout, give the same U-Net output in
+torchsd and in diffusers (``unet._load_ip_adapter_weights``), for the basic and the "Plus" adapter."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reference import diffusers_unet, max_rel_error, random_pipeline
+from torchsd.checkpoints.io import CheckpointError
+from torchsd.checkpoints.ip_adapter import load_ip_adapter
+from torchsd.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attention_widths
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd(request):
+    return random_pipeline(request.param)
+
+
+def random_ip_adapter(sd, plus: bool, seed: int = 0) -> IPAdapter:
+    context = sd.config.unet.context_dim
+    config = IPAdapterConfig(image_dim=48, context_dim=context, tokens=4, plus=True, hidden_dim=64, depth=4,
+                             head_dim=64, heads=2, ffn_mult=4) if plus else \
+        IPAdapterConfig(image_dim=48, context_dim=context, tokens=4)
+    torch.manual_seed(seed)
+    adapter = IPAdapter(config, cross_attention_widths(sd.unet))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    return adapter.eval()
+
+
+def original_state(adapter: IPAdapter, sd, unet_reference) -> dict:
+    """The published layout, numbered by diffusers' own processor order (an independent writer)."""
+    ours = [n for n, m in sd.unet.named_modules() if hasattr(m, "attn2")]
+    theirs = [k.removesuffix(".attn2.processor") for k in unet_reference.attn_processors
+              if k.endswith("attn2.processor")]
+    layers = {}
+    for k, name in enumerate(theirs):
+        layer = adapter.layers[ours.index(name)]
+        layers[f"{2 * k + 1}.to_k_ip.weight"] = layer.to_k_ip.weight.detach().clone()
+        layers[f"{2 * k + 1}.to_v_ip.weight"] = layer.to_v_ip.weight.detach().clone()
+    image_proj = {k: v.detach().clone() for k, v in adapter.image_proj.state_dict().items()}
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["basic", "plus"])
+@pytest.mark.parametrize("form", ["bin", "safetensors"])
+def test_unet_with_ip_adapter_matches_diffusers(sd, tmp_path, plus, form):
+    adapter = random_ip_adapter(sd, plus)
+    unet_ref = diffusers_unet(sd)
+    state = original_state(adapter, sd, unet_ref)
+    path = tmp_path / f"ip-adapter.{form}"
+    if form == "bin":
+        torch.save(state, path)
+    else:
+        save_file({f"{part}.{k}": v.contiguous() for part in state for k, v in state[part].items()}, str(path))
+    loaded = load_ip_adapter(path, sd.unet)
+    assert loaded.config == adapter.config
+    unet_ref._load_ip_adapter_weights([state])
+    scale = 0.6
+    for processor in unet_ref.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [scale]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, sd.config.text.width, generator=gen)
+    image = torch.randn(2, 5, 48, generator=gen) if plus else torch.randn(2, 48, generator=gen)
+    t = torch.tensor([999, 17])
+    with torch.no_grad():
+        tokens = loaded.image_tokens(image)
+        ours = sd.unet(x, t, context, image_keys_values=loaded.keys_values(tokens, scale))
+        theirs = unet_ref(x, t, encoder_hidden_states=context, added_cond_kwargs={"image_embeds": [image[:, None]]}
+                          ).sample
+        assert max_rel_error(ours, theirs) < TOL
+        assert max_rel_error(ours, sd.unet(x, t, context)) > 1e-3
+
+
+def test_faceid_and_wrong_family_are_refused(sd, tmp_path):
+    torch.save({"image_proj": {"proj.0.weight": torch.zeros(1), "proj.3.weight": torch.zeros(1)},
+                "ip_adapter": {"1.to_k_ip.weight": torch.zeros(1)}}, tmp_path / "full-face.bin")
+    with pytest.raises(CheckpointError, match="FaceID or full-face"):
+        load_ip_adapter(tmp_path / "full-face.bin", sd.unet)
+    adapter = random_ip_adapter(sd, False)
+    state = {"image_proj": adapter.image_proj.state_dict(),
+             "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4), "1.to_v_ip.weight": torch.zeros(4, 4)}}
+    torch.save(state, tmp_path / "other.bin")
+    with pytest.raises(CheckpointError, match="another model family"):
+        load_ip_adapter(tmp_path / "other.bin", sd.unet)
