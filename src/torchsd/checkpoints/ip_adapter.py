@@ -105,3 +105,33 @@ def load_ip_adapter(path: str | Path, unet, *, dtype: torch.dtype = torch.float3
         raise CheckpointError(f"{err}. An IP-Adapter only fits the model family it was trained for") from None
     adapter.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
     return adapter.eval().requires_grad_(False)
+
+
+def load_image_encoder(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A transformers CLIPVisionModelWithProjection folder (config.json + weights), as IP-Adapters ship their
+    ``image_encoder/``."""
+    import json
+
+    from ..config import CLIPVisionConfig
+    from ..models.ip_adapter import ImageEncoder
+    from .clip import from_transformers_keys
+    from .io import read_weights
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not an image encoder folder: it needs config.json and the weights of a "
+                              f"CLIPVisionModelWithProjection (h94/IP-Adapter's models/image_encoder)")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg = cfg.get("vision_config", cfg)  # a whole CLIPModel's config holds the tower's under vision_config
+    config = CLIPVisionConfig(
+        image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 32), width=cfg.get("hidden_size", 768),
+        num_layers=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
+        ffn_dim=cfg.get("intermediate_size", 3072), activation=cfg.get("hidden_act", "quick_gelu"),
+        projection_dim=cfg.get("projection_dim", 512))
+    state = {k: v for k, v in from_transformers_keys(read_weights(folder)).items()
+             if k.startswith(("vision.", "visual_projection."))}
+    with torch.device("meta"):
+        encoder = ImageEncoder(config)
+    check_state(encoder, state, str(folder))
+    encoder.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
+    return encoder.eval().requires_grad_(False)

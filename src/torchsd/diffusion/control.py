@@ -80,13 +80,16 @@ class ControlledDenoiser:
         return min(max(at_or_above - 1, 0), steps - 1)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 concat: torch.Tensor | None = None, *, uncond_rows: int = 0) -> torch.Tensor:
+                 concat: torch.Tensor | None = None, *, uncond_rows: int = 0, **unet_inputs) -> torch.Tensor:
+        """``unet_inputs``: what an outer wrapper hands the U-Net (an IP-Adapter's keys and values)."""
+        if getattr(self.model, "takes_unconditional_rows", False):
+            unet_inputs["uncond_rows"] = uncond_rows
         sigma = sigma_per_image(sigma, x)
         steps = max(len(self.levels) - 1, 1)
         step = self.step_of(float(sigma.max()))
         active = [u for u in self.units if u.acts_on(step, steps)]
         if not active:
-            return self.model(x, sigma, context, concat)
+            return self.model(x, sigma, context, concat, **unet_inputs)
         c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
         z = (x * c_in).to(context.dtype)
         t = self.model.timestep(sigma) if any(not u.is_adapter for u in active) else None
@@ -109,7 +112,7 @@ class ControlledDenoiser:
                 residuals = [_zero_rows(r, context.shape[0], uncond_rows) for r in residuals]
             down = residuals[:-1] if down is None else [_add(a, b) for a, b in zip(down, residuals[:-1])]
             mid = residuals[-1] if mid is None else _add(mid, residuals[-1])
-        inputs = {} if down is None else {"down_residuals": down, "mid_residual": mid}
+        inputs = dict(unet_inputs) if down is None else {**unet_inputs, "down_residuals": down, "mid_residual": mid}
         if levels is not None:
             inputs["level_residuals"] = levels
         return self.model(x, sigma, context, concat, **inputs)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import CLIPVisionConfig
+from .clip import CLIPVisionModel
 from .layers import attention
 
 
@@ -119,3 +121,26 @@ class IPAdapter(nn.Module):
 def cross_attention_widths(unet) -> list[int]:
     """The width of every cross-attention layer of a torchsd U-Net, in the order its forward runs them."""
     return [m.attn2.to_q.out_features for m in unet.modules() if hasattr(m, "attn2")]
+
+
+class ImageEncoder(nn.Module):
+    """CLIP's image tower with its projection (transformers' CLIPVisionModelWithProjection, the
+    ``image_encoder/`` IP-Adapters ship with): the projected embedding for the basic adapter, the penultimate
+    layer's hidden states for "Plus"."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.vision = CLIPVisionModel(config)
+        self.visual_projection = nn.Linear(config.width, config.projection_dim, bias=False)
+
+    def features(self, pixels: torch.Tensor, plus: bool) -> torch.Tensor:
+        """CLIP-normalised (B, 3, S, S) -> (B, projection_dim) embeds, or (B, 1 + patches, width) for "Plus"."""
+        if not plus:
+            return self.visual_projection(self.vision(pixels))
+        v = self.vision  # the tower's own steps, stopping one layer early (its penultimate hidden states)
+        patches = v.patch_embedding(pixels.to(v.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.to(patches.dtype).expand(pixels.shape[0], 1, -1), patches], dim=1)
+        x = v.pre_layernorm(x + v.position_embedding.weight[None])
+        for layer in v.layers[:-1]:
+            x = layer(x, causal=False)
+        return x

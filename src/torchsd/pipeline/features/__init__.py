@@ -9,14 +9,15 @@ from .control import CONTROL
 from .hires import HIRES
 from .img2img import IMG2IMG
 from .inpaint import INPAINT
+from .ip_adapter import IP_ADAPTER
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
 from .styles import STYLES
 from .tiling import TILING
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CONTROL, PROMPT_EDITING,
-                                  CLIP_GUIDANCE, TILING)
+FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CONTROL, IP_ADAPTER,
+                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:
