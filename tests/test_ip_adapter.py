@@ -18,11 +18,11 @@ def sd(request):
     return random_pipeline(request.param)
 
 
-def random_ip_adapter(sd, plus: bool, seed: int = 0) -> IPAdapter:
+def random_ip_adapter(sd, plus: bool, seed: int = 0, image_dim: int = 48) -> IPAdapter:
     context = sd.config.unet.context_dim
-    config = IPAdapterConfig(image_dim=48, context_dim=context, tokens=4, plus=True, hidden_dim=64, depth=4,
+    config = IPAdapterConfig(image_dim=image_dim, context_dim=context, tokens=4, plus=True, hidden_dim=64, depth=4,
                              head_dim=64, heads=2, ffn_mult=4) if plus else \
-        IPAdapterConfig(image_dim=48, context_dim=context, tokens=4)
+        IPAdapterConfig(image_dim=image_dim, context_dim=context, tokens=4)
     torch.manual_seed(seed)
     adapter = IPAdapter(config, cross_attention_widths(sd.unet))
     with torch.no_grad():
@@ -149,3 +149,39 @@ def test_run_matches_diffusers_pipeline_with_image_embeds(tmp_path):
                   ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])[:, None]]).images
     assert max_rel_error(ours.latents, theirs) < TOL
     assert "IP-Adapter: ip-adapter_tiny, IP-Adapter scale: 0.6" in ours.infotexts[0]
+
+
+def test_ip_adapter_beside_controlnet_and_from_the_cli(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import torchsd
+    from test_controlnet import random_controlnet
+    from torchsd.checkpoints.diffusers import to_diffusers_keys
+    from torchsd.cli import main
+    from torchsd.pipeline.infotext import read_png_infotext
+
+    sd = random_pipeline("sd1")
+    sd.save(tmp_path / "model")
+    (tmp_path / "ip").mkdir()
+    torch.save(original_state(random_ip_adapter(sd, plus=True, image_dim=32), sd, diffusers_unet(sd)),
+               tmp_path / "ip" / "ip-adapter-plus_tiny.bin")
+    tiny_encoder_folder(tmp_path / "ip" / "image_encoder")
+    net = random_controlnet(sd, 3, hint_widths=(16, 32))
+    save_file({k: v.contiguous() for k, v in to_diffusers_keys(net.state_dict(), "unet").items()},
+              str(tmp_path / "cn.safetensors"))
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    local = torchsd.load_pipeline(tmp_path / "model", dtype=torch.float32)
+    unit = torchsd.ControlUnit(image=image, model=tmp_path / "cn.safetensors", control_mode="control")
+    base = dict(steps=3, width=32, height=32, seed=3)
+    both = local.generate("a cat", control=[unit], ip_adapter_image=image,
+                          ip_adapter_model=tmp_path / "ip" / "ip-adapter-plus_tiny.bin", **base)
+    control_only = local.generate("a cat", control=[unit], **base)
+    assert max_rel_error(both.latents, control_only.latents) > 1e-3
+    image.save(tmp_path / "ref.png")
+    assert main(["generate", "a cat", "--model", str(tmp_path / "model"), "--device", "cpu", "--steps", "3",
+                 "--size", "32x32", "--ip-adapter-image", str(tmp_path / "ref.png"), "--ip-adapter-model",
+                 str(tmp_path / "ip" / "ip-adapter-plus_tiny.bin"), "--ip-adapter-scale", "0.5",
+                 "--output", str(tmp_path / "out.png")]) == 0
+    assert "IP-Adapter: ip-adapter-plus_tiny, IP-Adapter scale: 0.5" in read_png_infotext(tmp_path / "out.png")
