@@ -10,9 +10,10 @@ import webuiapi
 from PIL import Image
 from safetensors.torch import save_file
 
-from reference import random_pipeline
+from reference import diffusers_unet, random_pipeline
 from serverutil import KEY, Server, build_models_dir, one_thread
 from test_controlnet import random_controlnet
+from test_ip_adapter import original_state, random_ip_adapter, tiny_encoder_folder
 from torchsd import GenerationRequest, load_pipeline
 from torchsd.checkpoints.diffusers import to_diffusers_keys
 from torchsd.pipeline.features.control import ControlUnit, control_models
@@ -26,6 +27,11 @@ def models_dir(tmp_path_factory):
         net = random_controlnet(random_pipeline(seed=0), seed=5, hint_widths=(16, 32))  # tiny-a's U-Net
     save_file({k: v.contiguous() for k, v in to_diffusers_keys(net.state_dict(), "unet").items()},
               str(models / "ControlNet" / "tiny-cn.safetensors"))
+    with one_thread():  # an IP-Adapter for tiny-a, and its image encoder, where the extension keeps them
+        sd = random_pipeline(seed=0)
+        torch.save(original_state(random_ip_adapter(sd, plus=False), sd, diffusers_unet(sd)),
+                   models / "ControlNet" / "ip-adapter_tiny.bin")
+        tiny_encoder_folder(models / "ControlNet" / "image_encoder")
     return models
 
 
@@ -71,7 +77,7 @@ def test_controlnet_unit_gives_the_python_image(api, models_dir):
 
 
 def test_extension_routes(api):
-    assert api.controlnet_model_list() == ["tiny-cn"]
+    assert api.controlnet_model_list() == ["ip-adapter_tiny", "tiny-cn"]
     assert {"none", "canny", "scribble"} <= set(api.controlnet_module_list())
     detected = api.controlnet_detect([hint()], module="canny", threshold_a=100, threshold_b=200)
     assert detected.info == "Success" and len(detected.images) == 1
@@ -91,3 +97,18 @@ def test_bad_units_are_refused(server):
     body["alwayson_scripts"]["ControlNet"]["args"][0]["model"] = "None"
     response = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("user", KEY), timeout=60)
     assert response.status_code == 422 and "model_list" in response.text
+
+
+def test_ip_adapter_unit_gives_the_python_image(api, models_dir):
+    unit = webuiapi.ControlNetUnit(image=hint(), module="ip-adapter_clip_sd15", model="ip-adapter_tiny [0123abcd]",
+                                   weight=0.7)
+    result = api.txt2img(prompt="a cat", width=64, height=64, seed=22, controlnet_units=[unit])
+    local = load_pipeline(models_dir / "tiny-a", "cpu", torch.float32)
+    with one_thread():
+        expected = local.run(GenerationRequest(
+            "a cat", width=64, height=64, steps=3, sampler="ddim", eta=1.0, guidance_scale=7.0, seed=22,
+            ip_adapter_image=hint(), ip_adapter_model=models_dir / "ControlNet" / "ip-adapter_tiny.bin",
+            ip_adapter_scale=0.7))
+    ours, theirs = (np.asarray(im, dtype=np.int16) for im in (result.images[0], expected.images[0]))
+    assert np.abs(ours - theirs).max() <= 1
+    assert result.images[0].info["parameters"] == expected.infotexts[0]

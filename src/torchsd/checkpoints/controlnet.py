@@ -124,7 +124,8 @@ def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.d
 
 
 def find_controlnets(folders: list[Path]) -> dict[str, Path]:
-    """Control models by name (file stem or folder name) in ``folders``: single files and diffusers folders."""
+    """Control models by name (file stem or folder name) in ``folders``: single files and diffusers folders
+    (ControlNets, T2I- and IP-Adapters; an IP-Adapter's ``image_encoder/`` is not a model of its own)."""
     found: dict[str, Path] = {}
     for folder in folders:
         if not folder.is_dir():
@@ -132,7 +133,7 @@ def find_controlnets(folders: list[Path]) -> dict[str, Path]:
         for entry in sorted(folder.iterdir()):
             if entry.is_file() and entry.suffix in SUFFIXES:
                 found.setdefault(entry.stem, entry)
-            elif entry.is_dir() and (entry / "config.json").is_file():
+            elif entry.is_dir() and entry.name != "image_encoder" and (entry / "config.json").is_file():
                 found.setdefault(entry.name, entry)
     return found
 

@@ -348,6 +348,7 @@ class Control(Feature):
         if not isinstance(args, list):
             raise fields.error("alwayson_scripts.controlnet.args must be a list of ControlNet units")
         units = []
+        ip_adapter: dict = {}  # the extension runs IP-Adapters as units too (module ip-adapter_clip_*)
         for n, raw in enumerate(args):
             if raw is False or raw is None:
                 continue
@@ -366,6 +367,17 @@ class Control(Feature):
             if not image:
                 raise fields.error(f"ControlNet unit {n}: no image (torchsd does not reuse the img2img image); "
                                    f"send one as base64")
+            module = unit.str("module", "none") or "none"
+            if module.lower().startswith("ip-adapter") or "ip-adapter" in model.lower():
+                if ip_adapter:
+                    raise fields.error("one IP-Adapter unit at a time: torchsd applies a single IP-Adapter")
+                if unit.float("guidance_start", 0.0) != 0 or unit.float("guidance_end", 1.0) != 1:
+                    raise fields.error(f"ControlNet unit {n} (IP-Adapter): torchsd applies an IP-Adapter at every "
+                                       f"step; set guidance_start 0 and guidance_end 1")
+                ip_adapter = {"ip_adapter_image": fields.decode_image(image, f"alwayson_scripts.controlnet."
+                                                                                f"args[{n}].image"),
+                              "ip_adapter_model": model, "ip_adapter_scale": unit.float("weight", 1.0)}
+                continue
             mode = unit.get("control_mode", 0)
             if unit.get("guessmode"):  # the extension's old field
                 mode = 2
@@ -379,7 +391,7 @@ class Control(Feature):
                 ).normalised())
             except ValueError as err:
                 raise fields.error(f"ControlNet unit {n}: {err}") from None
-        return {"control": tuple(units)} if units else {}
+        return ({"control": tuple(units)} if units else {}) | ip_adapter
 
 
 def _infotext_units(path) -> tuple[ControlUnit, ...]:

@@ -105,6 +105,10 @@ class IPAdapterFeature(Feature):
 
         options = request.options(self)
         model = Path(options.ip_adapter_model)
+        if not model.exists():  # a name, as the A1111 API sends it: found among the control models
+            from .control import control_models
+
+            model = control_models(sd).resolve(options.ip_adapter_model)
         encoder_path = Path(options.ip_adapter_encoder) if options.ip_adapter_encoder else default_encoder(model)
         cache = sd.__dict__.setdefault("_ip_adapters", {})
         key = (str(model.resolve()), str(encoder_path.resolve()), sd.device, sd.dtype)
@@ -119,16 +123,16 @@ class IPAdapterFeature(Feature):
             plus = adapter.config.plus
             features = encoder.features(pixels, plus)
             negative = encoder.features(torch.zeros_like(pixels), plus) if plus else torch.zeros_like(features)
-            run.state[self.name] = (adapter, adapter.image_tokens(features), adapter.image_tokens(negative))
+            run.state[self.name] = (adapter, adapter.image_tokens(features), adapter.image_tokens(negative), model)
 
     def wrap_model(self, model, sd, request, run: Run, sigmas):
-        adapter, cond, uncond = run.state[self.name]
+        adapter, cond, uncond, _ = run.state[self.name]
         return IPAdapterDenoiser(model, adapter, cond, uncond, request.options(self).ip_adapter_scale)
 
     # --- interfaces ------------------------------------------------------------------------------------------
     def infotext_params(self, sd, request, run, index) -> dict:
         options = request.options(self)
-        return {"IP-Adapter": Path(options.ip_adapter_model).stem,
+        return {"IP-Adapter": run.state[self.name][3].stem,  # the file found, not the name asked for
                 "IP-Adapter scale": number(options.ip_adapter_scale)}
 
     def from_infotext(self, params: dict[str, str]) -> dict:
