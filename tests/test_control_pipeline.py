@@ -140,3 +140,31 @@ def test_canny_finds_the_edges_of_a_square():
     image.paste(255, (8, 8, 24, 24))
     edges = canny(image, 100, 200)
     assert edges[16, 7:10].sum() >= 1 and edges[16, 12:20].sum() == 0 and edges[0:4].sum() == 0
+
+
+def test_controlnet_is_more_important_leaves_the_unconditional_rows_alone():
+    """Guess mode: with the context's first row unconditional, that row's prediction is the plain model's."""
+    from test_controlnet import random_controlnet
+    from torchsd.diffusion.control import ControlInput, ControlledDenoiser
+
+    sd = random_pipeline("sd1")
+    net = random_controlnet(sd, 3, hint_widths=(16, 32))
+    gen = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(1, 4, 8, 8, generator=gen), torch.rand(1, 3, 16, 16, generator=gen)
+    context = torch.randn(2, 77, sd.config.text.width, generator=gen)
+    sigmas = torch.tensor([10.0, 0.0])
+    scales = [1.0] * (len(net.controlnet_down_blocks) + 1)
+    with torch.no_grad():
+        plain = sd.denoiser(x, 10.0, context)
+        guess = ControlledDenoiser(sd.denoiser, [ControlInput(net, hint, scales, cond_only=True)], sigmas)
+        balanced = ControlledDenoiser(sd.denoiser, [ControlInput(net, hint, scales)], sigmas)
+        out, both = guess(x, 10.0, context, uncond_rows=1), balanced(x, 10.0, context, uncond_rows=1)
+    assert torch.allclose(out[0], plain[0], atol=1e-6) and not torch.allclose(out[1], plain[1], atol=1e-3)
+    assert torch.allclose(out[1], both[1], atol=1e-6) and not torch.allclose(both[0], plain[0], atol=1e-3)
+
+
+def test_calls_are_counted_in_the_step_whose_interval_holds_their_sigma():
+    from torchsd.diffusion.control import ControlledDenoiser
+
+    d = ControlledDenoiser(random_pipeline("sd1").denoiser, [], torch.tensor([10.0, 5.0, 2.0, 0.0]))
+    assert [d.step_of(s) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.03)] == [0, 0, 1, 1, 2, 2, 2]
