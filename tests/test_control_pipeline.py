@@ -102,6 +102,19 @@ def test_modes_samplers_img2img_inpaint_and_hires_run(setup):
     out = sd.generate(PROMPT, hires=True, hires_scale=1.5, hires_steps=2, control=[unit], **base)
     assert out.images[0].size == (48, 48)
     assert 'ControlNet 0: "Module: canny, Model: cn3, Weight: 1' in out.infotexts[0]
+    hires = {}
+    for option in ("Both", "low", "high"):
+        hires[option] = sd.generate(PROMPT, hires=True, hires_scale=1.5, hires_steps=2,
+                                    control=[dataclasses.replace(unit, hires_option=option)], **base)
+    plain = sd.generate(PROMPT, hires=True, hires_scale=1.5, hires_steps=2, **base)
+    assert torch.equal(hires["Both"].latents, out.latents)
+    assert len({tuple(r.latents.flatten()[:8].tolist()) for r in (*hires.values(), plain)}) == 4
+    assert "Hr Option: Low res only" in hires["low"].infotexts[0]
+    from torchsd.pipeline.features.control import CONTROL
+    from torchsd.pipeline.infotext import parse_infotext
+
+    (back,) = CONTROL.from_infotext(parse_infotext(hires["high"].infotexts[0]))["control"]
+    assert back.normalised().hires_option == "High res only"
 
 
 def test_infotext_reads_back():

@@ -42,6 +42,8 @@ from .control_detect import MODULES, detect, module_name
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+HIRES_OPTIONS = ("Both", "Low res only", "High res only")
+_HIRES_NAMES = {"both": 0, "low res only": 1, "low": 1, "high res only": 2, "high": 2}
 _MODE_NAMES = {"balanced": 0, "prompt": 1, "my prompt is more important": 1, "control": 2, "controlnet": 2,
                "controlnet is more important": 2}
 _RESIZE_NAMES = {"just resize": 0, "resize": 0, "crop and resize": 1, "crop": 1, "resize and fill": 2, "fill": 2,
@@ -66,6 +68,7 @@ class ControlUnit:
     module: str = "none"
     threshold_a: float | None = None
     threshold_b: float | None = None
+    hires_option: str = "Both"  # with hires fix: "Both" passes, "Low res only", "High res only"
 
     def normalised(self) -> "ControlUnit":
         """Checked, with canonical names; raises ValueError saying how to fix a bad value."""
@@ -95,7 +98,9 @@ class ControlUnit:
                                                           "control mode")],
                        resize_mode=RESIZE_MODES[_choice(self.resize_mode, RESIZE_MODES, _RESIZE_NAMES,
                                                         "resize mode")],
-                       module=module_name(self.module))
+                       module=module_name(self.module),
+                       hires_option=HIRES_OPTIONS[_choice(self.hires_option, HIRES_OPTIONS, _HIRES_NAMES,
+                                                          "hires option")])
 
     @property
     def model_name(self) -> str:
@@ -224,7 +229,10 @@ class Control(Feature):
         units = request.options(self).control
         nets = run.state[self.name]
         inputs = []
+        hires_pass = run.hires_steps is not None  # set while the hires pass samples
         for unit, net in zip(units, nets):
+            if unit.hires_option == HIRES_OPTIONS[2 if hires_pass else 1]:  # this pass is the other one
+                continue
             # the hint's size is the latents' times the hint encoder's downscale (8, as the VAE's): the image's
             # size, or the hires pass's while it samples
             f = net.config.hint_downscale
@@ -253,6 +261,8 @@ class Control(Feature):
                 fields.append(("Threshold A", _num(u.threshold_a)))
             if u.threshold_b is not None:
                 fields.append(("Threshold B", _num(u.threshold_b)))
+            if u.hires_option != HIRES_OPTIONS[0]:
+                fields.append(("Hr Option", u.hires_option))
             # the extension writes the unit as one quoted value (the infotext writer quotes it: it holds commas)
             out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields)
         return out
@@ -270,7 +280,8 @@ class Control(Feature):
                 resize_mode=fields.get("Resize Mode", "Crop and Resize"),
                 module=fields.get("Module", "none"),
                 threshold_a=float(fields["Threshold A"]) if "Threshold A" in fields else None,
-                threshold_b=float(fields["Threshold B"]) if "Threshold B" in fields else None))
+                threshold_b=float(fields["Threshold B"]) if "Threshold B" in fields else None,
+                hires_option=fields.get("Hr Option", "Both")))
         return {"control": tuple(units)} if units else {}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -296,6 +307,8 @@ class Control(Feature):
         for side in ("a", "b"):  # the preprocessor's: canny's low and high thresholds (0-255)
             group.add_argument(f"--control-threshold-{side}", dest=f"control_thresholds_{side}", action="append",
                                default=[], type=float)
+        group.add_argument("--control-hires", dest="control_hires", action="append", default=[],
+                           help="with --hires: both (default), low (first pass only), high (hires pass only)")
         group.add_argument("--control-dir", action="append", default=[], type=Path,
                            help="folder of ControlNet models, used by name (repeatable)")
 
@@ -305,7 +318,7 @@ class Control(Feature):
         dests = {"model": "control_models", "weight": "control_weights", "guidance_start": "control_starts",
                  "guidance_end": "control_ends", "control_mode": "control_modes", "resize_mode": "control_resizes",
                  "module": "control_modules", "threshold_a": "control_thresholds_a",
-                 "threshold_b": "control_thresholds_b"}
+                 "threshold_b": "control_thresholds_b", "hires_option": "control_hires"}
         lists = {name: getattr(args, dest, []) for name, dest in dests.items()}
         for folder in getattr(args, "control_dir", []):
             if not folder.is_dir():
@@ -387,8 +400,8 @@ class Control(Feature):
                     weight=unit.float("weight", 1.0), guidance_start=unit.float("guidance_start", 0.0),
                     guidance_end=unit.float("guidance_end", 1.0), control_mode=mode,
                     resize_mode=unit.get("resize_mode", "Crop and Resize"), module=unit.str("module", "none") or "none",
-                    threshold_a=_threshold(unit, "threshold_a"), threshold_b=_threshold(unit, "threshold_b")
-                ).normalised())
+                    threshold_a=_threshold(unit, "threshold_a"), threshold_b=_threshold(unit, "threshold_b"),
+                    hires_option=unit.str("hr_option", "Both") or "Both").normalised())
             except ValueError as err:
                 raise fields.error(f"ControlNet unit {n}: {err}") from None
         return ({"control": tuple(units)} if units else {}) | ip_adapter
