@@ -181,3 +181,12 @@ def test_calls_are_counted_in_the_step_whose_interval_holds_their_sigma():
 
     d = ControlledDenoiser(random_pipeline("sd1").denoiser, [], torch.tensor([10.0, 5.0, 2.0, 0.0]))
     assert [d.step_of(s) for s in (10.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.03)] == [0, 0, 1, 1, 2, 2, 2]
+
+
+def test_combinations_that_cannot_work_are_refused():
+    sd = random_pipeline("sd1")
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="set deep_cache_interval to 1"):
+        sd.generate("a", steps=2, control=[ControlUnit(image=image, model="x")], deep_cache_interval=2)
+    with pytest.raises(ValueError, match="set tome_ratio to 0"):
+        sd.generate("a", steps=2, ip_adapter_image=image, ip_adapter_model="x", tome_ratio=0.5)

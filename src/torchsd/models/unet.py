@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from . import fused
 from .layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu,
                      timestep_embedding)
 
@@ -33,15 +33,14 @@ class CrossAttention(nn.Module):
         # Opt-in window for ``torchsd.explain``: when set, it is handed the attention probabilities,
         # averaged over heads, (B, Tq, Tk). Computing them costs an extra matmul, so only then.
         self.observer: Callable[[torch.Tensor], None] | None = None
-        self._context_cache: tuple | None = None  # see _keys_values
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 residual: torch.Tensor | None = None, extra: tuple | None = None) -> torch.Tensor:
-        """Attention output, plus ``residual`` if given (added inside the output projection). ``extra``: an
-        IP-Adapter's (keys, values, scale): scale * attention over them is added before the projection."""
-        q = fused.linear(x, self.to_q)
-        k, v = (fused.linear(x, self.to_k), fused.linear(x, self.to_v)) if context is None else \
-            self._keys_values(context)
+        """Attention output, plus ``residual`` if given (added to the output projection's fresh output).
+        ``extra``: an IP-Adapter's (keys, values, scale): scale * attention over them is added before the
+        output projection (decoupled cross-attention)."""
+        source = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
         out = attention(q, k, v, self.num_heads, chunk=self.attention_chunk)
@@ -49,33 +48,8 @@ class CrossAttention(nn.Module):
             k_ip, v_ip, scale = extra
             rows = q.shape[0]
             out = out + scale * attention(q, repeat_rows(k_ip, rows), repeat_rows(v_ip, rows), self.num_heads)
-        return fused.linear(out, self.to_out, residual=residual)
-
-    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """to_k(context), to_v(context). The text context is the same at every sampling step, so for CPU
-        inference the pair is kept and reused while the context's values and both weights are unchanged.
-        The context is compared by value (a copy is kept), so a context edited in place or rebuilt equal is
-        handled. Not on accelerators, where a captured CUDA graph would replay a stale pair."""
-        weights = _weight_state(self.to_k), _weight_state(self.to_v)
-        if not (fused.cpu_inference(context) and None not in weights and fused.is_plain(self.to_k)
-                and fused.is_plain(self.to_v)):
-            return fused.linear(context, self.to_k), fused.linear(context, self.to_v)
-        cached = self._context_cache
-        if (cached is not None and cached[1] == weights and cached[0].shape == context.shape
-                and cached[0].dtype == context.dtype and torch.equal(cached[0], context)):
-            return cached[2], cached[3]
-        k, v = fused.linear(context, self.to_k), fused.linear(context, self.to_v)
-        self._context_cache = (context.clone(), weights, k, v)
-        return k, v
-
-
-def _weight_state(layer: nn.Module) -> tuple | None:
-    """What identifies a Linear's weights as unchanged: the tensors and their in-place edit counters (None
-    where a tensor has no counter, as tensors made under inference mode)."""
-    try:
-        return tuple((id(p), p.data_ptr(), p._version) for p in layer.parameters())
-    except RuntimeError:
-        return None
+        out = self.to_out(out)
+        return out if residual is None else out.add_(residual)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -87,23 +61,12 @@ class GEGLUFeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2)
         self.proj_out = nn.Linear(inner, dim)
 
-    # On a CPU, glibc maps a block over 32 MB fresh from the OS at every allocation, and page faults fill
-    # it in: the (tokens, inner) activations of SD 1.5's 64x64 level in fp32 are 42 MB, and faulting them in
-    # took 15% of the feed-forward's time (1 thread: 236 against 200 ms in bands of rows). In bands of at
-    # most this many bytes the activations come from reused memory, and the peak is smaller too.
-    band_bytes = 16 << 20
-
     def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        band = max(1, self.band_bytes // (self.proj_out.in_features * x.element_size()))
-        if rows <= band or not fused.cpu_inference(x) or residual is None:
-            return fused.linear(fused.geglu(x, self.proj_in), self.proj_out, residual=residual)
-        flat, skip = x.reshape(rows, -1), residual.reshape(rows, -1)
-        out = torch.empty_like(skip)
-        for i in range(0, rows, band):
-            out[i:i + band] = fused.linear(fused.geglu(flat[i:i + band], self.proj_in), self.proj_out,
-                                           residual=skip[i:i + band])
-        return out.view(residual.shape)
+        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        # at inference one allocation fewer: GELU's output is fresh, so the product can go into it
+        h = hidden * F.gelu(gate) if torch.is_grad_enabled() else F.gelu(gate).mul_(hidden)
+        out = self.proj_out(h)
+        return out if residual is None else out.add_(residual)
 
 
 class TransformerBlock(nn.Module):
@@ -119,7 +82,7 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: tuple | None = None) -> torch.Tensor:
-        # each residual is added by the last Linear of its branch (fused, or in place on its fresh output)
+        # each residual is added to the fresh output of its branch's last Linear
         x = self.attn1(self.norm1(x), residual=x)
         x = repeat_rows(x, context.shape[0])  # latents shared by several contexts part ways here
         x = self.attn2(self.norm2(x), context, residual=x, extra=image_kv)
@@ -147,16 +110,16 @@ class SpatialTransformer(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
-            h = fused.linear(h.permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in)  # (B, HW, C)
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         else:
-            h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context, image_kv.pop() if image_kv else None)
         B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
-            h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
-            h = fused.conv2d(h.reshape(B, H, W, C).permute(0, 3, 1, 2), self.proj_out)
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
         # h comes back in NHWC strides from the permute; x first keeps the result in x's layout, or the
         # following convolutions would reorder their weights on every call
         return repeat_rows(x, h.shape[0]) + h
@@ -184,8 +147,8 @@ class Level(nn.Module):
             if skips is not None:
                 h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
-            if self.attentions is not None:
-                h = run(self.attentions[i], h, context, image_kv)
+            if self.attentions is not None:  # (image_kv only where given: swapped-in transformers may not take it)
+                h = run(self.attentions[i], h, context, *([image_kv] if image_kv is not None else []))
             if residual is not None and i == len(self.resnets) - 1:
                 h = add_rows(h, residual)
             outputs.append(h)
@@ -207,7 +170,7 @@ class MidBlock(nn.Module):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
                 image_kv: list | None = None) -> torch.Tensor:
         h = run(self.resnets[0], h, emb)
-        h = run(self.attentions[0], h, context, image_kv)
+        h = run(self.attentions[0], h, context, *([image_kv] if image_kv is not None else []))
         return run(self.resnets[1], h, emb)
 
 

@@ -177,7 +177,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
            progress: bool = False, callback: StepCallback | None = None, observer=None) -> torch.Tensor:
     """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end."""
     denoise = build_denoiser(sd, request, run, observer, sigmas)
-    kwargs = sampler_options(run.spec, run.generators, request.eta)
+    kwargs = sampler_options(run.spec, run.generators, request.eta, sd.config.schedule)
     # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
     # waits for the accelerator, and in float32, the precision they had on the device
     levels = sigmas.to("cpu", torch.float32)
@@ -191,9 +191,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
 
     watched = bar is not None or callback is not None
     try:
-        with ExitStack() as stack:
-            for hook in sd.sampling_hooks.values():  # the runtime's (packed weights for the loop)
-                stack.enter_context(hook())
+        with sd.sampling_context():  # the runtime's (packed weights for the loop)
             x = run.spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
     finally:
         if bar is not None:

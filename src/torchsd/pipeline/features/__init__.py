@@ -12,12 +12,13 @@ from .inpaint import INPAINT
 from .ip_adapter import IP_ADAPTER
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
+from .step_cost import DEEP_CACHE, TOKEN_MERGING
 from .styles import STYLES
 from .tiling import TILING
 from .variation import VARIATION
 
 FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, CONTROL, IP_ADAPTER,
-                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING)
+                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING, DEEP_CACHE, TOKEN_MERGING)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:

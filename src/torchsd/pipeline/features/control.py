@@ -213,6 +213,9 @@ class Control(Feature):
         if not isinstance(units, (tuple, list)) or not all(isinstance(u, ControlUnit) for u in units):
             raise ValueError("control must be a list of ControlUnit(image=..., model=..., weight=...)")
         units = tuple(u.normalised() for u in units)
+        if units and (getattr(request, "deep_cache_interval", 1) or 1) > 1:
+            raise ValueError("ControlNet units and T2I-Adapters do not work with DeepCache (it reuses the deep "
+                             "features their residuals change at every step); set deep_cache_interval to 1")
         for u in units:
             if u.image is None:
                 raise ValueError(f"control unit {u.model_name!r} has no image; give one (--control IMAGE)")

@@ -92,6 +92,10 @@ class IPAdapterFeature(Feature):
             raise ValueError("ip_adapter_image must be a PIL image")
         if options.ip_adapter_model is None:
             raise ValueError("ip_adapter_image needs ip_adapter_model: an ip-adapter_*.bin or .safetensors file")
+        for name, off in (("deep_cache_interval", 1), ("tome_ratio", 0)):
+            if (getattr(request, name, off) or off) != off:
+                raise ValueError(f"an IP-Adapter does not work with {name} (its U-Net path does not carry the "
+                                 f"image keys and values); set {name} to {off}")
         scale = options.ip_adapter_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"ip_adapter_scale must be a finite number; got {scale!r}")
