@@ -35,13 +35,20 @@ class CrossAttention(nn.Module):
         self.observer: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output, plus ``residual`` if given (added to the output projection's fresh output)."""
+                residual: torch.Tensor | None = None, extra: tuple | None = None) -> torch.Tensor:
+        """Attention output, plus ``residual`` if given (added to the output projection's fresh output).
+        ``extra``: an IP-Adapter's (keys, values, scale): scale * attention over them is added before the
+        output projection (decoupled cross-attention)."""
         source = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
-        out = self.to_out(attention(q, k, v, self.num_heads, chunk=self.attention_chunk))
+        out = attention(q, k, v, self.num_heads, chunk=self.attention_chunk)
+        if extra is not None:
+            k_ip, v_ip, scale = extra
+            rows = q.shape[0]
+            out = out + scale * attention(q, repeat_rows(k_ip, rows), repeat_rows(v_ip, rows), self.num_heads)
+        out = self.to_out(out)
         return out if residual is None else out.add_(residual)
 
 
@@ -74,11 +81,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: tuple | None = None) -> torch.Tensor:
         # each residual is added to the fresh output of its branch's last Linear
         x = self.attn1(self.norm1(x), residual=x)
         x = repeat_rows(x, context.shape[0])  # latents shared by several contexts part ways here
-        x = self.attn2(self.norm2(x), context, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x, extra=image_kv)
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -98,7 +105,8 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads) for _ in range(depth))
         self.proj_out = make_proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: list | None = None) -> torch.Tensor:
+        """``image_kv``: IP-Adapter keys and values, one per block popped from the end (see UNet.forward)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
@@ -106,7 +114,7 @@ class SpatialTransformer(nn.Module):
         else:
             h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, image_kv.pop() if image_kv else None)
         B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
@@ -130,15 +138,19 @@ class Level(nn.Module):
         setattr(self, resample_name, nn.ModuleList([resample]) if resample is not None else None)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
-                skips: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Down levels return every output as a skip; up levels pop one skip per ResBlock."""
+                skips: list[torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+                image_kv: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down levels return every output as a skip; up levels pop one skip per ResBlock. ``residual`` (a
+        T2I-Adapter's feature) is added to the last ResBlock's (and transformer's) output."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
-            if self.attentions is not None:
-                h = run(self.attentions[i], h, context)
+            if self.attentions is not None:  # (image_kv only where given: swapped-in transformers may not take it)
+                h = run(self.attentions[i], h, context, *([image_kv] if image_kv is not None else []))
+            if residual is not None and i == len(self.resnets) - 1:
+                h = add_rows(h, residual)
             outputs.append(h)
         resample = getattr(self, self.resample_name)
         if resample is not None:
@@ -155,9 +167,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([attention])
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
+                image_kv: list | None = None) -> torch.Tensor:
         h = run(self.resnets[0], h, emb)
-        h = run(self.attentions[0], h, context)
+        h = run(self.attentions[0], h, context, *([image_kv] if image_kv is not None else []))
         return run(self.resnets[1], h, emb)
 
 
@@ -225,14 +238,23 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor, *,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                level_residuals: list[torch.Tensor] | None = None, image_keys_values: list | None = None
+                ) -> torch.Tensor:
         """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim).
 
         With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
         under the first, then under the second, ...), as classifier-free guidance asks for. Everything
         before the first cross-attention depends on the latent alone, so it runs once per latent and the
         result is repeated there: the same numbers as a (k*B) batch of repeated latents, for less work
-        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512)."""
+        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512).
+
+        ``down_residuals`` (one per skip connection, in the order they are made) and ``mid_residual`` are
+        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (one
+        per down level: a T2I-Adapter's features) are added to each level's last activation.
+        ``image_keys_values``: an IP-Adapter's (keys, values, scale), one per cross-attention layer in the order
+        they run (``IPAdapter.keys_values``)."""
         if context.shape[0] % x.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
                              "it needs the same number or a whole multiple of it")
@@ -244,10 +266,25 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, outputs = block(h, emb, context, self._run)
+        image_kv = list(reversed(image_keys_values)) if image_keys_values else None  # popped in order
+        for level, block in enumerate(self.down_blocks):
+            h, outputs = block(h, emb, context, self._run,
+                               residual=None if level_residuals is None else level_residuals[level],
+                               image_kv=image_kv)
             skips.extend(outputs)
-        h = self.mid_block(h, emb, context, self._run)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(down_residuals)} tensors for {len(skips)} skip connections")
+            skips = [add_rows(s, r) for s, r in zip(skips, down_residuals)]
+        h = self.mid_block(h, emb, context, self._run, image_kv)
+        if mid_residual is not None:
+            h = add_rows(h, mid_residual)
         for block in self.up_blocks:
-            h, _ = block(h, emb, context, self._run, skips=skips)
+            h, _ = block(h, emb, context, self._run, skips=skips, image_kv=image_kv)
         return self.conv_out(silu(self.conv_norm_out(h)))
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b where one may hold the other's rows repeated for several contexts (see UNet.forward)."""
+    rows = max(a.shape[0], b.shape[0])
+    return repeat_rows(a, rows) + repeat_rows(b, rows)

@@ -157,12 +157,16 @@ def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None, sigm
     CLIP guidance's result). ``sigmas``: the levels of this sampler loop (default: the run's)."""
     sigmas = run.sigmas if sigmas is None else sigmas
     active = request.active()
+    model = sd.denoiser
+    for feature in active:  # e.g. ControlNet residuals added at every U-Net call
+        model = feature.wrap_model(model, sd, request, run, sigmas)
+    run.model = model
     denoise = None
     for feature in active:  # a feature that guides by itself (prompt editing, AND); the first one that does
         if denoise is None:
             denoise = feature.guidance(sd, request, run, sigmas, observer)
     if denoise is None:
-        denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale,
+        denoise = classifier_free_guidance(model, run.cond, run.uncond, request.guidance_scale,
                                            concat=run.concat, observer=observer)
     for feature in reversed(active):
         denoise = feature.wrap_denoiser(denoise, sd, request, run)
