@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import torchsd
-from torchsd.cli.convertp import load_clip
+from torchsd.checkpoints.clip import load_clip
 from torchsd.training.data import EmojiDataset, ShapesDataset, random_shape_spec
 from torchsd.training.evaluate import read_shape_image
 from torchsd.training.loop import save_grid

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from torchsd.cli.convertp import load_clip  # noqa: E402
+from torchsd.accel import optimize  # noqa: E402
+from torchsd.checkpoints.clip import load_clip  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.clip_guidance import LinearLatentDecoder, vae_decoder  # noqa: E402
 from torchsd.models.clip import CLIP  # noqa: E402
@@ -81,6 +82,8 @@ def load_models(args) -> tuple[StableDiffusion, CLIP, CLIP]:
     else:
         sd = load_pipeline(None if args.model == "bundled" else args.model, dtype=torch.float32)
     sd.to(args.device, args.dtype)
+    for network in (sd.unet, sd.vae, sd.text_encoder):  # the CPU speed-ups, as the CLI's runtime applies them
+        optimize(network, args.device, args.dtype)
     if args.clip == "tiny":
         sd.clip = tiny_random_clip()
     elif args.clip != "own":

@@ -46,7 +46,7 @@ def _assert_shared(name: str, model) -> None:
 def diffusers_unet(sd: StableDiffusion, copy: bool = False):
     """A diffusers UNet2DConditionModel holding the *same tensors* as ``sd.unet`` (see ``_share``), or
     with ``copy`` its own copy of them: torchsd's sampling loop packs weights only where no other tensor
-    shares them (``torchsd.prepacked``), so a benchmark of that loop must not share."""
+    shares them (``torchsd.accel.prepacked``), so a benchmark of that loop must not share."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""bf16 attention on the CPU: torchsd's per-head matmul kernel (models/cpu_attention.py) against PyTorch's
+"""bf16 attention on the CPU: torchsd's per-head matmul kernel (accel/cpu_attention.py) against PyTorch's
 flash kernel (SDPA), at the U-Net's and the VAE's shapes, for 1 thread up to all cores. Prints ms and the
 ratio ours / SDPA, and the error of each against float64 on the same bf16 inputs.
 
@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from torchsd.models import cpu_attention
+from torchsd.accel import cpu_attention
 
 SHAPES = [  # (batch, tokens, channels, heads): U-Net 512 px top level, 256 px top level, VAE 512 px mid
     (2, 4096, 320, 8), (2, 1024, 320, 8), (2, 1024, 640, 8), (1, 4096, 512, 1)]

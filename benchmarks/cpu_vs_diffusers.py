@@ -13,8 +13,9 @@ Phases (each prints torchsd and diffusers side by side, with the ratio torchsd /
   tiled    1024x1024 decode with VAE tiling (torchsd): peak memory, time, agreement with untiled
   batched  images/s of a batch of prompts in one U-Net call against one at a time (torchsd)
 
-"Same precision" means same weight dtype on both sides; each side keeps its own default layout
-(torchsd on CPU: NHWC VAE, NCHW U-Net, see runtime.py; diffusers: NCHW). Peak RSS is sampled every 2 ms
+torchsd runs as the CLI and the server place it on a CPU: ``runtime.apply_runtime``, which swaps in
+``accel.optimize``'s fast blocks. "Same precision" means same weight dtype on both sides; each side keeps
+its own default layout (torchsd on CPU: NHWC VAE, NCHW U-Net, see runtime.py; diffusers: NCHW). Peak RSS is sampled every 2 ms
 and given above the shared-weights baseline. The machine may be shared: the calls alternate
 (A B A B …) and the minimum and median are both printed.
 """
@@ -35,7 +36,7 @@ from common import NEGATIVE, PROMPT, PeakRSS, build, compare, diffusers_pipeline
 from torchsd.pipeline import autoencoding  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
-from torchsd.prepacked import packed_weights  # noqa: E402
+from torchsd.accel import packed_weights  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, wants_prepack  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,12 +77,12 @@ def phase_unet(sd, pipe, size, reps):
         uncond_out, cond_out = out.chunk(2)
         return uncond_out + scale * (cond_out - uncond_out)
 
-    # torchsd's steps run as ``StableDiffusion.sample`` runs them: inside one ``packed_weights`` context for
-    # the whole loop (the first call, a warm-up not counted, packs; the cost is reported below)
-    with packed_weights(sd.unet, sd.prepack):
+    # torchsd's steps run as ``StableDiffusion.sample`` runs them: inside the runtime's sampling context for
+    # the whole loop (with --prepack the first call, a warm-up not counted, packs; the cost is reported below)
+    with sd.sampling_context():
         row(f"guided U-Net step {size}x{size}", compare({"torchsd": lambda: denoise(x, sigma), "diffusers": theirs},
                                                         reps))
-    if sd.prepack:
+    if "prepack" in sd.sampling_hooks:
         packing_cost(sd, lambda: denoise(x, sigma))
 
 
@@ -95,7 +96,7 @@ def packing_cost(sd, step) -> None:
             start = time.perf_counter()
             step()
             steady = time.perf_counter() - start
-            packed = sum(1 for m in sd.unet.modules() if m.__dict__.get("_prepacked"))
+            packed = sum(1 for m in sd.unet.modules() if getattr(m, "packed", False))
             start = time.perf_counter()
         unpack = time.perf_counter() - start
     once = first - steady + unpack
@@ -236,7 +237,7 @@ def main() -> None:
         apply_runtime(sd, options, "cpu", dtype)  # torchsd's defaults for this dtype
         layout = "U-Net {}, VAE {}".format(*("NHWC" if m.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
                                              else "NCHW" for m in (sd.unet, sd.vae.decoder)))
-        packed = ", U-Net convolutions packed while sampling" if sd.prepack else ""
+        packed = ", U-Net convolutions packed while sampling" if "prepack" in sd.sampling_hooks else ""
         print(f"\n== {str(dtype).removeprefix('torch.')} (torchsd {layout}{packed}, diffusers NCHW) ; {load_note()}",
               flush=True)
         if "text" in phases:
@@ -262,7 +263,7 @@ def main() -> None:
     if "tiled" in phases or "batched" in phases:
         dtype = default_dtype("cpu")
         apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)
-        packed = ", packed while sampling" if sd.prepack else ""
+        packed = ", packed while sampling" if "prepack" in sd.sampling_hooks else ""
         print(f"\n== torchsd defaults ({str(dtype).removeprefix('torch.')}{packed}) ; {load_note()}", flush=True)
         if "tiled" in phases:
             phase_tiled(sd, args.tiled_size, args.untiled_too)

@@ -55,7 +55,7 @@ from torchsd.diffusion.denoisers import ModelDenoiser, classifier_free_guidance,
 from torchsd.noise import make_generators, randn  # noqa: E402
 from torchsd.diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler, sampler_options  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
-from torchsd.offload import enable_model_offload, enable_sequential_offload  # noqa: E402
+from torchsd.accel import enable_model_offload, enable_sequential_offload  # noqa: E402
 from torchsd.pipeline import GenerationRequest  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
 

@@ -11,7 +11,8 @@ from reference import max_rel_error, pixels, random_pipeline
 from torchsd.config import ScheduleConfig
 from torchsd.diffusion.denoisers import ModelDenoiser
 from torchsd.diffusion.schedules import timestep_of_sigma
-from torchsd.models import fused
+from torchsd.accel import fused, optimize
+from torchsd.accel.modules import BandedFeedForward
 from torchsd.models.layers import attention, set_attention_chunk
 from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, runtime_options_from_args
 
@@ -26,11 +27,15 @@ def test_timestep_stays_on_the_sigmas_device():
     assert torch.allclose(denoiser.timestep(sigma).double(), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("optimized", [False, True])
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_one_latent_under_several_contexts_equals_the_repeated_batch(family):
+def test_one_latent_under_several_contexts_equals_the_repeated_batch(family, optimized):
     """UNet(x, t, [c1; c2]) runs the layers before the first cross-attention once per latent; the result
-    must be what the (2B) batch of repeated latents gives, under autograd (plain kernels) and without."""
+    must be what the (2B) batch of repeated latents gives, under autograd (plain kernels) and without
+    (optimized: the fused ones)."""
     sd = random_pipeline(family)
+    if optimized:
+        optimize(sd.unet)
     gen = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10.0, 700.0])
     context = torch.randn(4, 77, sd.config.unet.context_dim, generator=gen)
@@ -72,8 +77,11 @@ def test_chunked_attention_with_a_mask_and_cross_attention():
         attention(q, k, v, 2, chunk=0)
 
 
-def test_attention_chunk_option_reaches_every_attention_layer():
+@pytest.mark.parametrize("optimized", [False, True])
+def test_attention_chunk_option_reaches_every_attention_layer(optimized):
     sd = random_pipeline("sd1")
+    if optimized:
+        optimize(sd.unet)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     context = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([900.0, 20.0])
@@ -89,12 +97,13 @@ def test_attention_chunk_option_reaches_every_attention_layer():
 
 @pytest.mark.skipif(not fused.available(), reason="kept only where the oneDNN inference path runs")
 def test_cross_attention_reuses_the_keys_and_values_of_an_unchanged_context():
-    """At CPU inference the text context's keys and values are kept between steps; edits to the context
-    (in place too) or to the weights (a LoRA merge) make them new, and under autograd nothing is kept."""
+    """At CPU inference the text context's keys and values are kept between steps (optimized attention);
+    edits to the context (in place too) or to the weights (a LoRA merge) make them new, and under autograd
+    nothing is kept."""
     from torchsd.models.unet import CrossAttention
 
     torch.manual_seed(0)
-    attn = CrossAttention(32, 24, 4)
+    attn = optimize(CrossAttention(32, 24, 4))
     x, context = torch.randn(2, 16, 32), torch.randn(2, 7, 24)
 
     def fresh():  # the plain computation, with nothing kept
@@ -124,11 +133,12 @@ def test_feed_forward_in_bands_of_rows_equals_whole(monkeypatch, dtype):
     from torchsd.models.unet import GEGLUFeedForward
 
     torch.manual_seed(0)
-    ff = GEGLUFeedForward(16).to(dtype)
+    ff = optimize(GEGLUFeedForward(16).to(dtype))
+    assert type(ff) is BandedFeedForward
     x, residual = torch.randn(2, 37, 16, dtype=dtype), torch.randn(2, 37, 16, dtype=dtype)
     with torch.no_grad():
         whole = ff(x, residual=residual)
-        monkeypatch.setattr(GEGLUFeedForward, "band_bytes", 10 * 64 * x.element_size())  # bands of 10 rows
+        monkeypatch.setattr(BandedFeedForward, "band_bytes", 10 * 64 * x.element_size())  # bands of 10 rows
         bands = []
         geglu = fused.geglu
         monkeypatch.setattr(fused, "geglu", lambda h, proj: bands.append(h.shape[0]) or geglu(h, proj))

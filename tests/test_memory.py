@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from reference import max_rel_error, pixels, random_pipeline
+from reference import max_rel_error, optimized, pixels, random_pipeline
 from torchsd.models.tiling import VAETiling, tile_starts, tiled_apply
-from torchsd.offload import enable_model_offload, enable_sequential_offload
+from torchsd.accel import enable_model_offload, enable_sequential_offload
 
 
 @pytest.mark.parametrize("length, tile, overlap, align", [(100, 40, 8, 1), (1024, 512, 64, 8), (64, 64, 8, 1),
@@ -154,9 +154,9 @@ def _spy(network: nn.Module, offload, seen: list):
 
 
 def test_model_offload_moves_one_network_at_a_time_and_keeps_the_numbers():
-    ref = random_pipeline("sd1")
+    ref = optimized(random_pipeline("sd1"))  # as the runtime leaves networks on a CPU, both
     expected = ref.generate("a cat", steps=2, seed=2, width=32, height=32)
-    sd = random_pipeline("sd1")
+    sd = optimized(random_pipeline("sd1"))
     offload = enable_model_offload(sd, "cpu")
     networks = {"text": sd.text_encoder, "unet": sd.unet, "vae": sd.vae}
     log = []
@@ -181,15 +181,15 @@ def test_model_offload_moves_one_network_at_a_time_and_keeps_the_numbers():
 
 
 def test_sequential_offload_uploads_one_layer_at_a_time_and_keeps_the_numbers():
-    ref = random_pipeline("sd1")
+    ref = optimized(random_pipeline("sd1"))  # as the runtime leaves networks on a CPU, both
     expected = ref.generate("a cat", steps=2, seed=2, width=32, height=32)
-    sd = random_pipeline("sd1")
+    sd = optimized(random_pipeline("sd1"))
     offload = enable_sequential_offload(sd, "cpu")
     seen = []
     for network in (sd.text_encoder, sd.unet, sd.vae):
         _spy(network, offload, seen)
     result = sd.generate("a cat", steps=2, seed=2, width=32, height=32)
-    # hooked layers take the plain kernels (models/fused.py), so equal up to float rounding, not bit for bit
+    # hooked layers take the plain kernels (accel/fused.py), so equal up to float rounding, not bit for bit
     assert max_rel_error(result.latents, expected.latents) < 1e-5
     assert len(seen) > 100 and all(all(flags) for _, flags in seen)  # each layer is up when it runs
     everything = [p for n in (sd.text_encoder, sd.unet, sd.vae) for p in n.parameters()]

@@ -39,7 +39,8 @@ def test_deterministic_sampler_lands_on_the_data_mean_and_variance(name):
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_stochastic_sampler_lands_on_the_data_mean_and_variance(name):
     spec = SAMPLERS[name]
-    sigmas = build_sigmas(SCHEDULE, 60, spec)
+    # TCD's own LCM grid has at most 50 levels; on the ideal denoiser it is exact in the limit on any levels
+    sigmas = build_sigmas(SCHEDULE, 60, spec, "normal" if spec.scheduler == "lcm" else "automatic")
     xi = whitened_normal(20000)
     out = run(name, MU + marginal_std(float(sigmas[0])) * xi, sigmas)
     # 20000 samples: the mean is known to ~0.015 (2 std errors for the widest dimension); ancestral and SDE

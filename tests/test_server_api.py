@@ -192,7 +192,8 @@ def test_a1111_tolerates_what_clients_send(server):
     ({"cfg_scale": "high"}, 422, "cfg_scale must be a finite number"),
     ({"scheduler": "Karass"}, 422, "Karass"),
     ({"script_name": "x/y/z plot"}, 422, "script 'x/y/z plot' not found"),
-    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, 422, "always-on script 'ControlNet' not found"),
+    ({"alwayson_scripts": {"ADetailer": {"args": [{"enabled": True}]}}}, 422, "always-on script 'ADetailer' not found"),
+    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, 422, "ControlNet unit 0: no model"),
     ({"override_settings": {"sd_model_checkpoint": "nope"}}, 404, "model 'nope' not found; available: 'sub/tiny-b', 'tiny-a'"),
 ])
 def test_a1111_errors_say_what_to_change(server, change, status, message):

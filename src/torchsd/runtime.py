@@ -1,34 +1,36 @@
-"""How a loaded pipeline runs: device, dtype, layout, compilation, memory savers. None of it changes
-the weights or the request; each choice is an explicit field of ``RuntimeOptions``.
+"""How a loaded pipeline runs: device, dtype, layout, the CPU speed-ups, compilation, memory savers. None
+of it changes the weights or the request; each choice is an explicit field of ``RuntimeOptions``.
 
-Defaults, and why:
+Defaults, and why (the measurements are in docs/performance.md):
 - dtype: float16 on CUDA; bfloat16 on a CPU with native bf16 dot products (AVX-512 BF16 or AMX), where
-  a U-Net step takes 0.6-0.7 of its float32 time and a VAE decode half, with images within 50 dB PSNR
-  of float32 (``benchmarks/cpu_vs_diffusers.py`` measures both; ``docs/performance.md``); float32 on
-  other CPUs, where bf16 is emulated and slower.
+  the U-Net and the VAE run markedly faster with images close to float32's; float32 on other CPUs,
+  where bf16 is emulated and slower.
 - channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the bf16
-  VAE only, where oneDNN decoded 3-10% faster in NHWC, while the SD 1.5 U-Net ran 5-10% slower in it
-  (measured here, 2 threads, fp32 and bf16). An fp32 VAE stays NCHW on a CPU, where its 3x3
-  convolutions run by Winograd's algorithm (``models/winograd.py``, NCHW only): 1 thread, 4.4 against
-  5.1 s at 256 px and 19.3 against 21.9 s at 512 px.
-- ``torch.compile``: off. On this CPU (torch 2.13) the compiled U-Net ran about 20% *slower* than
-  eager in float32 (with and without freezing) and no faster in bf16, after minutes of compilation;
-  on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as constants: only for
-  weights that do not change afterwards (apply LoRAs first).
+  VAE only, where oneDNN decoded faster in NHWC while the U-Net ran slower in it. An fp32 VAE stays
+  NCHW on a CPU, where its 3x3 convolutions run by Winograd's algorithm (``accel/winograd.py``, NCHW only).
+- the CPU speed-ups: every network placed on a CPU gets ``accel.optimize``'s fast blocks (oneDNN post-op
+  fusion, Winograd, sub-pixel upsampling, bf16 attention, reused cross-attention keys and values); the
+  same numbers up to float rounding. On other devices the plain blocks run.
+- ``torch.compile``: off. On this CPU (torch 2.13) the compiled U-Net ran slower than eager, after
+  minutes of compilation; on CUDA it is the usual win. ``freeze`` lets Inductor treat the weights as
+  constants: only for weights that do not change afterwards (apply LoRAs first).
 - ``prepack``: off. During each sampling loop it holds the U-Net's 3x3 conv weights whose per-call
-  reorder is a large share (``fused._packing_pays``) in oneDNN's layout in place of PyTorch's
-  (``prepacked.py``: one copy, never two). Each step gets 2-5% faster for a one-time cost per loop that
-  512 px images repay in 3-6 steps, but 256 px bf16 only in 26 (docs/performance.md): hence opt-in.
+  reorder is a large share in oneDNN's layout in place of PyTorch's (``accel/prepacked.py``: one copy,
+  never two). Steps get a few percent faster for a one-time cost per loop that 512 px images repay in a
+  few steps, but 256 px bf16 only in about 26: hence opt-in.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .accel import deoptimize, enable_model_offload, enable_sequential_offload, optimize, packed_weights
+from .accel.prepacked import prepacking_available
 from .models.layers import set_attention_chunk
 from .models.tiling import VAETiling
 
@@ -69,7 +71,7 @@ class RuntimeOptions:
     compile: str | None = None
     compile_fullgraph: bool = False
     freeze: bool = False
-    prepack: bool = False  # CPU: conv weights in oneDNN's layout while sampling (long loops; prepacked.py)
+    prepack: bool = False  # CPU: conv weights in oneDNN's layout while sampling (long loops; accel/prepacked.py)
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -94,21 +96,21 @@ def wants_channels_last(options: RuntimeOptions, device: torch.device, network: 
     return device.type == "cuda" or (device.type == "cpu" and network == "vae" and dtype != torch.float32)
 
 
-def wants_prepack(options: RuntimeOptions, device: torch.device) -> bool:
-    """Whether sampling holds the U-Net's conv weights in oneDNN's layout (``prepacked.packed_weights``):
-    asked for, and the U-Net runs on the CPU."""
-    from .prepacked import prepacking_available
-
+def wants_prepack(options: RuntimeOptions, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether sampling holds the U-Net's conv weights in oneDNN's layout (``accel.packed_weights``):
+    asked for, and the U-Net runs on the CPU (in ``dtype``, if given, one that ``accel.optimize`` takes)."""
     if options.prepack and not prepacking_available():
         raise ValueError("prepack needs PyTorch built with oneDNN (mkldnn); this build has none (drop --prepack)")
-    return options.prepack and device.type == "cpu"
+    cpu_dtype = dtype is None or dtype in (torch.float32, torch.bfloat16)
+    return options.prepack and device.type == "cpu" and cpu_dtype
 
 
 def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None):
-    """Place ``sd`` (a StableDiffusion) on ``device`` in ``dtype`` and apply ``options``; returns ``sd``."""
-    from .offload import enable_model_offload, enable_sequential_offload
+    """Place ``sd`` (a StableDiffusion) on ``device`` in ``dtype`` and apply ``options``; returns ``sd``.
 
+    With ``prepack`` it adds the U-Net's packed weights to ``sd.sampling_hooks``, the contexts each sampling
+    loop runs inside (``sd.sampling_context()``)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     networks = (sd.unet, sd.vae) + sd.text_encoders
@@ -117,12 +119,15 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
         model.to(dtype=dtype)
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
         set_attention_chunk(model, options.attention_chunk)
+        # the fast blocks are swapped in below the network's top, which itself stays the same object
+        if device.type == "cpu":
+            optimize(model, device, dtype)
+        else:
+            deoptimize(model)
     sd.vae_tiling = options.vae_tiling
     sd.sampling_hooks.pop("prepack", None)
-    if wants_prepack(options, device):
-        from .prepacked import packed_weights
-
-        sd.sampling_hooks["prepack"] = lambda: packed_weights(sd.unet, True)
+    if wants_prepack(options, device, dtype):
+        sd.sampling_hooks["prepack"] = lambda: packed_weights(sd.unet)
     if options.offload == "model":
         enable_model_offload(sd, device)
     elif options.offload == "sequential":

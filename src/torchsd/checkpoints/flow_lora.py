@@ -29,13 +29,50 @@ from torch import nn
 from ..models.quantized import QuantizedLinear
 from . import bfl, flux, mmdit, sd3_original
 from .io import CheckpointError, load_state_dict, safetensors_metadata
-from .lora import _kohya_pairs, _peft_pairs
+from .lora import _peft_alpha, _peft_configs
 from .original_layout import Layout, swap_halves
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 TEXT_MARKERS = ("lora_te", "text_encoder", "te1.", "te2.", "clip_l.", "t5xxl.")
 OTHER_ADAPTERS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
                   ".lora_mid.": "LoCon with a Tucker core"}
+
+
+
+# plain low-rank pairs only: the transformer LoRAs in the wild are LoRA, not LyCORIS (refused by name above)
+def _kohya_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    pairs = {}
+    for key in state:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[: -len(".lora_down.weight")]
+        down, up = state[key], state.get(name + ".lora_up.weight")
+        if up is None:
+            raise CheckpointError(f"LoRA layer {name}: lora_down without lora_up; the file is incomplete")
+        rank = down.shape[0]
+        alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else float(rank)
+        pairs[name] = (down, up, alpha / rank)
+    return pairs
+
+
+def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    configs = _peft_configs(metadata)
+    pairs = {}
+    for key in state:
+        if ".lora_A." not in key or not key.endswith(".weight"):
+            continue
+        name = key.split(".lora_A.")[0]
+        down, up = state[key], state.get(key.replace(".lora_A.", ".lora_B."))
+        if up is None:
+            raise CheckpointError(f"LoRA layer {name}: lora_A without lora_B; the file is incomplete")
+        rank = down.shape[0]
+        component, _, module = name.partition(".")
+        config = configs.get(component, {})
+        alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else _peft_alpha(config, module, rank)
+        scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+        pairs[name] = (down, up, scale)
+    return pairs
 
 
 @dataclass(frozen=True)

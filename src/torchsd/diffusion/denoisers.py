@@ -103,8 +103,9 @@ class ModelDenoiser:
         return self._log_sigmas_on[device]
 
     def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: ConditionLike,
-                     concat: torch.Tensor | None = None) -> torch.Tensor:
-        """``context``: a text context, or a ``Condition`` whose added vector y goes to the U-Net too."""
+                     concat: torch.Tensor | None = None, **unet_inputs: torch.Tensor) -> torch.Tensor:
+        """``context``: a text context, or a ``Condition`` whose added vector y goes to the U-Net too.
+        ``unet_inputs``: extra keyword inputs of the U-Net (a ControlNet's residuals)."""
         context, y = unpack(context)
         sigma = sigma_per_image(sigma, x)
         c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
@@ -112,7 +113,7 @@ class ModelDenoiser:
         if concat is not None:
             z = torch.cat([z, concat.to(z.dtype)], dim=1)
         added = {} if y is None else {"y": y}  # a U-Net without an added embedding takes no y
-        return self.unet(z, self.timestep(sigma), context, **added).to(x.dtype)
+        return self.unet(z, self.timestep(sigma), context, **added, **unet_inputs).to(x.dtype)
 
     def x0_from_output(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)[:, None, None, None]
@@ -122,9 +123,9 @@ class ModelDenoiser:
         return x / (sigma ** 2 + 1) - output * sigma / (sigma ** 2 + 1).sqrt()
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: ConditionLike,
-                 concat: torch.Tensor | None = None) -> torch.Tensor:
+                 concat: torch.Tensor | None = None, **unet_inputs: torch.Tensor) -> torch.Tensor:
         """x0 for each row of ``context``: k*B rows if it holds k contexts per latent (see UNet.forward)."""
-        output = self.model_output(x, sigma, context, concat)
+        output = self.model_output(x, sigma, context, concat, **unet_inputs)
         if output.shape[0] != x.shape[0]:
             k = output.shape[0] // x.shape[0]
             x, sigma = x.repeat(k, 1, 1, 1), sigma_per_image(sigma, x).repeat(k)
@@ -149,12 +150,18 @@ def classifier_free_guidance(model: ModelDenoiser, cond: ConditionLike, uncond: 
     uncond, cond = with_context(uncond, uncond_context), with_context(cond, cond_context)
     context = cat_conditions([uncond, cond]) if uncond.shape[1] == cond.shape[1] else None
 
+    # a model that treats the unconditional rows apart (ControlNet's "ControlNet is more important") is told
+    # how many of the context's first rows are unconditional
+    rows = (lambda n: {"uncond_rows": n}) if getattr(model, "takes_unconditional_rows", False) else \
+        (lambda n: {})
+
     def both_halves(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if context is None:  # lengths without a small common multiple: two calls, as AUTOMATIC1111 makes
-            return model(x, sigma, uncond, concat), model(x, sigma, cond, concat)
+            return model(x, sigma, uncond, concat, **rows(uncond.shape[0])), model(x, sigma, cond, concat)
         if getattr(model, "accepts_several_contexts", False):  # the latent once, for both contexts
-            return model(x, sigma, context, concat).chunk(2)
-        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
+            return model(x, sigma, context, concat, **rows(uncond.shape[0])).chunk(2)
+        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2,
+                     **rows(uncond.shape[0])).chunk(2)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)

@@ -20,6 +20,7 @@ Which reference each one matches (tests/test_samplers_parity.py checks them on t
   unipc              diffusers UniPCMultistepScheduler (bh2, order 2) on AUTOMATIC1111's UniPC levels
                      (AUTOMATIC1111's own defaults are bh1, order 3: options variant="bh1", order=3)
   lcm                diffusers LCMScheduler, minus its c_skip/c_out (< 1e-5 here), as AUTOMATIC1111 does
+  tcd                diffusers TCDScheduler (eta = the paper's gamma, default 0.3) on the same LCM grid
 
 Where AUTOMATIC1111 and diffusers disagree we follow AUTOMATIC1111: its "Automatic" schedule per sampler
 (Karras for the DPM++ solvers and DPM2, exponential for DPM++ 2M SDE), k-diffusion's linspace timesteps
@@ -37,7 +38,7 @@ from typing import Callable
 import torch
 
 from ..config import ScheduleConfig, TimestepSpacing
-from .samplers_ddim import sample_ddim, sample_ddpm, sample_lcm, sample_plms
+from .samplers_ddim import sample_ddim, sample_ddpm, sample_lcm, sample_plms, sample_tcd
 from .samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from .samplers_karras import (sample_dpm2, sample_dpm2_ancestral, sample_euler, sample_euler_ancestral, sample_heun,
                               sample_lms)
@@ -110,6 +111,9 @@ register(SamplerSpec("dpmpp_2m_sde_heun", sample_dpmpp_2m_sde, "DPM++ 2M SDE Heu
 register(SamplerSpec("unipc", sample_unipc, "UniPC", final="alpha_bar_0", scheduler="sgm_uniform",
                      spacing=_LINSPACE))
 register(SamplerSpec("lcm", sample_lcm, "LCM", aliases=("k_lcm",), stochastic=True, scheduler="lcm"))
+# TCD (ComfyUI's and Forge's name "TCD") ends, as diffusers' TCDScheduler does, at the level of timestep 0
+register(SamplerSpec("tcd", sample_tcd, "TCD", aliases=("k_tcd",), stochastic=True, final="alpha_bar_0",
+                     scheduler="lcm"))
 
 
 def _match(name: str) -> SamplerSpec | None:
@@ -183,12 +187,17 @@ def build_sigmas(schedule: ScheduleConfig, steps: int, spec: SamplerSpec,
     return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
-def sampler_options(spec: SamplerSpec, generator, eta: float | None = None) -> dict:
+def sampler_options(spec: SamplerSpec, generator, eta: float | None = None,
+                    schedule: ScheduleConfig | None = None) -> dict:
     """The keyword arguments a run passes to ``spec.function``: its fixed options, the per-image generators,
-    and ``eta`` where the sampler takes one and it is set (None keeps the sampler's default)."""
+    ``eta`` where the sampler takes one and it is set (None keeps the sampler's default), and the model's
+    ``schedule`` where the sampler steps on training timesteps (TCD)."""
     options = dict(spec.options, generator=generator)
-    if eta is not None and "eta" in inspect.signature(spec.function).parameters:
+    parameters = inspect.signature(spec.function).parameters
+    if eta is not None and "eta" in parameters:
         options["eta"] = eta
+    if schedule is not None and "schedule" in parameters:
+        options["schedule"] = schedule
     return options
 
 

@@ -1,4 +1,4 @@
-"""The samplers of the original latent-diffusion code, and LCM: DDIM, DDPM, PLMS and multistep consistency.
+"""The samplers of the original latent-diffusion code, LCM and TCD: DDIM, DDPM, PLMS and multistep consistency.
 
 All are written in the sampler's parametrisation x = x0 + sigma * eps (see ``schedules``); in it, DDIM's
 update is exactly the ancestral Euler step, and PNDM's "transfer" is exactly DDIM's deterministic step.
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .denoisers import Denoise
+from ..config import ScheduleConfig
 from ..noise import Generators, randn_like
+from .denoisers import Denoise
+from .schedules import timestep_of_sigma, training_sigmas
 from .stepping import Callback, ancestral_step, notify
 
 
@@ -85,5 +87,37 @@ def sample_lcm(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
     for i in range(len(levels) - 1):
         x0 = denoise(x, levels[i])
         x = x0 if levels[i + 1] == 0 else x0 + levels[i + 1] * randn_like(x, generator)
+        notify(callback, i, levels, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, eta: float = 0.3,
+               schedule: ScheduleConfig | None = None, generator: Generators = None,
+               callback: Callback | None = None) -> torch.Tensor:
+    """Trajectory consistency distillation, Zheng et al. 2024 (TCD), eq. (10): strategic stochastic sampling.
+
+    ``eta`` is the paper's gamma: from t the step goes back along the predicted trajectory to s = (1 - gamma) t_next
+    (x_s = x0 + sigma_s * eps, deterministic), then forward to t_next with fresh noise. gamma = 0 is DDIM-like
+    (no noise), gamma = 1 is LCM. s is floor((1 - gamma) * t_next) on the training timesteps, as diffusers'
+    ``TCDScheduler`` takes it, so the sampler needs the model's ``schedule`` (default: SD's)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's eta (the paper's gamma) must be between 0 (deterministic) and 1 (LCM); got {eta}")
+    log_sigmas = training_sigmas(schedule or ScheduleConfig()).log()
+    levels = sigmas.tolist()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x0 = denoise(x, sigma)
+        eps = (x - x0) / sigma
+        if sigma_next == 0:  # a schedule ending clean (set_alpha_to_one): the last step lands on x0
+            x = x0
+        else:
+            t_next = float(timestep_of_sigma(log_sigmas, torch.tensor(sigma_next, dtype=torch.float64)))
+            # the levels arrive as float32: snap timesteps of the integer grid before flooring
+            t_next = round(t_next) if abs(t_next - round(t_next)) < 1e-3 else t_next
+            sigma_s = float(log_sigmas[int((1 - eta) * t_next)].exp())
+            x = x0 + sigma_s * eps
+            if sigma_next > sigma_s:  # the VP forward step z_s -> z_next, divided by sqrt(alpha_bar_next)
+                x = x + (sigma_next ** 2 - sigma_s ** 2) ** 0.5 * randn_like(x, generator)
         notify(callback, i, levels, x, x0)
     return x

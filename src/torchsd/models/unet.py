@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from . import fused
 from .layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu,
                      timestep_embedding)
 
@@ -33,44 +33,23 @@ class CrossAttention(nn.Module):
         # Opt-in window for ``torchsd.explain``: when set, it is handed the attention probabilities,
         # averaged over heads, (B, Tq, Tk). Computing them costs an extra matmul, so only then.
         self.observer: Callable[[torch.Tensor], None] | None = None
-        self._context_cache: tuple | None = None  # see _keys_values
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output, plus ``residual`` if given (added inside the output projection)."""
-        q = fused.linear(x, self.to_q)
-        k, v = (fused.linear(x, self.to_k), fused.linear(x, self.to_v)) if context is None else \
-            self._keys_values(context)
+                residual: torch.Tensor | None = None, extra: tuple | None = None) -> torch.Tensor:
+        """Attention output, plus ``residual`` if given (added to the output projection's fresh output).
+        ``extra``: an IP-Adapter's (keys, values, scale): scale * attention over them is added before the
+        output projection (decoupled cross-attention)."""
+        source = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
         out = attention(q, k, v, self.num_heads, chunk=self.attention_chunk)
-        return fused.linear(out, self.to_out, residual=residual)
-
-    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """to_k(context), to_v(context). The text context is the same at every sampling step, so for CPU
-        inference the pair is kept and reused while the context's values and both weights are unchanged.
-        The context is compared by value (a copy is kept), so a context edited in place or rebuilt equal is
-        handled. Not on accelerators, where a captured CUDA graph would replay a stale pair."""
-        weights = _weight_state(self.to_k), _weight_state(self.to_v)
-        if not (fused.cpu_inference(context) and None not in weights and fused.is_plain(self.to_k)
-                and fused.is_plain(self.to_v)):
-            return fused.linear(context, self.to_k), fused.linear(context, self.to_v)
-        cached = self._context_cache
-        if (cached is not None and cached[1] == weights and cached[0].shape == context.shape
-                and cached[0].dtype == context.dtype and torch.equal(cached[0], context)):
-            return cached[2], cached[3]
-        k, v = fused.linear(context, self.to_k), fused.linear(context, self.to_v)
-        self._context_cache = (context.clone(), weights, k, v)
-        return k, v
-
-
-def _weight_state(layer: nn.Module) -> tuple | None:
-    """What identifies a Linear's weights as unchanged: the tensors and their in-place edit counters (None
-    where a tensor has no counter, as tensors made under inference mode)."""
-    try:
-        return tuple((id(p), p.data_ptr(), p._version) for p in layer.parameters())
-    except RuntimeError:
-        return None
+        if extra is not None:
+            k_ip, v_ip, scale = extra
+            rows = q.shape[0]
+            out = out + scale * attention(q, repeat_rows(k_ip, rows), repeat_rows(v_ip, rows), self.num_heads)
+        out = self.to_out(out)
+        return out if residual is None else out.add_(residual)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -82,23 +61,12 @@ class GEGLUFeedForward(nn.Module):
         self.proj_in = nn.Linear(dim, inner * 2)
         self.proj_out = nn.Linear(inner, dim)
 
-    # On a CPU, glibc maps a block over 32 MB fresh from the OS at every allocation, and page faults fill
-    # it in: the (tokens, inner) activations of SD 1.5's 64x64 level in fp32 are 42 MB, and faulting them in
-    # took 15% of the feed-forward's time (1 thread: 236 against 200 ms in bands of rows). In bands of at
-    # most this many bytes the activations come from reused memory, and the peak is smaller too.
-    band_bytes = 16 << 20
-
     def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        band = max(1, self.band_bytes // (self.proj_out.in_features * x.element_size()))
-        if rows <= band or not fused.cpu_inference(x) or residual is None:
-            return fused.linear(fused.geglu(x, self.proj_in), self.proj_out, residual=residual)
-        flat, skip = x.reshape(rows, -1), residual.reshape(rows, -1)
-        out = torch.empty_like(skip)
-        for i in range(0, rows, band):
-            out[i:i + band] = fused.linear(fused.geglu(flat[i:i + band], self.proj_in), self.proj_out,
-                                           residual=skip[i:i + band])
-        return out.view(residual.shape)
+        hidden, gate = self.proj_in(x).chunk(2, dim=-1)
+        # at inference one allocation fewer: GELU's output is fresh, so the product can go into it
+        h = hidden * F.gelu(gate) if torch.is_grad_enabled() else F.gelu(gate).mul_(hidden)
+        out = self.proj_out(h)
+        return out if residual is None else out.add_(residual)
 
 
 class TransformerBlock(nn.Module):
@@ -113,11 +81,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # each residual is added by the last Linear of its branch (fused, or in place on its fresh output)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: tuple | None = None) -> torch.Tensor:
+        # each residual is added to the fresh output of its branch's last Linear
         x = self.attn1(self.norm1(x), residual=x)
         x = repeat_rows(x, context.shape[0])  # latents shared by several contexts part ways here
-        x = self.attn2(self.norm2(x), context, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x, extra=image_kv)
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -134,23 +102,25 @@ class SpatialTransformer(nn.Module):
         make_proj = (lambda: nn.Linear(channels, channels)) if linear_projection else \
             (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = make_proj()
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads)
+                                                for _ in range(depth))
         self.proj_out = make_proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: list | None = None) -> torch.Tensor:
+        """``image_kv``: IP-Adapter keys and values, one per block popped from the end (see UNet.forward)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
-            h = fused.linear(h.permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in)  # (B, HW, C)
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, HW, C)
         else:
-            h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, image_kv.pop() if image_kv else None)
         B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
-            h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
         else:
-            h = fused.conv2d(h.reshape(B, H, W, C).permute(0, 3, 1, 2), self.proj_out)
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
         # h comes back in NHWC strides from the permute; x first keeps the result in x's layout, or the
         # following convolutions would reorder their weights on every call
         return repeat_rows(x, h.shape[0]) + h
@@ -169,15 +139,19 @@ class Level(nn.Module):
         setattr(self, resample_name, nn.ModuleList([resample]) if resample is not None else None)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
-                skips: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Down levels return every output as a skip; up levels pop one skip per ResBlock."""
+                skips: list[torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+                image_kv: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down levels return every output as a skip; up levels pop one skip per ResBlock. ``residual`` (a
+        T2I-Adapter's feature) is added to the last ResBlock's (and transformer's) output."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
-            if self.attentions is not None:
-                h = run(self.attentions[i], h, context)
+            if self.attentions is not None:  # (image_kv only where given: swapped-in transformers may not take it)
+                h = run(self.attentions[i], h, context, *([image_kv] if image_kv is not None else []))
+            if residual is not None and i == len(self.resnets) - 1:
+                h = add_rows(h, residual)
             outputs.append(h)
         resample = getattr(self, self.resample_name)
         if resample is not None:
@@ -194,9 +168,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([attention])
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
+                image_kv: list | None = None) -> torch.Tensor:
         h = run(self.resnets[0], h, emb)
-        h = run(self.attentions[0], h, context)
+        h = run(self.attentions[0], h, context, *([image_kv] if image_kv is not None else []))
         return run(self.resnets[1], h, emb)
 
 
@@ -281,19 +256,11 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim);
-        y: (k*B, added_embed_dim), the added vector of SDXL-like configs (see ``added_vector``).
-
-        With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
-        under the first, then under the second, ...), as classifier-free guidance asks for. Everything
-        before the first cross-attention depends on the latent alone, so it runs once per latent and the
-        result is repeated there: the same numbers as a (k*B) batch of repeated latents, for less work
-        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512)."""
-        if context.shape[0] % x.shape[0]:
-            raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
-                             "it needs the same number or a whole multiple of it")
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor | float, y: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the embedding every ResBlock reads: the timestep's, plus for SDXL-like configs the
+        added vector ``y``'s. Where y has more rows than x (its own per context: cond and uncond pooled
+        vectors), the embedding differs per context, so the latents are repeated to y's rows from the start."""
         if (y is None) != (self.add_embedding is None):
             raise ValueError("this U-Net takes the added vector y (pooled text + micro-conditioning)" if y is None
                              else "this U-Net has no added embedding: pass y=None")
@@ -301,20 +268,57 @@ class UNet(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         if y is not None and y.shape[0] != x.shape[0]:
-            # y differs per context (cond and uncond pooled vectors), so the time embedding does too:
-            # the latents part ways from the start
             x, timesteps = repeat_rows(x, y.shape[0]), repeat_rows(timesteps, y.shape[0])
         t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
         emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
         if y is not None:
             emb = emb + self.add_embedding(y.to(emb.dtype))
+        return x, emb
 
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None, *,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                level_residuals: list[torch.Tensor] | None = None, image_keys_values: list | None = None
+                ) -> torch.Tensor:
+        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim);
+        y: (k*B, added_embed_dim), the added vector of SDXL-like configs (see ``added_vector``).
+
+        With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
+        under the first, then under the second, ...), as classifier-free guidance asks for. Everything
+        before the first cross-attention depends on the latent alone, so it runs once per latent and the
+        result is repeated there: the same numbers as a (k*B) batch of repeated latents, for less work
+        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512).
+
+        ``down_residuals`` (one per skip connection, in the order they are made) and ``mid_residual`` are
+        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (one
+        per down level: a T2I-Adapter's features) are added to each level's last activation.
+        ``image_keys_values``: an IP-Adapter's (keys, values, scale), one per cross-attention layer in the order
+        they run (``IPAdapter.keys_values``)."""
+        if context.shape[0] % x.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
+                             "it needs the same number or a whole multiple of it")
+        x, emb = self.embed(x, timesteps, y)
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, outputs = block(h, emb, context, self._run)
+        image_kv = list(reversed(image_keys_values)) if image_keys_values else None  # popped in order
+        for level, block in enumerate(self.down_blocks):
+            h, outputs = block(h, emb, context, self._run,
+                               residual=None if level_residuals is None else level_residuals[level],
+                               image_kv=image_kv)
             skips.extend(outputs)
-        h = self.mid_block(h, emb, context, self._run)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(down_residuals)} tensors for {len(skips)} skip connections")
+            skips = [add_rows(s, r) for s, r in zip(skips, down_residuals)]
+        h = self.mid_block(h, emb, context, self._run, image_kv)
+        if mid_residual is not None:
+            h = add_rows(h, mid_residual)
         for block in self.up_blocks:
-            h, _ = block(h, emb, context, self._run, skips=skips)
+            h, _ = block(h, emb, context, self._run, skips=skips, image_kv=image_kv)
         return self.conv_out(silu(self.conv_norm_out(h)))
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b where one may hold the other's rows repeated for several contexts (see UNet.forward)."""
+    rows = max(a.shape[0], b.shape[0])
+    return repeat_rows(a, rows) + repeat_rows(b, rows)

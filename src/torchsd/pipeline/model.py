@@ -9,9 +9,9 @@ The run itself, step by step, is ``run.py``; the request is ``request.py``.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -97,6 +97,14 @@ class StableDiffusion:
         for folder in embedding_dirs:
             sd.embeddings.add_dir(folder)
         return sd
+
+    @contextmanager
+    def sampling_context(self) -> Iterator[None]:
+        """The context a sampling loop runs inside: every entry of ``sampling_hooks`` entered."""
+        with ExitStack() as stack:
+            for hook in self.sampling_hooks.values():
+                stack.enter_context(hook())
+            yield
 
     @property
     def networks(self) -> tuple[torch.nn.Module, ...]:

@@ -162,12 +162,16 @@ def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None, sigm
     CLIP guidance's result). ``sigmas``: the levels of this sampler loop (default: the run's)."""
     sigmas = run.sigmas if sigmas is None else sigmas
     active = request.active()
+    model = sd.denoiser
+    for feature in active:  # e.g. ControlNet residuals added at every U-Net call
+        model = feature.wrap_model(model, sd, request, run, sigmas)
+    run.model = model
     denoise = None
     for feature in active:  # a feature that guides by itself (prompt editing, AND); the first one that does
         if denoise is None:
             denoise = feature.guidance(sd, request, run, sigmas, observer)
     if denoise is None:
-        denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale,
+        denoise = classifier_free_guidance(model, run.cond, run.uncond, request.guidance_scale,
                                            concat=run.concat, observer=observer)
     for feature in reversed(active):
         denoise = feature.wrap_denoiser(denoise, sd, request, run)
@@ -178,7 +182,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
            progress: bool = False, callback: StepCallback | None = None, observer=None) -> torch.Tensor:
     """The sampler loop from ``x`` at ``sigmas[0]``; returns the latents the U-Net sees at the end."""
     denoise = build_denoiser(sd, request, run, observer, sigmas)
-    kwargs = sampler_options(run.spec, run.generators, request.eta)
+    kwargs = sampler_options(run.spec, run.generators, request.eta, sd.config.schedule)
     # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
     # waits for the accelerator, and in float32, the precision they had on the device
     levels = sigmas.to("cpu", torch.float32)
@@ -192,9 +196,7 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
 
     watched = bar is not None or callback is not None
     try:
-        with ExitStack() as stack:
-            for hook in sd.sampling_hooks.values():  # the runtime's (packed weights for the loop)
-                stack.enter_context(hook())
+        with sd.sampling_context():  # the runtime's (packed weights for the loop)
             x = run.spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
     finally:
         if bar is not None:

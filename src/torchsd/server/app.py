@@ -182,7 +182,7 @@ class BodyLimit:
 
 def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, preload: bool = True) -> FastAPI:
     """The app; ``preload`` loads the default model now, so a broken model fails at start, not at first use."""
-    from . import a1111, openai_api
+    from . import a1111, controlnet, openai_api
 
     if registry is None:
         registry = ModelRegistry(config.models_dir, config.model, device=config.device_or_default,
@@ -204,6 +204,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
     add_error_handlers(app)
     app.include_router(a1111.router(state))
     app.include_router(openai_api.router(state))
+    app.include_router(controlnet.router(state))
 
     @app.get("/info")
     def info():

@@ -216,6 +216,10 @@ class ModelRegistry:
         sd.name = entry.model_name
         sd.styles = self.styles
         sd.upscalers = self.upscalers
+        if self.models_dir is not None:  # ControlNet models by name, as the A1111 extension finds them
+            from ..pipeline.features.control import control_models
+
+            control_models(sd).add_dir(self.models_dir / "ControlNet")
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)
             if key not in self._hashes:  # hashing reads the whole file: once per (path, mtime, size)

@@ -229,6 +229,8 @@ def _refuse_unsupported(body: dict) -> None:
     if not isinstance(scripts, dict):
         raise RequestError("alwayson_scripts must be an object")
     for name, value in scripts.items():
+        if name.lower() == "controlnet":  # read by the control feature
+            continue
         args = value.get("args") if isinstance(value, dict) else value
         if args and args != [False]:  # [] and [False] are how clients say "off"
             raise RequestError(f"always-on script {name!r} not found: torchsd has no extensions")

@@ -61,6 +61,7 @@ class Run:
     prompt: str | None = None  # the request's prompts as the run reads them (styles applied), as typed
     negative_prompt: str | None = None
     hires_steps: int | None = None  # while a hires pass samples: its steps (prompt schedules count over them)
+    model: Any = None  # the denoiser model of the current sampler loop: sd.denoiser, or a feature's (ControlNet)
 
     @property
     def batch_size(self) -> int:
@@ -164,6 +165,11 @@ class Feature:
         ``run.prompts``/``run.negative_prompts`` itself, set ``run.cond``/``run.uncond`` to the first step's
         contexts and return True; the first active feature that does so replaces the plain encode."""
         return False
+
+    def wrap_model(self, model, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor):
+        """Step 4, first: the model ``(x, sigma, context, concat) -> x0`` that guidance calls, for the sampler
+        loop over ``sigmas``; a feature that changes every U-Net call (ControlNet's residuals) wraps it."""
+        return model
 
     def guidance(self, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor,
                  observer=None) -> "Denoise | None":

@@ -89,6 +89,7 @@ class PromptEditing(Feature):
         schedules = self._schedules(request, run)
         levels = sigmas.to("cpu", torch.float32).tolist()
         built: dict[tuple, object] = {}
+        model = run.model or sd.denoiser  # ControlNet's, where control is on
 
         def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
             step = step_index(levels, sigma)
@@ -96,10 +97,10 @@ class PromptEditing(Feature):
             if key not in built:
                 cond, uncond, weights = self._contexts_at(request, run, step, schedules)
                 if weights is None:
-                    built[key] = classifier_free_guidance(sd.denoiser, cond, uncond, request.guidance_scale,
+                    built[key] = classifier_free_guidance(model, cond, uncond, request.guidance_scale,
                                                           concat=run.concat, observer=observer)
                 else:
-                    built[key] = composable_guidance(sd.denoiser, cond, weights, uncond, request.guidance_scale,
+                    built[key] = composable_guidance(model, cond, weights, uncond, request.guidance_scale,
                                                      concat=run.concat, observer=observer)
             return built[key](x, sigma)
 

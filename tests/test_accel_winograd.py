@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import max_rel_error
-from torchsd.models import fused, winograd
+from torchsd.accel import fused, winograd
 
 
 def reference(x, w, b=None, residual=None):

@@ -1,8 +1,8 @@
 """bfloat16 attention on the CPU as per-head oneDNN matmuls, with the softmax folded into their operands.
 
 On a CPU with AVX-512 BF16 but no AMX (this project's AMD EPYC), PyTorch's CPU flash-attention kernel
-runs bfloat16 no faster than float32 (1 thread, 2 x 8 heads x 4096 tokens x 40: 640 ms in bf16, 600 ms
-in fp32), while oneDNN's bf16 matmuls run at about twice its float32 rate. (With AMX, PyTorch's kernel
+runs bfloat16 no faster than float32, while oneDNN's bf16 matmuls run at about twice its float32 rate
+(docs/performance.md, "bf16 attention as per-head matmuls"). (With AMX, PyTorch's kernel
 uses the tiles and is faster than this one; see ``_has_amx``.) This computes softmax(Q K^T / sqrt(d)) V
 for one head and one block of queries at a time with two such matmuls, and moves the softmax's own
 bookkeeping into them:
@@ -20,9 +20,9 @@ shifted logits of the keys that matter small. It is estimated before the matmul 
 the query's own key (self-attention's usual peak). Rows whose shifted maximum still exceeds ``DELTA``
 are shifted by that maximum and recomputed, so every row ends with its largest logit in [~0, DELTA].
 
-The U-Net's output is as close to float32 as with PyTorch's kernel (relative error 1.28e-2 either way
-for a bf16 SD 1.5 U-Net at 256 px on random weights); ``tests/test_cpu_attention.py`` checks the kernel
-against float64 attention, including rows whose peak the estimate misses.
+The U-Net's output is as close to float32 as with PyTorch's kernel; ``tests/test_accel_cpu_attention.py``
+checks the kernel against float64 attention, including rows whose peak the estimate misses. The models
+call ``models.layers.attention``; the attention blocks ``accel.optimize`` swaps in call ``attend``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import functools
 
 import torch
 
+from ..models import layers
 from . import fused
 
 DELTA = 2.0  # largest shifted logit left in place; exp(2) keeps the top weights' rounding under 1%
 _DELTA_BITS = int(torch.tensor(DELTA, dtype=torch.bfloat16).view(torch.int16))
 # Keys per thread from which this is faster: its per-head matmuls gain less from more threads than
-# PyTorch's kernel, which splits heads and query blocks across them. Measured here, ours / PyTorch's at
-# 1024 keys: 0.81-0.94 on 1 thread, 1.04-1.27 on 2; at 4096: 0.55-0.68 on 1, 0.57-0.74 on 2.
+# PyTorch's kernel, which splits heads and query blocks across them (docs/performance.md).
 MIN_KEYS_PER_THREAD = 1024
 BLOCK = 256  # queries per matmul: a (256, keys) bf16 score block stays in this CPU's L2 at 4096 keys
 _STRIDE = 8  # every 8th key for the estimate of the row maximum: 1/8 of a Q K^T matmul
@@ -51,12 +51,20 @@ def applies(q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor |
 
 @functools.cache
 def _has_amx() -> bool:
-    """With AMX tiles PyTorch's flash kernel runs bf16 through them and is the faster one: on a 16-core
-    Xeon with AMX, 2 x 8 heads x 4096 tokens x 40 took 275 ms against this kernel's 536 at 1 thread, 23
-    against 127 at 16 (benchmarks/cpu_attention_threads.py). Unknown counts as present: PyTorch's kernel
-    is the safe side."""
+    """With AMX tiles PyTorch's flash kernel runs bf16 through them and is the faster one
+    (docs/performance.md; benchmarks/cpu_attention_threads.py). Unknown counts as present: PyTorch's
+    kernel is the safe side."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return True if probe is None else bool(probe())
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, *,
+           chunk: int | None = None) -> torch.Tensor:
+    """``layers.attention(q, k, v, num_heads, chunk=chunk)`` (no mask, not causal), through this kernel
+    where it applies."""
+    if applies(q, k, False, None):
+        return attention(q, k, v, num_heads, block=chunk)
+    return layers.attention(q, k, v, num_heads, chunk=chunk)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,

@@ -11,8 +11,8 @@ the accelerator copy: nothing is copied down. Both are forward hooks, registered
 removable with ``Offload.remove()``; the modules' code is untouched.
 
 Sequential offload relies on every weight being used through its own module's forward, which holds
-for the U-Net, VAE and text encoder (a module that reads a child's ``.weight`` directly would not see
-it uploaded).
+for the U-Net, VAE and text encoder, plain or optimized: the fast blocks of ``accel.modules`` read a
+layer's weight themselves only where the layer has no hooks (``fused.is_plain``), and call it otherwise.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ over input channels, the 16 positions become 16 independent matrix products:
 16 multiplies per 2x2 outputs and channel pair instead of 36: 2.25x fewer for the matmuls that dominate, for
 the price of the transforms (adds and subtracts over the input and output). cuDNN uses it for the same
 convolutions; oneDNN on this CPU does not. In float32 the result differs from direct convolution only by
-rounding (3-5e-7 of the output's largest value at SD 1.5 shapes; ``tests/test_winograd.py`` holds it under
-2e-6); in bfloat16 the rounded transforms tripled the error (7e-3 against 2.4e-3), so it is float32 only.
+rounding (``tests/test_accel_winograd.py`` holds it under 2e-6 of the output's scale); in bfloat16 the rounded
+transforms tripled the error, so it is float32 only.
 
 The work goes in bands of tile rows: each band's padded input, V and M stay small enough to come from
-cache and reused memory. Done on whole tensors (an earlier try), V and M were faulted in fresh at every
-call and the transforms made it 1.0-1.2x the direct convolution's time; in bands it is 0.74-0.91x.
+cache and reused memory. Done on whole tensors, V and M were faulted in fresh at every call and the
+transforms cost more than they saved (docs/performance.md, "Winograd" and "Tried and left out").
 """
 
 from __future__ import annotations

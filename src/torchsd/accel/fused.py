@@ -6,13 +6,13 @@ activation again, and on a CPU that memory traffic is a visible share of a U-Net
 such a step to each output block while it is still in cache (its "post-ops"); PyTorch exposes that as
 ``torch.ops.mkldnn._linear_pointwise`` / ``_convolution_pointwise``, the ops Inductor emits for the
 same fusions. They also bring oneDNN's matmul, faster here than the BLAS behind ``F.linear``
-(fp32 8192x320 @ 320x320, 1 thread: 106 against 76 GFLOP/s), with the bias added in the kernel
-rather than copied into the output first.
+(docs/performance.md), with the bias added in the kernel rather than copied into the output first.
 
 Every function here means exactly its plain PyTorch expression, which it falls back to wherever the
 fused kernel does not apply: under autograd, off the CPU, in float16, while ``torch.compile`` traces
 (Inductor fuses on its own), and for any layer that is not a plain ``nn.Linear`` / ``nn.Conv2d``
-(a LoRA wrapper, a layer with hooks such as sequential offload's).
+(a LoRA wrapper, a layer with hooks such as sequential offload's). The models never call these: the
+blocks of ``accel.modules``, swapped in by ``accel.optimize``, do.
 """
 
 from __future__ import annotations
@@ -49,10 +49,22 @@ def available() -> bool:
 
 
 def is_plain(layer: nn.Module) -> bool:
-    """A bare Linear/Conv2d whose call is just its weights: no hooks, no replaced forward (except
-    ``prepacked``'s, whose weights this module uses itself)."""
-    return (type(layer) in (nn.Linear, nn.Conv2d) and not layer._forward_hooks and not layer._forward_pre_hooks
-            and ("forward" not in layer.__dict__ or "_prepacked" in layer.__dict__))
+    """A bare Linear/Conv2d (or a subclass that declares ``plain_call``, as ``prepacked.PackableConv2d``
+    does) whose call is just its weights: no hooks, no forward replaced on the object."""
+    return ((type(layer) in (nn.Linear, nn.Conv2d) or getattr(type(layer), "plain_call", False))
+            and not layer._forward_hooks and not layer._forward_pre_hooks and "forward" not in layer.__dict__)
+
+
+# A convolution may hold its weight packed for a while (``prepacked.PackableConv2d``, which calls this module,
+# so it is recognised by what it offers rather than imported): ``packing`` is set inside ``packed_weights``,
+# ``packed_weight(x)`` gives the reordered weight, ``plain_weight()`` the plain one written back first.
+
+def _is_packing(conv: nn.Module) -> bool:
+    return getattr(conv, "packing", None) is not None
+
+
+def _plain_weight(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.plain_weight() if hasattr(conv, "plain_weight") else conv.weight
 
 
 def cpu_inference(x: torch.Tensor) -> bool:
@@ -80,6 +92,13 @@ def linear(x: torch.Tensor, layer: nn.Module, *, residual: torch.Tensor | None =
         return _mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
     y = layer(x)
     return y if residual is None else y.add_(residual)  # a fresh output: in place is safe under autograd
+
+
+def linear_gelu(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``F.gelu(layer(x))`` (exact, erf GELU)."""
+    if _fusable(x, layer):
+        return _mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+    return F.gelu(layer(x))
 
 
 def geglu(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
@@ -113,16 +132,14 @@ def try_conv2d(x: torch.Tensor, conv: nn.Conv2d, *, residual: torch.Tensor | Non
     if not (_fusable(x, conv) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)):
         return None
     if _winograd_wins(x, conv):
-        from ..prepacked import plain_weight  # not released by ``prepacked`` unless it ran packed before
-        return winograd.conv3x3(x, plain_weight(conv), conv.bias, residual)
+        return winograd.conv3x3(x, _plain_weight(conv), conv.bias, residual)
     weight = None
-    if "_prepacked" in conv.__dict__ and _packing_pays(x, conv):  # inside ``prepacked.packed_weights``
-        from ..prepacked import packed_weight
-        weight = packed_weight(conv, x)
+    if _is_packing(conv) and _packing_pays(x, conv):  # inside ``prepacked.packed_weights``
+        weight = conv.packed_weight(x)
     if weight is None:
+        weight = _plain_weight(conv)  # written back first if it was packed at another size
         if _as_matmul_wins(x, conv):
-            return _conv_as_matmul(x, conv, residual)
-        weight = conv.weight
+            return _conv_as_matmul(x, weight, conv, residual)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None:
         return _mkldnn._convolution_pointwise(x, weight, conv.bias, *args, "none", [], "")
@@ -134,48 +151,51 @@ def _output_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
                  zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
+WINOGRAD_MIN_PIXELS = 2048  # output pixels in the batch; below, the per-call filter transform no longer pays
+
+
 def _winograd_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """float32 3x3 convolutions over at least 2048 output pixels in the batch (32x32 at batch 2). Measured
-    here against oneDNN's direct convolution, 1 thread, SD 1.5 U-Net shapes at batch 2: 0.74-0.80x at 64x64
-    and 32x32 up to 960 input channels, 0.86-0.91x with 1280-1920; at 16x16 1280 channels 1.17x (the filter
-    transform, made per call, no longer pays). VAE shapes at batch 1, 64-256 px: 0.68-0.76x."""
+    """float32 3x3 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels in the batch (32x32 at
+    batch 2), where they beat oneDNN's direct convolution (docs/performance.md, "Winograd")."""
     B, _, H, W = x.shape
-    return B * H * W >= 2048 and winograd.applies(x, conv.weight, conv.padding, conv.stride, conv.dilation,
-                                                   conv.groups)
+    return B * H * W >= WINOGRAD_MIN_PIXELS and winograd.applies(x, conv.weight, conv.padding, conv.stride,
+                                                                  conv.dilation, conv.groups)
+
+
+PACKING_PIXELS = {torch.float32: (256, 512), torch.bfloat16: (128, 512)}  # output pixels in the batch
 
 
 def _packing_pays(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Where a weight reordered once (``prepacked``) beats reordering it at every call by enough to repay
-    the reorder in and out within a few steps: 256-512 output pixels in the batch (16x16 at batch 2), and
-    in bf16 from 128 (8x8). Chosen per layer (1 thread, SD 1.5 U-Net, each layer timed alone): bf16 8x8
-    and 16x16 repaid in 4-9 steps, fp32 16x16 in 3-4, fp32 8x8 in 13 (its reorder is slower and its weight
-    twice the bytes), 4x4 in 35-80; from 32x32 up the per-call reorder is a small share. Inside a whole
-    step the saving was smaller: the loop repaid in 3-7 steps except bf16 at 256 px, 26 steps
-    (docs/performance.md), which is why packing is opt-in."""
+    the reorder in and out within a few steps: ``PACKING_PIXELS`` (16x16 at batch 2, and 8x8 in bf16);
+    larger maps make the per-call reorder a small share (docs/performance.md, "--prepack")."""
     B = x.shape[0]
     h, w = _output_size(x, conv)
-    return (128 if x.dtype == torch.bfloat16 else 256) <= B * h * w <= 512
+    low, high = PACKING_PIXELS.get(x.dtype, (256, 512))
+    return low <= B * h * w <= high
+
+
+AS_MATMUL_MAX_PIXELS = 64  # output pixels per image (8x8); bf16 only up to 16 (4x4) unless over 1280 channels
 
 
 def _as_matmul_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """At a few output pixels, oneDNN's direct convolution spends much of its time reordering the weight.
     As a matmul with the weight as the left operand, the weight is read as it is and only the (small)
-    unfolded input is reordered. Measured here, 1 thread, 1280 channels at 4x4 / 8x8 outputs: float32
-    40 / 64 ms direct against 11 / 42 ms as a matmul; bfloat16 9.8 / 21 against 6.1 / 22. With the wider
-    inputs of the up path's skip concatenations bf16 gains at 8x8 too (2560 -> 1280: 68 against 45 ms,
-    1920 -> 1280: 51 against 32), but not at 16x16 (163 against 180)."""
+    unfolded input is reordered: faster up to 8x8 in float32, and in bf16 at 4x4 and for the up path's
+    wide skip concatenations at 8x8 (docs/performance.md, "Few-pixel convolutions")."""
     h, w = _output_size(x, conv)
-    limit = 64 if x.dtype == torch.float32 or x.shape[1] > 1280 else 16
+    limit = AS_MATMUL_MAX_PIXELS if x.dtype == torch.float32 or x.shape[1] > 1280 else 16
     return conv.groups == 1 and conv.kernel_size != (1, 1) and h * w <= limit
 
 
-def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d, residual: torch.Tensor | None) -> torch.Tensor:
+def _conv_as_matmul(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d,
+                    residual: torch.Tensor | None) -> torch.Tensor:
     """The convolution as unfold (im2col) and one matmul: weight (out, in*kh*kw) @ columns (in*kh*kw, B*hw)."""
     B = x.shape[0]
     h, w = _output_size(x, conv)
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, in*kh*kw, hw)
     cols = cols.transpose(1, 2).reshape(B * h * w, -1)  # (B*hw, in*kh*kw): the matmul's "weight" operand
-    y = matmul_nt(conv.weight.flatten(1), cols)  # (out, B*hw)
+    y = matmul_nt(weight.flatten(1), cols)  # (out, B*hw)
     y = y.view(-1, B, h, w).transpose(0, 1)  # (B, out, h, w), a view
     out = torch.empty(y.shape, dtype=y.dtype, device=x.device, memory_format=torch.channels_last if is_channels_last(x)
                       else torch.contiguous_format)

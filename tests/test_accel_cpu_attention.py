@@ -1,12 +1,14 @@
-"""bfloat16 CPU attention (models/cpu_attention.py) against float64 attention on the same bf16 inputs:
+"""bfloat16 CPU attention (accel/cpu_attention.py) against float64 attention on the same bf16 inputs:
 accurate where the row-max estimate is good, fixed up where it misses the peak, NaN where SDPA gives NaN,
-and taken by ``layers.attention`` only where it applies."""
+and taken by ``attend`` (the optimized attention blocks' call) only where it applies; the models'
+``layers.attention`` is always PyTorch's SDPA."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from torchsd.models import cpu_attention, fused, layers
+from torchsd.accel import cpu_attention, fused
+from torchsd.models import layers
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="this PyTorch build has no oneDNN ops in this form")
 
@@ -95,24 +97,26 @@ def test_block_size_does_not_change_the_result():
         with pytest.raises(ValueError, match="positive number of queries"):
             cpu_attention.attention(q, k, v, 4, block=bad)
         with torch.inference_mode(), pytest.raises(ValueError, match="positive number of queries"):
-            layers.attention(q, k, v, 4, chunk=bad)
+            cpu_attention.attend(q, k, v, 4, chunk=bad)
 
 
-def test_layers_attention_takes_it_only_for_bf16_inference_over_many_keys_without_amx(monkeypatch):
+def test_attend_takes_it_only_for_bf16_inference_over_many_keys_without_amx(monkeypatch):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1024, 64, generator=g).bfloat16() for _ in range(3))
     monkeypatch.setattr(cpu_attention, "MIN_KEYS_PER_THREAD", 1024 / torch.get_num_threads())  # from 1024 keys
     monkeypatch.setattr(cpu_attention, "_has_amx", lambda: True)  # PyTorch's kernel uses AMX: faster
     with torch.inference_mode():
-        assert torch.equal(layers.attention(q, k, v, 2), sdpa_bf16(q, k, v, 2))
+        assert torch.equal(cpu_attention.attend(q, k, v, 2), sdpa_bf16(q, k, v, 2))
     monkeypatch.setattr(cpu_attention, "_has_amx", lambda: False)
     with torch.inference_mode():
-        assert torch.equal(layers.attention(q, k, v, 2), cpu_attention.attention(q, k, v, 2))
-        assert torch.equal(layers.attention(q, k[:, :1000], v[:, :1000], 2), sdpa_bf16(q, k[:, :1000], v[:, :1000], 2))
-        assert torch.equal(layers.attention(q.float(), k.float(), v.float(), 2),
+        assert torch.equal(cpu_attention.attend(q, k, v, 2), cpu_attention.attention(q, k, v, 2))
+        assert torch.equal(layers.attention(q, k, v, 2), sdpa_bf16(q, k, v, 2))  # the models' own: plain
+        assert torch.equal(cpu_attention.attend(q, k[:, :1000], v[:, :1000], 2),
+                           sdpa_bf16(q, k[:, :1000], v[:, :1000], 2))
+        assert torch.equal(cpu_attention.attend(q.float(), k.float(), v.float(), 2),
                            sdpa_bf16(q.float(), k.float(), v.float(), 2))
     qg = q.clone().requires_grad_()
-    out = layers.attention(qg, k, v, 2)  # autograd: SDPA, which has a backward
+    out = cpu_attention.attend(qg, k, v, 2)  # autograd: SDPA, which has a backward
     out.float().sum().backward()
     assert qg.grad is not None and torch.equal(out.detach(), sdpa_bf16(q, k, v, 2))
 

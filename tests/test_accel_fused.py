@@ -1,5 +1,5 @@
-"""Fused layers mean exactly their plain expressions, take the oneDNN kernel only where it applies, and
-leave LoRA wrappers, hooks and autograd working."""
+"""Fused layers (accel/fused.py) mean exactly their plain expressions, take the oneDNN kernel only where it
+applies, and leave LoRA wrappers, hooks and autograd working."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import max_rel_error, random_pipeline
-from torchsd.models import fused
-from torchsd.prepacked import packed_weights
+from torchsd.accel import fused, optimize, packed_weights, subpixel
+from torchsd.models.layers import Upsample
 from torchsd.training.lora import LoRALinear
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="this PyTorch build has no oneDNN ops in this form")
@@ -51,7 +51,7 @@ def test_linear_geglu_conv_equal_their_plain_expressions(dtype):
 
 def test_channels_last_input_and_prepacked_weights():
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 24, 3, padding=1)
+    conv = optimize(nn.Conv2d(16, 24, 3, padding=1))  # the packable convolution
     m = torch.randn(2, 16, 16, 16).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(2, 24, 16, 16)
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_channels_last_input_and_prepacked_weights():
         assert max_rel_error(fused.conv2d(m, conv, residual=residual), expected) < 1e-5
         with packed_weights(conv):
             assert max_rel_error(fused.conv2d(m, conv, residual=residual), expected) < 1e-5
-            assert conv._prepacked  # the fused call used (and made) the reordered weight
+            assert conv.packed  # the fused call used (and made) the reordered weight
 
 
 def test_plain_path_under_autograd_float16_lora_and_hooks():
@@ -90,8 +90,9 @@ def test_plain_path_under_autograd_float16_lora_and_hooks():
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_unet_fused_equals_unet_plain(family):
-    """The whole U-Net at inference (fused) against the same weights under autograd (plain ops)."""
+    """The whole optimized U-Net at inference (fused) against the same weights under autograd (plain ops)."""
     sd = random_pipeline(family)
+    optimize(sd.unet)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
     context = torch.randn(2, 77, sd.config.unet.context_dim)
     plain = sd.unet(x, t, context).detach()
@@ -138,27 +139,26 @@ def test_bf16_wide_input_convolutions_at_8x8_as_a_matmul():
 def test_upsample_as_a_subpixel_convolution(dtype, channels_last):
     """conv3x3(nearest 2x upsample) folded into four 2x2 kernels at the input resolution: same values
     (float32: rounding of the summed weights), same layout, same gradients."""
-    from torchsd.models.layers import Upsample, _subpixel_applies
-
     torch.manual_seed(0)
-    up = Upsample(16).to(dtype)
+    up = optimize(Upsample(16).to(dtype))
+    assert type(up).__name__ == "SubpixelUpsample"
     x = torch.randn(2, 16, 32, 40, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = F.conv2d(F.interpolate(x.float(), scale_factor=2.0), up.conv.weight.float(),
                             up.conv.bias.float(), padding=1)
-    assert _subpixel_applies(x, up.conv)
+    assert subpixel.applies(x, up.conv)
     with torch.no_grad():
         y = up(x)
     assert y.shape == (2, 16, 64, 80) and fused.is_channels_last(y) == channels_last
     assert max_rel_error(y.float(), expected) < TOLERANCE[dtype]
     wide = nn.Conv2d(1280, 1280, 3, padding=1).to(dtype)
-    assert _subpixel_applies(torch.randn(2, 1280, 16, 16, dtype=dtype), wide)
-    assert not _subpixel_applies(x[:, :, :4, :4], up.conv)  # small maps: the plain path (measured faster)
+    assert subpixel.applies(torch.randn(2, 1280, 16, 16, dtype=dtype), wide)
+    assert not subpixel.applies(x[:, :, :4, :4], up.conv)  # small maps: the plain path (measured faster)
     # 8x8: only bf16, and only with enough batch for the channels
-    assert _subpixel_applies(x[:, :, :8, :8], up.conv) == (dtype == torch.bfloat16)
-    assert not _subpixel_applies(torch.randn(1, 1280, 8, 8, dtype=dtype), wide)
+    assert subpixel.applies(x[:, :, :8, :8], up.conv) == (dtype == torch.bfloat16)
+    assert not subpixel.applies(torch.randn(1, 1280, 8, 8, dtype=dtype), wide)
     if dtype == torch.float32:
         x = x.detach().requires_grad_()
         up(x).square().sum().backward()
