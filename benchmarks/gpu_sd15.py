@@ -23,6 +23,7 @@ eager in the same dtype (PSNR of 8-bit images; max |latent difference|).
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import dataclasses
 import sys
@@ -259,10 +260,10 @@ def main() -> None:
                     if cfg.compile:
                         pipe.unet = torch.compile(pipe.unet, mode=None if cfg.compile == "default" else cfg.compile,
                                                   fullgraph=cfg.fullgraph)
-                    run = lambda: diffusers_run(pipe, args.size, args.steps, noise, device)  # noqa: E731
+                    run = functools.partial(diffusers_run, pipe, args.size, args.steps, noise, device)
                 else:
                     configure(sd, cfg, device, dtype)
-                    run = lambda: torchsd_run(sd, args.size, args.steps, noise, device)  # noqa: E731
+                    run = functools.partial(torchsd_run, sd, args.size, args.steps, noise, device)
                 with sdpa_context(cfg.sdpa):
                     result = measure(run, device, args.warmups, args.reps)
             except Exception as err:  # one failing option must not cost the others' figures
