@@ -58,7 +58,9 @@ def test_controlnet_unit_gives_the_python_image(api, models_dir):
     unit = webuiapi.ControlNetUnit(image=hint(), module="canny", model="tiny-cn", weight=0.8, threshold_a=50,
                                    threshold_b=150, guidance_start=0.1, guidance_end=0.9, control_mode=1,
                                    resize_mode="Just Resize")
-    result = api.txt2img(prompt="a cat", width=64, height=64, seed=21, controlnet_units=[unit])
+    # a fresh alwayson_scripts: webuiapi writes the units into its mutable default dict otherwise, and every
+    # later txt2img in this process (other test files' clients too) would send them again
+    result = api.txt2img(prompt="a cat", width=64, height=64, seed=21, controlnet_units=[unit], alwayson_scripts={})
     local = load_pipeline(models_dir / "tiny-a", "cpu", torch.float32)
     control_models(local).add_dir(models_dir / "ControlNet")
     with one_thread():
@@ -102,7 +104,7 @@ def test_bad_units_are_refused(server):
 def test_ip_adapter_unit_gives_the_python_image(api, models_dir):
     unit = webuiapi.ControlNetUnit(image=hint(), module="ip-adapter_clip_sd15", model="ip-adapter_tiny [0123abcd]",
                                    weight=0.7)
-    result = api.txt2img(prompt="a cat", width=64, height=64, seed=22, controlnet_units=[unit])
+    result = api.txt2img(prompt="a cat", width=64, height=64, seed=22, controlnet_units=[unit], alwayson_scripts={})
     local = load_pipeline(models_dir / "tiny-a", "cpu", torch.float32)
     with one_thread():
         expected = local.run(GenerationRequest(

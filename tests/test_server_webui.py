@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serverutil import KEY
+from serverutil import KEY, Server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -25,6 +25,18 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 if not Path(CHROMIUM).exists():
     pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): run `make setup`",
                 allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    """The shared test server's settings plus A1111's styles.csv with two styles, for the styles picker."""
+    styles = tmp_path_factory.mktemp("webui") / "styles.csv"
+    styles.write_text('name,prompt,negative_prompt\n"Ink","{prompt}, ink drawing","colour"\n"Moody","dark, moody",""\n',
+                      encoding="utf-8")
+    instance = Server(models_dir, "--model", str(models_dir / "tiny-a"), "--max-body-mb", "2", "--max-side", "512",
+                      "--max-steps", "150", "--dtype", "fp32", "--styles-file", str(styles))
+    yield instance
+    instance.stop()
 
 
 @pytest.fixture(scope="module")
