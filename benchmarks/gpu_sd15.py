@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import sys
 import tempfile
 import time
@@ -34,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, diffusers_pipeline  # noqa: E402
-
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.diffusion.samplers import build_sigmas, get_sampler, initial_noise_scale  # noqa: E402
@@ -259,10 +259,10 @@ def main() -> None:
                     if cfg.compile:
                         pipe.unet = torch.compile(pipe.unet, mode=None if cfg.compile == "default" else cfg.compile,
                                                   fullgraph=cfg.fullgraph)
-                    run = lambda: diffusers_run(pipe, args.size, args.steps, noise, device)  # noqa: E731
+                    run = functools.partial(diffusers_run, pipe, args.size, args.steps, noise, device)
                 else:
                     configure(sd, cfg, device, dtype)
-                    run = lambda: torchsd_run(sd, args.size, args.steps, noise, device)  # noqa: E731
+                    run = functools.partial(torchsd_run, sd, args.size, args.steps, noise, device)
                 with sdpa_context(cfg.sdpa):
                     result = measure(run, device, args.warmups, args.reps)
             except Exception as err:  # one failing option must not cost the others' figures

@@ -11,10 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from ..diffusion import samplers as samplers_module
-from .schema import read_json
 from .extras import extras_batch, extras_single, upscalers_list
 from .jobs import run_generation, switch_model
-from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info
+from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info, read_json
 
 # routes clients probe at start-up that name features torchsd does not have: an empty list each
 EMPTY_LISTS = ("sd-vae", "latent-upscale-modes", "hypernetworks", "face-restorers",
