@@ -71,7 +71,7 @@ def optimized(sd: StableDiffusion) -> StableDiffusion:
     """``sd`` with the CPU speed-ups swapped into its networks, as the runtime does on a CPU."""
     from torchsd.accel import optimize
 
-    for model in (sd.unet, sd.vae, sd.text_encoder):
+    for model in sd.networks:  # U-Net, VAE and every text encoder (SDXL base: two)
         optimize(model)
     return sd
 

@@ -31,7 +31,8 @@ def save_tiny(path: Path, seed: int) -> Path:
 
 
 def build_models_dir(root: Path) -> Path:
-    """tiny-a/ and sub/tiny-b/ (diffusers folders), a LoRA file, two embeddings (one of another width)."""
+    """tiny-a/ and sub/tiny-b/ (diffusers folders), a LoRA file, two embeddings (one of another width), an
+    ESRGAN-family upscaler and A1111's styles.csv with two styles."""
     models = root / "models"
     save_tiny(models / "tiny-a", seed=0)
     save_tiny(models / "sub" / "tiny-b", seed=3)
@@ -46,6 +47,8 @@ def build_models_dir(root: Path) -> Path:
     save_file({"emb_params": torch.zeros(3, 768)}, str(models / "embeddings" / "sd15only.safetensors"))
     (models / "ESRGAN").mkdir()
     torch.save({"params_ema": tiny_compact_upscaler(seed=0)}, models / "ESRGAN" / "R-ESRGAN 4x+.pth")
+    (models / "styles.csv").write_text('name,prompt,negative_prompt\n"Ink","{prompt}, ink drawing","colour"\n'
+                                       '"Moody","dark, moody",""\n', encoding="utf-8")
     return models
 
 

@@ -53,18 +53,26 @@ def kernels(monkeypatch):
 
 def networks(family: str = "sd1"):
     sd = random_pipeline(family)
-    return {"unet": sd.unet, "vae": sd.vae, "text": sd.text_encoder}, sd.config
+    models = {"unet": sd.unet, "vae": sd.vae, "text": sd.text_encoder}
+    if sd.text_encoder_2 is not None:  # SDXL base's bigG
+        models["text_2"] = sd.text_encoder_2
+    return models, sd.config
 
 
 def unet_calls(config, dtype):
     """Latents of 32x32 (one, under two contexts: Winograd, sub-pixel upsampling, 1024-key attention)
-    and 8x8 (its lowest level as a matmul), each called twice (the second reuses the context's K/V)."""
+    and 8x8 (its lowest level as a matmul), each called twice (the second reuses the context's K/V).
+    SDXL's (no attention at its top level): 64x64, so that its second level still has 1024 keys, and the added
+    vector y, one per context (the latent parts ways from the start)."""
     gen = torch.Generator().manual_seed(0)
     context = torch.randn(2, 77, config.unet.context_dim, generator=gen).to(dtype)
+    added = {}
+    if config.unet.added_embed_dim:
+        added["y"] = torch.randn(2, config.unet.added_embed_dim, generator=gen).to(dtype)
     calls = []
-    for size in (32, 8):
+    for size in (64, 8) if added else (32, 8):
         x = torch.randn(1, 4, size, size, generator=gen).to(dtype)
-        calls += [lambda m, x=x: m(x, torch.tensor([500.0]), context)] * 2
+        calls += [lambda m, x=x: m(x, torch.tensor([500.0]), context, **added)] * 2
     return calls
 
 
@@ -80,17 +88,33 @@ def text_calls():
     return [lambda m: m(ids), lambda m: m(ids, clip_skip=2)]
 
 
+def sdxl_text_calls(with_projection: bool):
+    """SDXL's reading: the penultimate states, and the projected pooled output (bigG's)."""
+    ids = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(2))
+    calls = [lambda m: m(ids), lambda m: m.penultimate(ids)[0]]
+    if with_projection:
+        calls += [lambda m: torch.cat([m.penultimate(ids, pooled=True)[1], m.penultimate(ids, pooled=True)[0][:, 0]],
+                                      dim=-1)]
+    return calls
+
+
 def calls_for(name, config, dtype):
+    if config.is_sdxl and name.startswith("text"):
+        text = config.text_2 if name == "text_2" else config.text
+        return sdxl_text_calls(text.with_projection)
     return {"unet": lambda: unet_calls(config, dtype), "vae": lambda: vae_calls(dtype),
             "text": text_calls}[name]()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name, family", [("unet", "sd1"), ("unet", "sd2"), ("vae", "sd1"), ("text", "sd1"),
-                                          ("text", "sd2")])
+                                          ("text", "sd2"), ("unet", "sdxl"), ("unet", "sdxl_refiner"),
+                                          ("text", "sdxl"), ("text_2", "sdxl")])
 def test_optimized_model_gives_the_plain_models_numbers(kernels, name, family, dtype):
     """sd1's U-Net projects into its transformers with 1x1 convolutions, sd2's with Linear layers; sd2's
-    text encoder uses GELU, sd1's quick GELU."""
+    text encoder uses GELU, sd1's quick GELU. SDXL's U-Net: Linear projections, two transformer blocks per
+    transformer, no attention at the top level, the added embedding (text_time); its encoders: CLIP-L (quick
+    GELU) and bigG (GELU, projection) read at the penultimate layer."""
     models, config = networks(family)
     plain = models[name].to(dtype)
     fast = optimize(copy.deepcopy(plain), "cpu", dtype)
@@ -108,9 +132,10 @@ def test_optimized_model_gives_the_plain_models_numbers(kernels, name, family, d
         assert kernels["winograd" if dtype == torch.float32 else "bf16 attention"] > 0
 
 
-@pytest.mark.parametrize("name", ["unet", "vae", "text"])
-def test_optimize_shares_the_parameters_and_keeps_the_state_dict(name):
-    model = networks()[0][name]
+@pytest.mark.parametrize("name, family", [("unet", "sd1"), ("vae", "sd1"), ("text", "sd1"), ("unet", "sdxl"),
+                                          ("text_2", "sdxl")])
+def test_optimize_shares_the_parameters_and_keeps_the_state_dict(name, family):
+    model = networks(family)[0][name]
     before = [(key, id(p), p.data_ptr()) for key, p in model.named_parameters()]
     keys = list(model.state_dict())
     assert optimize(model) is model  # the network's top is never swapped, only blocks below it

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from reference import random_pipeline
 from torchsd.checkpoints.embeddings import load_embedding
 from torchsd.checkpoints.io import CheckpointError
-from torchsd.text.conditioning import split_into_chunks, EmbeddingMatcher
+from torchsd.text.conditioning import EmbeddingMatcher, split_into_chunks
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_wrong_width_is_refused_by_name(sd, tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, "an SDXL embedding"),
+    ({"clip_g": torch.zeros(1, 1280)}, "an SDXL embedding needs both"),  # whole SDXL files load since issue 20
     ({"a": torch.zeros(1, 8), "b": torch.zeros(1, 8)}, "neither an AUTOMATIC1111 embedding"),
 ])
 def test_foreign_files_are_refused(tmp_path, content, message):

@@ -257,7 +257,9 @@ def test_batch_of_images_with_edited_prompt(sd):
     one = sd.generate("a [red:blue:2] cat AND a dog", steps=3, seed=10, width=16, height=16, sampler="Euler")
     two = sd.generate("a [red:blue:2] cat AND a dog", steps=3, seed=10, width=16, height=16, sampler="Euler",
                       batch_size=2)
-    torch.testing.assert_close(two.latents[:1], one.latents, rtol=1e-4, atol=1e-4)
+    # A batch of two runs other matrix shapes than a batch of one, so float32 rounding differs a little
+    # over the guided steps: the bar's ~1e-3 for a short guided run, not a single network's 1e-4.
+    torch.testing.assert_close(two.latents[:1], one.latents, rtol=1e-3, atol=1e-3)
 
 
 def test_cli_prompt_editing_and_from_reproduce(sd, tmp_path):

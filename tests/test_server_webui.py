@@ -118,6 +118,7 @@ def test_image_to_image_with_a_painted_mask(page, tmp_path):
     page.set_input_files("#init-file", str(init))
     page.wait_for_selector("#init-box:not([hidden])")
     page.fill("#steps", "4")
+    page.locator("#mask-canvas").scroll_into_view_if_needed()  # below the fold, as a user would scroll to it
     box = page.locator("#mask-canvas").bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
     page.mouse.down()
@@ -153,3 +154,37 @@ def test_the_model_picker_switches_the_server_model(page, server):
     page.select_option("#model", "tiny-a")
     page.wait_for_function("!document.querySelector('#generate').disabled", timeout=300_000)
     assert current() == "tiny-a"
+
+
+def test_styles_tiling_and_hires_fix_with_a_network_upscaler(page, tmp_path):
+    if page.locator("#init-box").is_visible():  # an image left from the image-to-image test: text to image now
+        page.click("#clear-init")
+    page.wait_for_function("document.querySelector('#styles').options.length > 0")
+    assert [o for o in page.locator("#styles option").all_inner_texts()] == ["Ink", "Moody"]
+    assert page.locator("#hires-box").is_hidden()
+    page.check("#hires")
+    upscalers = page.locator("#hr-upscaler option").all_inner_texts()
+    assert upscalers[0] == "Latent" and {"Lanczos", "R-ESRGAN 4x+"} <= set(upscalers)
+    page.select_option("#hr-upscaler", "R-ESRGAN 4x+")
+    page.fill("#hr-scale", "2")
+    page.fill("#hr-steps", "2")
+    page.select_option("#styles", ["Ink"])
+    page.check("#tiling")
+    page.select_option("#sampler", "Euler")
+    page.fill("#prompt", "a blue square")
+    page.fill("#steps", "3")
+    page.fill("#seed", "7")
+    count = page.locator("#gallery figure").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#gallery figure').length > {count}", timeout=300_000)
+    assert page.locator("#error").inner_text() == ""
+    # 64 px first pass, doubled by the hires fix; the style's template wrapped the prompt
+    assert page.locator("#gallery img").first.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [128, 128]
+    caption = page.locator("#gallery figcaption").first.inner_text()
+    assert caption.startswith("a blue square, ink drawing\nNegative prompt: colour\n"), caption
+    for part in ("Hires upscale: 2", "Hires steps: 2", "Hires upscaler: R-ESRGAN 4x+", "Tiling: True"):
+        assert part in caption, (part, caption)
+    screenshot(page, tmp_path, "webui-styles-hires.png")
+    page.uncheck("#hires")
+    page.uncheck("#tiling")
+    page.select_option("#styles", [])

@@ -40,7 +40,14 @@ def _check_positive(owner: str, **values: int) -> None:
 @dataclass(frozen=True)
 class UNetConfig:
     """The conditional U-Net. Exactly one of ``num_heads`` (SD 1: a fixed count) and ``head_dim``
-    (SD 2: 64-wide heads, the count grows with the width) is set."""
+    (SD 2, SDXL: 64-wide heads, the count grows with the width) is set.
+
+    ``transformer_depth`` holds one count of transformer blocks per level (SDXL: 1, 2, 10); an int, as
+    configs written before per-level depths hold it, means that count at every level.
+    ``mid_transformer_depth``: the middle block's; None takes the last level's (diffusers' rule).
+    SDXL's added embedding ("text_time"): the U-Net also takes a vector ``y`` = [pooled text (pooled_dim) |
+    ``micro_conditions`` numbers (sizes, crop, aesthetic score), each as ``micro_condition_dim`` sinusoidal
+    features], which a 2-layer MLP adds to the time embedding. ``pooled_dim`` 0 = no added embedding."""
 
     in_channels: int = 4
     out_channels: int = 4
@@ -50,30 +57,60 @@ class UNetConfig:
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     num_heads: int | None = 8
     head_dim: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: tuple[int, ...] | int = 1
+    mid_transformer_depth: int | None = None
     context_dim: int = 768
     use_linear_projection: bool = False
     norm_groups: int = 32
+    pooled_dim: int = 0
+    micro_conditions: int = 0
+    micro_condition_dim: int = 256
 
     def __post_init__(self) -> None:
         _check_positive("UNetConfig", in_channels=self.in_channels, out_channels=self.out_channels,
                         model_channels=self.model_channels, num_res_blocks=self.num_res_blocks,
-                        transformer_depth=self.transformer_depth, context_dim=self.context_dim)
+                        context_dim=self.context_dim, micro_condition_dim=self.micro_condition_dim)
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
-        if len(self.attention_levels) != len(self.channel_mult):
+        levels = len(self.channel_mult)
+        if len(self.attention_levels) != levels:
             raise ValueError(f"UNetConfig.attention_levels needs one flag per level "
-                             f"({len(self.channel_mult)}); got {len(self.attention_levels)}")
+                             f"({levels}); got {len(self.attention_levels)}")
+        depth = self.transformer_depth
+        depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+        # a level without attention builds no transformer; its entry is kept at 1 so that equal models have
+        # equal configs whichever file they were read from
+        if len(depth) != levels or any(d < (1 if a else 0) for d, a in zip(depth, self.attention_levels)):
+            raise ValueError(f"UNetConfig.transformer_depth needs one positive count per level ({levels}), "
+                             f"e.g. {(1,) * levels}; got {self.transformer_depth}")
+        object.__setattr__(self, "transformer_depth",
+                           tuple(d if a else 1 for d, a in zip(depth, self.attention_levels)))
+        if self.mid_transformer_depth is None:
+            object.__setattr__(self, "mid_transformer_depth", depth[-1])
+        _check_positive("UNetConfig", mid_transformer_depth=self.mid_transformer_depth)
+        if self.pooled_dim < 0 or self.micro_conditions < 0:
+            raise ValueError("UNetConfig: pooled_dim and micro_conditions must be >= 0 (0 = no added embedding)")
+        if (self.pooled_dim == 0) != (self.micro_conditions == 0):
+            raise ValueError("UNetConfig: set both pooled_dim and micro_conditions (SDXL base: 1280 and 6) or "
+                             "neither")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("UNetConfig: set exactly one of num_heads (SD 1 style) and head_dim (SD 2 style)")
-        for mult in self.channel_mult:
+        for level, mult in enumerate(self.channel_mult):
             width = self.model_channels * mult
             if width % self.norm_groups:
                 raise ValueError(f"UNetConfig: width {width} is not divisible by norm_groups={self.norm_groups}")
+            # heads matter where there is attention: at each level that has it, and in the middle (the last)
+            if not (self.attention_levels[level] or level == len(self.channel_mult) - 1):
+                continue
             if self.head_dim is not None and width % self.head_dim:
                 raise ValueError(f"UNetConfig: width {width} is not divisible by head_dim={self.head_dim}")
             if self.num_heads is not None and width % self.num_heads:
                 raise ValueError(f"UNetConfig: width {width} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def added_embed_dim(self) -> int:
+        """Width of the added vector ``y`` (SDXL base: 1280 + 6 * 256 = 2816); 0 without one."""
+        return self.pooled_dim + self.micro_conditions * self.micro_condition_dim
 
     def heads_at(self, width: int) -> int:
         """Attention head count for a transformer of this channel width."""
@@ -136,6 +173,8 @@ class CLIPTextConfig:
     pad_token_id: int = 49407  # SD 1 pads with the end token, SD 2 with 0
     bos_token_id: int = 49406
     eos_token_id: int = 49407
+    # transformers' CLIPTextModelWithProjection: SDXL's OpenCLIP bigG projects its pooled output
+    with_projection: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("CLIPTextConfig", vocab_size=self.vocab_size, max_positions=self.max_positions,
@@ -192,7 +231,8 @@ class ScheduleConfig:
         object.__setattr__(self, "prediction_type", _enum(PredictionType, self.prediction_type, "prediction_type"))
         object.__setattr__(self, "timestep_spacing", _enum(TimestepSpacing, self.timestep_spacing, "timestep_spacing"))
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"ScheduleConfig: need 0 < beta_start < beta_end < 1; got {self.beta_start}, {self.beta_end}")
+            raise ValueError(f"ScheduleConfig: need 0 < beta_start < beta_end < 1; "
+                             f"got {self.beta_start}, {self.beta_end}")
         if self.steps_offset < 0:
             raise ValueError(f"ScheduleConfig.steps_offset must be >= 0; got {self.steps_offset}")
 
@@ -213,18 +253,43 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    family: str = "sd1"  # "sd1" or "sd2": decides key layouts of single-file checkpoints
-    clip_skip: int = 1  # 1 = last hidden state; n = hidden state -n, then the final LayerNorm
+    # "sd1", "sd2", "sdxl" (CLIP-L + OpenCLIP bigG) or "sdxl_refiner" (bigG alone): decides how prompts
+    # are encoded and the key layouts of single-file checkpoints
+    family: str = "sd1"
+    clip_skip: int = 1  # 1 = last hidden state; n = hidden state -n, then the final LayerNorm (SD 1/2)
     sample_size: int = 512  # default image width and height in pixels
+    # SDXL base's second text encoder (OpenCLIP bigG with its projection); the refiner's only one is ``text``
+    text_2: CLIPTextConfig | None = None
+
+    FAMILIES = ("sd1", "sd2", "sdxl", "sdxl_refiner")
 
     def __post_init__(self) -> None:
-        if self.family not in ("sd1", "sd2"):
-            raise ValueError(f"ModelConfig.family must be 'sd1' or 'sd2'; got {self.family!r}")
+        if self.family not in self.FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {', '.join(self.FAMILIES)}; got {self.family!r}")
         if not 1 <= self.clip_skip <= self.text.num_layers:
             raise ValueError(f"ModelConfig.clip_skip must be in 1..{self.text.num_layers}; got {self.clip_skip}")
-        if self.unet.context_dim != self.text.width:
+        if (self.text_2 is not None) != (self.family == "sdxl"):
+            raise ValueError("ModelConfig.text_2 (the second text encoder) is set exactly for family 'sdxl'")
+        if self.is_sdxl:
+            # SDXL reads the penultimate hidden states of its encoders without the final LayerNorm: fixed
+            if self.clip_skip != 1:
+                raise ValueError("ModelConfig.clip_skip must be 1 for SDXL (its context is always the "
+                                 "penultimate hidden states)")
+            if not self.text_encoders[-1].with_projection:
+                raise ValueError("ModelConfig: SDXL's last text encoder needs with_projection=True (its pooled "
+                                 "output is projected)")
+            pooled = self.text_encoders[-1].projection_dim
+            if self.unet.pooled_dim != pooled:
+                raise ValueError(f"ModelConfig: U-Net pooled_dim {self.unet.pooled_dim} must equal the last text "
+                                 f"encoder's projection_dim {pooled}")
+            if self.unet.micro_conditions != self.micro_conditions:
+                raise ValueError(f"ModelConfig: the {self.family} U-Net takes {self.micro_conditions} "
+                                 f"micro-conditioning numbers; its config says {self.unet.micro_conditions}")
+        elif self.unet.pooled_dim:
+            raise ValueError(f"ModelConfig: family {self.family!r} has no added embedding (pooled_dim must be 0)")
+        if self.unet.context_dim != self.context_dim:
             raise ValueError(f"ModelConfig: U-Net context_dim {self.unet.context_dim} must equal the text "
-                             f"encoder width {self.text.width}")
+                             f"encoders' width {self.context_dim}")
         if self.unet.in_channels not in (self.vae.latent_channels, 2 * self.vae.latent_channels + 1):
             raise ValueError(f"ModelConfig: U-Net in_channels {self.unet.in_channels} must be the VAE's "
                              f"latent channels ({self.vae.latent_channels}) or, for inpainting, "
@@ -233,6 +298,25 @@ class ModelConfig:
     @property
     def is_inpainting(self) -> bool:
         return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family in ("sdxl", "sdxl_refiner")
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextConfig, ...]:
+        return (self.text,) if self.text_2 is None else (self.text, self.text_2)
+
+    @property
+    def context_dim(self) -> int:
+        """Per-token width of the context: SDXL concatenates its encoders' states (768 + 1280 = 2048)."""
+        return sum(t.width for t in self.text_encoders)
+
+    @property
+    def micro_conditions(self) -> int:
+        """SDXL base: original size (h, w), crop top-left (top, left), target size (h, w); the refiner has
+        an aesthetic score instead of the target size."""
+        return {"sdxl": 6, "sdxl_refiner": 5}.get(self.family, 0)
 
     # --- presets -------------------------------------------------------------------------------
     @classmethod
@@ -256,8 +340,44 @@ class ModelConfig:
             sample_size=768)
 
     @classmethod
+    def sdxl_base(cls) -> "ModelConfig":
+        """stabilityai/stable-diffusion-xl-base-1.0: no attention at the top level, 1/2/10 blocks deep."""
+        return cls(
+            unet=UNetConfig(channel_mult=(1, 2, 4), attention_levels=(False, True, True), num_heads=None,
+                            head_dim=64, transformer_depth=(1, 2, 10), context_dim=2048, use_linear_projection=True,
+                            pooled_dim=1280, micro_conditions=6),
+            vae=VAEConfig(scaling_factor=0.13025), text=CLIPTextConfig(), text_2=_openclip_bigg_text(),
+            schedule=_sdxl_schedule(), family="sdxl", sample_size=1024)
+
+    @classmethod
+    def sdxl_refiner(cls) -> "ModelConfig":
+        """stabilityai/stable-diffusion-xl-refiner-1.0: bigG alone; an aesthetic score for the target size."""
+        return cls(
+            unet=UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(False, True, True, False),
+                            num_heads=None, head_dim=64, transformer_depth=(1, 4, 4, 1), mid_transformer_depth=4,
+                            context_dim=1280,
+                            use_linear_projection=True, pooled_dim=1280, micro_conditions=5),
+            vae=VAEConfig(scaling_factor=0.13025), text=_openclip_bigg_text(), schedule=_sdxl_schedule(),
+            family="sdxl_refiner", sample_size=1024)
+
+    @classmethod
     def tiny(cls, family: str = "sd1") -> "ModelConfig":
         """A few million parameters: a forward pass well under a second on a CPU. For tests."""
+        vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+        if family in ("sdxl", "sdxl_refiner"):
+            # SDXL's shape in miniature: no attention at the top, deeper below, two encoders of other widths.
+            # Heads 64 wide, 32 groups, 256 features per micro-condition, as single-file detection assumes
+            clip_l = CLIPTextConfig(width=64, num_layers=3, num_heads=1, ffn_dim=128, projection_dim=64)
+            big_g = CLIPTextConfig(width=128, num_layers=3, num_heads=2, ffn_dim=256, activation="gelu",
+                                   projection_dim=96, pad_token_id=0, with_projection=True)
+            texts = (clip_l, big_g) if family == "sdxl" else (big_g,)
+            unet = UNetConfig(model_channels=32, channel_mult=(1, 4), attention_levels=(False, True), num_heads=None,
+                              head_dim=64, transformer_depth=(1, 2), context_dim=sum(t.width for t in texts),
+                              use_linear_projection=True, pooled_dim=96,
+                              micro_conditions=6 if family == "sdxl" else 5, micro_condition_dim=256)
+            vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, scaling_factor=0.13025)
+            return cls(unet=unet, vae=vae, text=texts[0], text_2=texts[1] if family == "sdxl" else None,
+                       schedule=_sdxl_schedule(), family=family, sample_size=64)
         if family == "sd2":
             unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
                               num_heads=None, head_dim=8, context_dim=64, use_linear_projection=True,
@@ -268,7 +388,6 @@ class ModelConfig:
             unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=(True, True),
                               num_heads=2, context_dim=64, norm_groups=8)
             text = CLIPTextConfig(width=64, num_layers=3, num_heads=4, ffn_dim=128, projection_dim=64)
-        vae = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
         return cls(unet=unet, vae=vae, text=text, family=family, sample_size=64)
 
     # --- serialisation -------------------------------------------------------------------------
@@ -285,8 +404,20 @@ class ModelConfig:
             vae=VAEConfig(**tuples(data["vae"])),
             text=CLIPTextConfig(**data["text"]),
             schedule=ScheduleConfig(**data["schedule"]),
-            **{k: v for k, v in data.items() if k not in ("unet", "vae", "text", "schedule")},
+            text_2=CLIPTextConfig(**data["text_2"]) if data.get("text_2") else None,
+            **{k: v for k, v in data.items() if k not in ("unet", "vae", "text", "schedule", "text_2")},
         )
+
+
+def _openclip_bigg_text() -> CLIPTextConfig:
+    """OpenCLIP ViT-bigG/14's text tower as SDXL ships it (text_encoder_2), padded with "!" (id 0)."""
+    return CLIPTextConfig(width=1280, num_layers=32, num_heads=20, ffn_dim=5120, activation="gelu",
+                          projection_dim=1280, pad_token_id=0, with_projection=True)
+
+
+def _sdxl_schedule() -> ScheduleConfig:
+    """SDXL's scheduler_config.json: SD's betas, Euler with leading spacing and steps_offset 1."""
+    return ScheduleConfig(timestep_spacing=TimestepSpacing.LEADING, steps_offset=1)
 
 
 def _openclip_h_text(num_layers: int) -> CLIPTextConfig:

@@ -23,7 +23,6 @@ Defaults, and why (the measurements are in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +112,8 @@ def apply_runtime(sd, options: RuntimeOptions, device: torch.device | str | None
     loop runs inside (``sd.sampling_context()``)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    networks = (sd.unet, sd.vae, sd.text_encoder)
-    for name, model in zip(("unet", "vae", "text"), networks):
+    networks = (sd.unet, sd.vae) + sd.text_encoders
+    for name, model in zip(("unet", "vae", "text", "text"), networks):
         layout = torch.channels_last if wants_channels_last(options, device, name, dtype) else torch.contiguous_format
         model.to(dtype=dtype)
         model.to(memory_format=layout)  # only 4-D weights (the convolutions) change
@@ -280,7 +279,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
-    p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="use this VAE instead of the model's (file or diffusers folder)")
     p.add_argument("--taesd", "--preview-vae", dest="taesd", type=Path, default=None, metavar="PATH",
                    help="TAESD (taesd_decoder.pth, a folder of taesd_*.pth, or a diffusers AutoencoderTiny folder): "
                         "the server's live previews (default there: <models-dir>/VAE-taesd)")

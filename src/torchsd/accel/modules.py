@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.clip import MLP, EncoderLayer, SelfAttention
-from ..models.layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows,
-                             silu)
+from ..models.layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu
 from ..models.unet import CrossAttention, GEGLUFeedForward, SpatialTransformer
 from ..models.vae import SelfAttention2d
 from . import cpu_attention, fused, prepacked, subpixel
@@ -68,15 +67,20 @@ class FastCrossAttention(CrossAttention):
     _context_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, extra: tuple | None = None) -> torch.Tensor:
         if not fused.cpu_inference(x):
-            return super().forward(x, context, residual=residual)
+            return super().forward(x, context, residual=residual, extra=extra)
         q = fused.linear(x, self.to_q)
         k, v = (fused.linear(x, self.to_k), fused.linear(x, self.to_v)) if context is None else \
             self._keys_values(context)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
         out = cpu_attention.attend(q, k, v, self.num_heads, chunk=self.attention_chunk)
+        if extra is not None:  # an IP-Adapter's keys and values (see CrossAttention.forward)
+            k_ip, v_ip, scale = extra
+            rows = q.shape[0]
+            out = out + scale * cpu_attention.attend(q, repeat_rows(k_ip, rows), repeat_rows(v_ip, rows),
+                                                     self.num_heads)
         return fused.linear(out, self.to_out, residual=residual)
 
     def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,9 +132,9 @@ class BandedFeedForward(GEGLUFeedForward):
 
 
 class FusedSpatialTransformer(SpatialTransformer):
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: list | None = None) -> torch.Tensor:
         if not fused.cpu_inference(x):
-            return super().forward(x, context)
+            return super().forward(x, context, image_kv)
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
@@ -138,7 +142,7 @@ class FusedSpatialTransformer(SpatialTransformer):
         else:
             h = fused.conv2d(h, self.proj_in).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, image_kv.pop() if image_kv else None)
         B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
             h = fused.linear(h, self.proj_out).reshape(B, H, W, C).permute(0, 3, 1, 2)

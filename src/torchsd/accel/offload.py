@@ -67,7 +67,8 @@ def enable_model_offload(sd, device: torch.device | str) -> Offload:
     """One network at a time on ``device``; the others wait in CPU memory (see module doc)."""
     offload = Offload(torch.device(device))
     # the modules whose call means "this network is about to run"
-    groups = [(sd.text_encoder, [sd.text_encoder]),
+    # SDXL's encoders are called through ``penultimate``, which looks up the token embedding first
+    groups = [(encoder, [encoder, encoder.token_embedding]) for encoder in sd.text_encoders] + [
               (sd.unet, [sd.unet]),
               (sd.vae, [sd.vae.encoder, sd.vae.decoder, sd.vae.quant_conv, sd.vae.post_quant_conv])]
     for network, triggers in groups:
@@ -89,7 +90,7 @@ def enable_model_offload(sd, device: torch.device | str) -> Offload:
 def enable_sequential_offload(sd, device: torch.device | str) -> Offload:
     """Each layer's own weights on ``device`` only during its forward (see module doc)."""
     offload = Offload(torch.device(device))
-    for network in (sd.text_encoder, sd.unet, sd.vae):
+    for network in (*sd.text_encoders, sd.unet, sd.vae):
         for module in network.modules():
             tensors = _tensors(module, recurse=False)
             if not tensors:

@@ -60,8 +60,8 @@ def write_bundled_clip(clip: "CLIP", path: str | Path) -> None:
 
 def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, variant: str | None = None,
                     **options):
-    """Config, {"unet", "vae", "text_encoder"} state dicts in torchsd's names (tensors as stored, memory-
-    mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
+    """Config, {"unet", "vae", "text_encoder"[, "text_encoder_2"]} state dicts in torchsd's names (tensors as
+    stored, memory-mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
     files: ``use_ema``, ``prediction_type`` (see ``ldm.read_single_file``). ``vae``: a separate
     autoencoder to use instead of the model's (see ``vae.read_vae``). ``variant`` ("fp16"): a diffusers
     folder's variant weights, as diffusers' ``from_pretrained(variant=...)`` reads them (see
@@ -108,6 +108,7 @@ class LoadedModel:
     name: str
     source: Path | None  # the single file, for its hash; None for a folder
     clip: "CLIP | None" = None  # a joint CLIP that comes with the model (the bundled one's)
+    text_encoder_2: torch.nn.Module | None = None  # SDXL base's OpenCLIP bigG
 
 
 def load_model(path: str | Path | None = None, *, device: torch.device | str | None = None,
@@ -118,24 +119,31 @@ def load_model(path: str | Path | None = None, *, device: torch.device | str | N
 
     config, states, tokenizer, path = read_checkpoint(path, vae=vae, variant=variant, **options)
     # the modules take the (memory-mapped) file tensors themselves: no second copy of the weights
-    unet, autoencoder, text = _meta_models(config)
-    for module, key in ((unet, "unet"), (autoencoder, "vae"), (text, "text_encoder")):
+    models = _meta_models(config)
+    for key, module in models.items():
         load_into(module, states.pop(key), f"{path} ({key})", dtype=dtype, assign=True)
         module.to(device=device, dtype=dtype)
-    loaded = LoadedModel(config, unet, autoencoder, text, tokenizer, name=path.stem if path.is_file() else path.name,
-                         source=path if path.is_file() else None)
+    text = models["text_encoder"]
+    loaded = LoadedModel(config, models["unet"], models["vae"], text, tokenizer,
+                         name=path.stem if path.is_file() else path.name, source=path if path.is_file() else None,
+                         text_encoder_2=models.get("text_encoder_2"))
     if path == bundled_model_path() and bundled_clip_path().exists():
         loaded.clip = bundled_clip(text)  # the default CLIP for CLIP guidance with this model
     return loaded
 
 
-def _meta_models(config: "ModelConfig"):
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # in the order of ModelConfig.text_encoders
+
+
+def _meta_models(config: "ModelConfig") -> dict[str, torch.nn.Module]:
+    """The networks ``config`` describes, on the meta device, by component name."""
     from ..models.clip import CLIPTextModel
     from ..models.unet import UNet
     from ..models.vae import AutoencoderKL
 
     with torch.device("meta"):
-        return UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)
+        return {"unet": UNet(config.unet), "vae": AutoencoderKL(config.vae)} | \
+            {name: CLIPTextModel(text) for name, text in zip(TEXT_COMPONENTS, config.text_encoders)}
 
 
 def convert_checkpoint(source: str | Path, target: str | Path, *, format: str | None = None,
@@ -152,7 +160,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, format: str | 
     if target.exists() and source is not None and target.resolve() == Path(source).resolve():
         raise CheckpointError(f"{target}: the output would overwrite the input; choose another path")
     config, states, tokenizer, source = read_checkpoint(source, vae=vae, **options)
-    for module, key in zip(_meta_models(config), ("unet", "vae", "text_encoder")):
+    for key, module in _meta_models(config).items():
         check_state(module, states[key], f"{source} ({key})")
     states = {name: _cast(state, dtype) for name, state in states.items()}
     _write(target, format, config, states, tokenizer)
@@ -178,8 +186,11 @@ def _write(path: str | Path, format: str, config: "ModelConfig", states: dict[st
 
 
 def model_states(sd, dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    return {"unet": _cast(sd.unet.state_dict(), dtype), "vae": _cast(sd.vae.state_dict(), dtype),
-            "text_encoder": _cast(sd.text_encoder.state_dict(), dtype)}
+    states = {"unet": _cast(sd.unet.state_dict(), dtype), "vae": _cast(sd.vae.state_dict(), dtype),
+              "text_encoder": _cast(sd.text_encoder.state_dict(), dtype)}
+    if getattr(sd, "text_encoder_2", None) is not None:
+        states["text_encoder_2"] = _cast(sd.text_encoder_2.state_dict(), dtype)
+    return states
 
 
 def save_pipeline(sd, path: str | Path, *, format: str = "diffusers",

@@ -1,7 +1,8 @@
 """What a single-file checkpoint holds, read from its tensor names and shapes alone.
 
-``refuse_unsupported`` names the model families torchsd does not run (SDXL, VQ autoencoders, ...);
-``infer_config`` rebuilds a ``ModelConfig`` of an SD 1.x / 2.x file in the original (CompVis) layout.
+``refuse_unsupported`` names the model families torchsd does not run (VQ autoencoders, SD 3, ...);
+``infer_config`` rebuilds a ``ModelConfig`` of an SD 1.x / 2.x file in the original (CompVis) layout or an
+SDXL base / refiner file in Stability's (``conditioner.embedders.*``).
 
 Tensors reveal channels, multipliers, depths, context width and input channels, but not everything:
 head counts follow the published models (SD 1: 8 heads; SD 2: 64-wide heads; CLIP text: 64-wide heads),
@@ -11,6 +12,7 @@ sidecar ``.yaml``). Files torchsd writes carry their exact config in the metadat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Mapping
 
@@ -24,11 +26,25 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 OPENCLIP_H_WIDTH = 1024  # OpenCLIP ViT-H/14, the SD 2 text tower: 24 layers, SD 2 reads the 23rd
+XL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL base: CLIP ViT-L in transformers' names
+XL_BIGG_PREFIX = "conditioner.embedders.1.model."  # SDXL base: OpenCLIP ViT-bigG in OpenCLIP's names
+XL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: bigG alone
+SDXL_MICRO_CONDITION_DIM = 256  # sinusoidal features per micro-conditioning number (not in the tensors)
+
+# where each family keeps its text encoders, in the order of ModelConfig.text_encoders: (prefix, layout)
+TEXT_LAYOUTS = {
+    "sd1": ((SD1_TEXT_PREFIX, "transformers"),),
+    "sd2": ((SD2_TEXT_PREFIX, "openclip"),),
+    "sdxl": ((XL_CLIP_L_PREFIX, "transformers"), (XL_BIGG_PREFIX, "openclip")),
+    "sdxl_refiner": ((XL_REFINER_PREFIX, "openclip"),),
+}
+
+
+def text_layout(family: str) -> tuple[tuple[str, str], ...]:
+    return TEXT_LAYOUTS[family]
 
 # (a key prefix or exact key that only this family has, what to call it)
 UNSUPPORTED_FAMILIES = [
-    ("conditioner.embedders.", "an SDXL checkpoint (base or refiner)"),
-    ("model.diffusion_model.label_emb.", "an SDXL or class-conditioned U-Net (label_emb)"),
     ("first_stage_model.quantize.", "a latent diffusion model with a VQ autoencoder (first_stage_model.quantize)"),
     ("control_model.", "a ControlNet"),
     ("depth_model.", "a Stable Diffusion 2 depth-to-image model"),
@@ -41,7 +57,9 @@ UNSUPPORTED_FAMILIES = [
     ("double_blocks.", "a FLUX model"),
 ]
 IN_CHANNEL_FAMILIES = {7: "a Stable Diffusion x4 upscaler", 8: "an InstructPix2Pix model"}
-SUPPORTED = "torchsd runs Stable Diffusion 1.x and 2.x (and their inpainting variants) for now"
+SUPPORTED = "torchsd runs Stable Diffusion 1.x and 2.x (and their inpainting variants) and SDXL for now"
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                "sdxl_refiner": "Stable Diffusion XL refiner"}
 
 
 def refuse_unsupported(tensors: Mapping[str, torch.Tensor], source: object) -> None:
@@ -61,9 +79,17 @@ def refuse_unsupported(tensors: Mapping[str, torch.Tensor], source: object) -> N
     if not any(k.startswith(VAE_PREFIX) for k in tensors):
         raise CheckpointError(f"{source}: holds a U-Net but no autoencoder (first_stage_model.*); torchsd needs a "
                               f"whole model in one file")
-    if text_family(tensors) is None:
+    family = text_family(tensors)
+    if family is None:
         raise CheckpointError(f"{source}: holds a U-Net but no text encoder (cond_stage_model.transformer.* for "
-                              f"SD 1 or cond_stage_model.model.* for SD 2); torchsd needs a whole model in one file")
+                              f"SD 1, cond_stage_model.model.* for SD 2, conditioner.embedders.* for SDXL); torchsd "
+                              f"needs a whole model in one file")
+    has_label_emb = UNET_PREFIX + "label_emb.0.0.weight" in tensors
+    if has_label_emb != family.startswith("sdxl"):
+        raise CheckpointError(f"{source}: " + ("a U-Net with label_emb (a class-conditioned model) beside an SD 1/2 "
+                                               "text encoder, which torchsd does not run" if has_label_emb else
+                                               "SDXL text encoders but no label_emb in the U-Net: the file is "
+                                               "truncated or not an SDXL model"))
 
 
 def _what_else(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -83,7 +109,13 @@ def _what_else(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def text_family(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """"sd2" for the OpenCLIP text tower, "sd1" for OpenAI CLIP in transformers' layout, else None."""
+    """The family its text encoders tell: "sdxl" (CLIP-L and bigG under conditioner.embedders.0/1),
+    "sdxl_refiner" (bigG under conditioner.embedders.0), "sd2" for the OpenCLIP text tower, "sd1" for OpenAI
+    CLIP in transformers' layout, else None."""
+    if XL_BIGG_PREFIX + "token_embedding.weight" in tensors:
+        return "sdxl"
+    if XL_REFINER_PREFIX + "token_embedding.weight" in tensors:
+        return "sdxl_refiner"
     if SD2_TEXT_PREFIX + "token_embedding.weight" in tensors:
         return "sd2"
     if any(k.startswith(SD1_TEXT_PREFIX) for k in tensors):
@@ -114,7 +146,7 @@ def unet_config(tensors: Mapping[str, torch.Tensor], family: str) -> UNetConfig:
     if rest or res_blocks < 1:
         raise CheckpointError(f"the U-Net has {num_blocks} input blocks and {levels - 1} downsamplers, which is no "
                               f"U-Net layout torchsd knows")
-    mult, attention = [], []
+    mult, attention, depths = [], [], []
     for level in range(levels):
         first = 1 + level * (res_blocks + 1)
         width = _shape(tensors, p + f"input_blocks.{first}.0.out_layers.3.weight")[0]
@@ -122,14 +154,26 @@ def unet_config(tensors: Mapping[str, torch.Tensor], family: str) -> UNetConfig:
             raise CheckpointError(f"U-Net level {level} has {width} channels, not a multiple of {channels}")
         mult.append(width // channels)
         attention.append(p + f"input_blocks.{first}.1.proj_in.weight" in tensors)
+        blocks = re.escape(p + f"input_blocks.{first}.1.") + r"transformer_blocks\.(\d+)\."
+        depths.append(len(_indices(tensors, blocks)) if attention[-1] else 1)
     mid = p + "middle_block.1."
     depth = len(_indices(tensors, re.escape(mid) + r"transformer_blocks\.(\d+)\."))
     heads = {"num_heads": 8, "head_dim": None} if family == "sd1" else {"num_heads": None, "head_dim": 64}
+    added = {}
+    if family in ("sdxl", "sdxl_refiner"):
+        pooled = _shape(tensors, (XL_BIGG_PREFIX if family == "sdxl" else XL_REFINER_PREFIX) + "text_projection")[1]
+        rest = _shape(tensors, p + "label_emb.0.0.weight")[1] - pooled
+        if rest <= 0 or rest % SDXL_MICRO_CONDITION_DIM:
+            raise CheckpointError(f"label_emb takes {rest + pooled} numbers: not the pooled text ({pooled}) plus "
+                                  f"{SDXL_MICRO_CONDITION_DIM}-wide micro-conditions")
+        added = {"pooled_dim": pooled, "micro_conditions": rest // SDXL_MICRO_CONDITION_DIM,
+                 "micro_condition_dim": SDXL_MICRO_CONDITION_DIM}
     return UNetConfig(
         in_channels=in_channels, out_channels=_shape(tensors, p + "out.2.weight")[0], model_channels=channels,
         channel_mult=tuple(mult), num_res_blocks=res_blocks, attention_levels=tuple(attention),
-        transformer_depth=depth, context_dim=_shape(tensors, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
-        use_linear_projection=len(_shape(tensors, mid + "proj_in.weight")) == 2, **heads)
+        transformer_depth=tuple(depths), mid_transformer_depth=depth,
+        context_dim=_shape(tensors, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_projection=len(_shape(tensors, mid + "proj_in.weight")) == 2, **heads, **added)
 
 
 def vae_config(tensors: Mapping[str, torch.Tensor], prefix: str = VAE_PREFIX) -> VAEConfig:
@@ -159,18 +203,31 @@ def openclip_layers_kept(resblocks: int, width: int) -> int:
     return resblocks - 1
 
 
-def text_config(tensors: Mapping[str, torch.Tensor], family: str) -> CLIPTextConfig:
-    if family == "sd2":
-        p = SD2_TEXT_PREFIX
-        vocab, width = _shape(tensors, p + "token_embedding.weight")
-        resblocks = len(_indices(tensors, re.escape(p) + r"transformer\.resblocks\.(\d+)\."))
-        projection = tensors.get(p + "text_projection")
-        return CLIPTextConfig(
-            vocab_size=vocab, max_positions=_shape(tensors, p + "positional_embedding")[0], width=width,
-            num_layers=openclip_layers_kept(resblocks, width), num_heads=width // 64,
-            ffn_dim=_shape(tensors, p + "transformer.resblocks.0.mlp.c_fc.weight")[0], activation="gelu",
-            projection_dim=projection.shape[1] if projection is not None else width, pad_token_id=0)
-    p = sd1_text_prefix(tensors)
+def text_configs(tensors: Mapping[str, torch.Tensor], family: str) -> list[CLIPTextConfig]:
+    """One config per text encoder, in the order of ``ModelConfig.text_encoders``."""
+    configs = []
+    for prefix, layout in TEXT_LAYOUTS[family]:
+        if layout == "transformers":
+            configs.append(transformers_text_config(tensors, transformers_text_prefix(tensors, prefix)))
+        else:
+            configs.append(openclip_text_config(tensors, prefix, whole=family != "sd2"))
+    return configs
+
+
+def openclip_text_config(tensors: Mapping[str, torch.Tensor], p: str, whole: bool) -> CLIPTextConfig:
+    """``whole``: SDXL's bigG, all layers and the projection used; else SD 2's ViT-H, the last layer unused."""
+    vocab, width = _shape(tensors, p + "token_embedding.weight")
+    resblocks = len(_indices(tensors, re.escape(p) + r"transformer\.resblocks\.(\d+)\."))
+    projection = tensors.get(p + "text_projection") if not whole else tensors[p + "text_projection"]
+    return CLIPTextConfig(
+        vocab_size=vocab, max_positions=_shape(tensors, p + "positional_embedding")[0], width=width,
+        num_layers=resblocks if whole else openclip_layers_kept(resblocks, width), num_heads=width // 64,
+        ffn_dim=_shape(tensors, p + "transformer.resblocks.0.mlp.c_fc.weight")[0], activation="gelu",
+        projection_dim=projection.shape[1] if projection is not None else width, pad_token_id=0,
+        with_projection=whole)
+
+
+def transformers_text_config(tensors: Mapping[str, torch.Tensor], p: str) -> CLIPTextConfig:
     vocab, width = _shape(tensors, p + "embeddings.token_embedding.weight")
     return CLIPTextConfig(
         vocab_size=vocab, max_positions=_shape(tensors, p + "embeddings.position_embedding.weight")[0], width=width,
@@ -180,12 +237,16 @@ def text_config(tensors: Mapping[str, torch.Tensor], family: str) -> CLIPTextCon
 
 
 def sd1_text_prefix(tensors: Mapping[str, torch.Tensor]) -> str:
+    return transformers_text_prefix(tensors, SD1_TEXT_PREFIX)
+
+
+def transformers_text_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> str:
     """Where an SD 1 file's text tower is: under ``text_model.`` (transformers 4's nesting, most files) or
     straight under ``cond_stage_model.transformer.`` (files from before it, and converted from transformers
     5's flat layout; A1111 renames these on load). Decided by the token embedding, not by any key: some
     files keep only the ``position_ids`` buffer under the other prefix."""
-    nested = SD1_TEXT_PREFIX + "text_model."
-    return nested if nested + "embeddings.token_embedding.weight" in tensors else SD1_TEXT_PREFIX
+    nested = prefix + "text_model."
+    return nested if nested + "embeddings.token_embedding.weight" in tensors else prefix
 
 
 def infer_config(tensors: Mapping[str, torch.Tensor], source: object,
@@ -194,12 +255,17 @@ def infer_config(tensors: Mapping[str, torch.Tensor], source: object,
     family = text_family(tensors)
     try:
         schedule = ScheduleConfig(prediction_type=prediction_type)
-        # SD 2 at 768 px is the v-prediction model; its base model (and SD 1) work at 512 px
+        # SD 2 at 768 px is the v-prediction model; its base model (and SD 1) work at 512 px; SDXL at 1024
         size = 768 if family == "sd2" and schedule.prediction_type is PredictionType.V_PREDICTION else 512
-        return ModelConfig(unet=unet_config(tensors, family), vae=vae_config(tensors), text=text_config(tensors, family),
-                           schedule=schedule, family=family, sample_size=size)
+        texts = text_configs(tensors, family)
+        vae = vae_config(tensors)
+        if family in ("sdxl", "sdxl_refiner"):
+            size, vae = 1024, dataclasses.replace(vae, scaling_factor=0.13025)  # SDXL's VAE scale (not in the tensors)
+        return ModelConfig(unet=unet_config(tensors, family), vae=vae, text=texts[0],
+                           text_2=texts[1] if len(texts) > 1 else None, schedule=schedule, family=family,
+                           sample_size=size)
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
     except ValueError as err:
-        raise CheckpointError(f"{source}: the tensors do not make a Stable Diffusion {family[-1]}.x model torchsd "
-                              f"runs (heads are assumed at their published sizes): {err}") from None
+        raise CheckpointError(f"{source}: the tensors do not make a {FAMILY_NAMES[family]} model torchsd runs (heads "
+                              f"are assumed at their published sizes): {err}") from None

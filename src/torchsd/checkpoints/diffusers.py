@@ -13,6 +13,7 @@ Writing emits the layout that old and new versions both read (see ``write_folder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..config import (CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig)
+from ..config import CLIPTextConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 from .io import CheckpointError, has_variant, read_weights, save_safetensors
 
 if TYPE_CHECKING:
@@ -119,17 +120,30 @@ def check_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 # --- configs -------------------------------------------------------------------------------------
 
-def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+def unet_config_from_diffusers(cfg: dict, pooled_dim: int = 0) -> UNetConfig:
+    """``pooled_dim``: the width of the pooled text vector (the second text encoder's projection) for a
+    U-Net with SDXL's "text_time" added embedding; the rest of its input is micro-conditioning."""
     unsupported = {
-        "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim": None,
+        "class_embed_type": None, "encoder_hid_dim": None,
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "center_input_sample": False,
         "dual_cross_attention": False, "only_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
     }
     for key, default in unsupported.items():
         value = cfg.get(key, default)
         if any(v != default for v in (value if isinstance(value, list) else [value])):
-            raise CheckpointError(f"unet: {key}={cfg[key]!r} is not supported (SDXL and other families are not "
-                                  f"run by torchsd yet; SD 1.x and 2.x are)")
+            raise CheckpointError(f"unet: {key}={cfg[key]!r} is not supported (SD 1.x, 2.x and XL are)")
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise CheckpointError(f"unet: addition_embed_type={added!r} is not supported (SDXL's 'text_time' is)")
+    micro = {}
+    if added == "text_time":
+        dim = cfg.get("addition_time_embed_dim") or 256
+        rest = cfg["projection_class_embeddings_input_dim"] - pooled_dim
+        if pooled_dim <= 0 or rest <= 0 or rest % dim:
+            raise CheckpointError(f"unet: projection_class_embeddings_input_dim "
+                                  f"{cfg['projection_class_embeddings_input_dim']} is not the pooled text width "
+                                  f"{pooled_dim} plus a whole number of {dim}-wide micro-conditions")
+        micro = {"pooled_dim": pooled_dim, "micro_conditions": rest // dim, "micro_condition_dim": dim}
     widths = list(cfg["block_out_channels"])
     base = widths[0]
     if any(w % base for w in widths):
@@ -139,11 +153,14 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' historical naming
     heads = [heads] * levels if isinstance(heads, int) else list(heads)
     depth = cfg.get("transformer_layers_per_block", 1)
-    if isinstance(depth, list):
-        if len(set(depth)) != 1:
-            raise CheckpointError(f"unet: per-level transformer depths {depth} are not supported")
-        depth = depth[0]
-    head_dims = {w // h for w, h in zip(widths, heads)}
+    depth = (depth,) * levels if isinstance(depth, int) else tuple(depth)
+    if any(not isinstance(d, int) for d in depth):  # diffusers' per-block lists (SDXL-derived models)
+        raise CheckpointError(f"unet: transformer_layers_per_block {depth} per block is not supported")
+    # a level without attention has no transformer: diffusers' lists still hold a number there
+    depth = tuple(d if a else 1 for d, a in zip(depth, attention_levels))
+    # levels without attention do not tell the head width (SDXL lists 5 heads of 64 at its first, bare level)
+    attended = [(w, h) for w, h, a in zip(widths, heads, attention_levels) if a] or list(zip(widths, heads))
+    head_dims = {w // h for w, h in attended}
     if len(set(heads)) == 1:
         num_heads, head_dim = heads[0], None
     elif len(head_dims) == 1:
@@ -154,8 +171,15 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=base,
         channel_mult=tuple(w // base for w in widths), num_res_blocks=cfg.get("layers_per_block", 2),
         attention_levels=attention_levels, num_heads=num_heads, head_dim=head_dim, transformer_depth=depth,
+        mid_transformer_depth=_mid_depth(cfg),
         context_dim=cfg.get("cross_attention_dim", 768), use_linear_projection=cfg.get("use_linear_projection", False),
-        norm_groups=cfg.get("norm_num_groups", 32))
+        norm_groups=cfg.get("norm_num_groups", 32), **micro)
+
+
+def _mid_depth(cfg: dict) -> int:
+    """diffusers builds the middle block with the last entry of transformer_layers_per_block."""
+    given = cfg.get("transformer_layers_per_block", 1)
+    return given if isinstance(given, int) else given[-1]
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
@@ -168,12 +192,28 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": c.num_heads if c.num_heads is not None else [w // c.head_dim for w in widths],
         "cross_attention_dim": c.context_dim, "use_linear_projection": c.use_linear_projection,
-        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5, "transformer_layers_per_block": c.transformer_depth,
+        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5,
+        "transformer_layers_per_block": _diffusers_depth(c),
         "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False,
         "downsample_padding": 1, "mid_block_scale_factor": 1, "dual_cross_attention": False,
         "upcast_attention": False, "only_cross_attention": False, "resnet_time_scale_shift": "default",
         "time_embedding_type": "positional",
+        **({"addition_embed_type": "text_time", "addition_time_embed_dim": c.micro_condition_dim,
+            "projection_class_embeddings_input_dim": c.added_embed_dim} if c.added_embed_dim else {}),
     }
+
+
+def _diffusers_depth(c: UNetConfig) -> int | list[int]:
+    """One number where the levels with attention and the middle agree (SD 1/2, SDXL's refiner), else a list
+    whose last entry diffusers also gives the middle block. Levels without attention take the middle's
+    number: diffusers lists one for them but builds no transformer there."""
+    depth = [d if a else c.mid_transformer_depth for d, a in zip(c.transformer_depth, c.attention_levels)]
+    if len(set(depth)) == 1:
+        return depth[0]
+    if depth[-1] != c.mid_transformer_depth:
+        raise CheckpointError(f"unet: diffusers gives the middle block the last level's transformer depth; "
+                              f"this config has {c.mid_transformer_depth} against {depth[-1]}")
+    return depth
 
 
 def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
@@ -224,7 +264,8 @@ def text_config_from_transformers(cfg: dict, pad_token_id: int, bos_token_id: in
 
 def text_config_to_transformers(c: CLIPTextConfig) -> dict:
     return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+        "architectures": ["CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel"],
+        "model_type": "clip_text_model", "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_positions, "hidden_size": c.width, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "intermediate_size": c.ffn_dim, "hidden_act": c.activation,
         "projection_dim": c.projection_dim, "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
@@ -268,16 +309,38 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-MODEL_COMPONENTS = ("unet", "vae", "text_encoder")  # the folders that hold weights
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder")  # the folders that hold weights (SD 1/2)
 
 
-def component_variants(folder: Path, variant: str | None) -> dict[str, str | None]:
-    """The variant to read each component in, as diffusers' ``from_pretrained(variant=...)`` decides: a
-    component whose folder has files of the variant reads them, the others read their plain weights; when
+def folder_components(family: str) -> dict[str, str]:
+    """torchsd's component -> the folder that holds it. SDXL's refiner keeps its one encoder, bigG, in
+    ``text_encoder_2/`` (diffusers leaves ``text_encoder`` empty), as the base keeps its bigG."""
+    return {"sd1": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
+            "sd2": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"},
+            "sdxl": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"},
+            "sdxl_refiner": {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder_2"}}[family]
+
+
+def folder_family(index: dict) -> str:
+    """sd1/sd2 are told apart later, by the text encoder; an SDXL pipeline names text_encoder_2, and the
+    refiner names no first text encoder (``[null, null]`` or absent)."""
+    def named(key: str) -> bool:
+        value = index.get(key)
+        return isinstance(value, list) and bool(value) and value[0] is not None
+
+    if named("text_encoder_2"):
+        return "sdxl" if named("text_encoder") else "sdxl_refiner"
+    return "sd"
+
+
+def component_variants(folder: Path, variant: str | None,
+                       components: tuple[str, ...] = MODEL_COMPONENTS) -> dict[str, str | None]:
+    """The variant to read each component folder in, as diffusers' ``from_pretrained(variant=...)`` decides:
+    a component whose folder has files of the variant reads them, the others read their plain weights; when
     no component has it, that is an error. Without a variant every component reads its plain weights."""
     if variant is None:
-        return dict.fromkeys(MODEL_COMPONENTS)
-    chosen = {name: variant if has_variant(folder / name, variant) else None for name in MODEL_COMPONENTS}
+        return dict.fromkeys(components)
+    chosen = {name: variant if has_variant(folder / name, variant) else None for name in components}
     if not any(chosen.values()):
         raise CheckpointError(f"{folder}: no component has {variant!r} weights (such as unet/"
                               f"diffusion_pytorch_model.{variant}.safetensors); load it without a variant, or "
@@ -301,29 +364,50 @@ def read_folder(folder: str | Path, *, variant: str | None = None
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
     if "unet" not in index:
-        raise CheckpointError(f"{folder}: model_index.json names no unet (is this an SDXL or other pipeline? "
+        raise CheckpointError(f"{folder}: model_index.json names no unet (is this a pipeline of another family? "
                               f"class {index.get('_class_name')!r})")
-    variants = component_variants(folder, variant)
-    tokenizer = read_tokenizer(folder / "tokenizer")
-    config = read_config(folder, tokenizer)
-    states = {name: from_diffusers_keys(read_weights(folder / name, variants[name]), name) for name in MODEL_COMPONENTS}
-    # SD 1/2 condition on the text encoder's hidden states: a CLIPTextModelWithProjection's projection is unused
-    states["text_encoder"].pop(TEXT_PROJECTION, None)
+    kind = folder_family(index)
+    # the refiner has only tokenizer_2; SDXL's tokenizers share one vocabulary and differ in the pad token,
+    # which each text encoder's config records
+    tokenizer = read_tokenizer(folder / ("tokenizer_2" if kind == "sdxl_refiner" else "tokenizer"))
+    config = read_config(folder, tokenizer, kind)
+    components = folder_components(config.family)
+    variants = component_variants(folder, variant, tuple(components.values()))
+    states = {name: from_diffusers_keys(read_weights(folder / sub, variants[sub]), "text_encoder"
+                                        if name.startswith("text_encoder") else name)
+              for name, sub in components.items()}
+    for name, text in zip(("text_encoder", "text_encoder_2"), config.text_encoders):
+        if not text.with_projection:  # SD 1/2 condition on hidden states: a saved projection is unused
+            states[name].pop(TEXT_PROJECTION, None)
     return config, states, tokenizer
 
 
-def read_config(folder: Path, tokenizer: "CLIPTokenizer") -> ModelConfig:
-    paths = {name: folder / name / "config.json" for name in MODEL_COMPONENTS}
+def read_config(folder: Path, tokenizer: "CLIPTokenizer", kind: str = "sd") -> ModelConfig:
+    family = kind if kind != "sd" else None
+    texts = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"],
+             "sdxl_refiner": ["text_encoder_2"]}[kind]
+    paths = {name: folder / name / "config.json" for name in ["unet", "vae", *texts]}
     paths["scheduler"] = folder / "scheduler" / "scheduler_config.json"
     cfg = {name: _read_json(path) for name, path in paths.items()}
-    unet = _parsed(paths["unet"], unet_config_from_diffusers, cfg["unet"])
+    text_configs = []
+    for name in texts:
+        pad = tokenizer.pad_token_id
+        if name == "text_encoder_2":  # SDXL's tokenizer_2 pads with "!" (id 0), tokenizer with the end token
+            pad = read_tokenizer(folder / "tokenizer_2").pad_token_id if (folder / "tokenizer_2").is_dir() else 0
+        text = _parsed(paths[name], text_config_from_transformers, cfg[name], pad, tokenizer.bos_token_id,
+                       tokenizer.eos_token_id)
+        if name == "text_encoder_2":
+            text = dataclasses.replace(text, with_projection=True)  # SDXL reads its pooled, projected output
+        text_configs.append(text)
+    pooled = text_configs[-1].projection_dim if family else 0
+    unet = _parsed(paths["unet"], unet_config_from_diffusers, cfg["unet"], pooled)
     vae = _parsed(paths["vae"], vae_config_from_diffusers, cfg["vae"])
-    text = _parsed(paths["text_encoder"], text_config_from_transformers, cfg["text_encoder"], tokenizer.pad_token_id,
-                   tokenizer.bos_token_id, tokenizer.eos_token_id)
     schedule = _parsed(paths["scheduler"], schedule_config_from_diffusers, cfg["scheduler"])
+    family = family or ("sd2" if text_configs[0].activation == "gelu" else "sd1")
     try:
-        return ModelConfig(unet=unet, vae=vae, text=text, schedule=schedule,
-                           family="sd2" if text.activation == "gelu" else "sd1",
+        return ModelConfig(unet=unet, vae=vae, text=text_configs[0],
+                           text_2=text_configs[1] if len(text_configs) > 1 else None, schedule=schedule,
+                           family=family,
                            sample_size=int(cfg["unet"].get("sample_size", 64)) * 2 ** (len(vae.channel_mult) - 1))
     except ValueError as err:
         raise CheckpointError(f"{folder}: the components' configs do not make one model: {err}") from None
@@ -343,26 +427,66 @@ def _parsed(path: Path, parse, *args):
 
 def write_folder(folder: str | Path, config: ModelConfig, states: dict[str, dict[str, torch.Tensor]],
                  tokenizer: "CLIPTokenizer") -> None:
+    """The folder diffusers' StableDiffusionPipeline (SD 1/2) or StableDiffusionXL(Img2Img)Pipeline would
+    save: SDXL's second tokenizer is the same vocabulary padded as the second encoder's config says."""
     folder = Path(folder)
     latent_size = config.sample_size // config.vae.downscale_factor
-    configs = {
-        "unet": unet_config_to_diffusers(config.unet, latent_size),
-        "vae": vae_config_to_diffusers(config.vae, config.sample_size),
-        "text_encoder": text_config_to_transformers(config.text),
-    }
+    components = folder_components(config.family)
+    configs = {"unet": unet_config_to_diffusers(config.unet, latent_size),
+               "vae": vae_config_to_diffusers(config.vae, config.sample_size)}
+    for name, text in zip(("text_encoder", "text_encoder_2"), config.text_encoders):
+        configs[name] = text_config_to_transformers(text)
     for name, cfg in configs.items():
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
-        filename = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
-        save_safetensors(to_diffusers_keys(states[name], name), folder / name / filename, metadata={"format": "pt"})
+        sub = folder / components[name]
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "config.json").write_text(json.dumps(cfg, indent=2))
+        text = name.startswith("text_encoder")
+        filename = "model.safetensors" if text else "diffusion_pytorch_model.safetensors"
+        save_safetensors(to_diffusers_keys(states[name], "text_encoder" if text else name), sub / filename,
+                         metadata={"format": "pt"})
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps(schedule_config_to_diffusers(config.schedule), indent=2))
-    tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }, indent=2))
+    tokenizers = {"tokenizer": config.text.pad_token_id} if config.family in ("sd1", "sd2") else \
+        {f"tokenizer{'_2' if sub == 'text_encoder_2' else ''}": text.pad_token_id
+         for sub, text in zip([components[n] for n in ("text_encoder", "text_encoder_2") if n in components],
+                              config.text_encoders)}
+    for name, pad in tokenizers.items():
+        _with_pad(tokenizer, pad).save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps(_model_index(config, components), indent=2))
+
+
+def _with_pad(tokenizer: "CLIPTokenizer", pad_token_id: int) -> "CLIPTokenizer":
+    import copy
+
+    if tokenizer.pad_token_id == pad_token_id:
+        return tokenizer
+    other = copy.copy(tokenizer)
+    other.pad_token_id = pad_token_id
+    return other
+
+
+def _model_index(config: ModelConfig, components: dict[str, str]) -> dict:
+    if config.family in ("sd1", "sd2"):
+        return {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False,
+        }
+    base = config.family == "sdxl"
+    index = {
+        # the refiner is an image-to-image model: diffusers loads it with the Img2Img pipeline
+        "_class_name": "StableDiffusionXLPipeline" if base else "StableDiffusionXLImg2ImgPipeline",
+        "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"] if base else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if base else [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"], "feature_extractor": [None, None],
+        "image_encoder": [None, None], "force_zeros_for_empty_prompt": base,
+    }
+    if not base:
+        index["requires_aesthetics_score"] = True
+    return index

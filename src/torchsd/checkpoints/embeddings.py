@@ -4,6 +4,7 @@ Three file layouts are read:
 - AUTOMATIC1111 ``.pt``: ``{"string_to_param": {"*": (n_vectors, width)}, "name": …, "step": …}``
 - ``.safetensors``: ``{"emb_params": (n_vectors, width)}``
 - diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{"<token>": (width,) or (n_vectors, width)}``
+- SDXL ``.safetensors``: ``{"clip_l": (n_vectors, 768), "clip_g": (n_vectors, 1280)}``, one set per encoder
 
 An embedding is named after its file (``EasyNegative.safetensors`` -> ``EasyNegative``), as in
 AUTOMATIC1111; the name is matched against the prompt's tokens, so matching ignores case. Files are
@@ -16,8 +17,8 @@ from __future__ import annotations
 import pickle
 import zipfile
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +39,13 @@ def load_embedding(path: str | Path, name: str | None = None) -> Embedding:
         data = _load_pickled(path)
     else:
         raise CheckpointError(f"{path}: embeddings are .pt, .bin or .safetensors files; got {path.suffix!r}")
+    if isinstance(data, dict) and "clip_l" in data and "clip_g" in data:  # SDXL: a set per text encoder
+        sets = [data["clip_l"], data["clip_g"]]
+        if any(not isinstance(v, torch.Tensor) or v.ndim != 2 for v in sets) or sets[0].shape[0] != sets[1].shape[0]:
+            raise CheckpointError(f"{path}: SDXL embedding {name!r} needs clip_l and clip_g of shape (n_vectors, "
+                                  f"width) with the same n_vectors; got {[tuple(v.shape) for v in sets]}")
+        clip_l, clip_g = (v.detach().float().cpu() for v in sets)
+        return Embedding(name, clip_l, path, other_vectors=(clip_g,))
     vectors = _vectors_of(data, path)
     if vectors.ndim == 1:
         vectors = vectors[None]
@@ -71,7 +79,8 @@ def _vectors_of(data: object, path: Path) -> torch.Tensor:
     if "emb_params" in data:
         return data["emb_params"]
     if "clip_l" in data or "clip_g" in data:
-        raise CheckpointError(f"{path}: an SDXL embedding (clip_l/clip_g); torchsd runs SD 1.x and 2.x models")
+        raise CheckpointError(f"{path}: an SDXL embedding needs both clip_l and clip_g; it has only "
+                              f"{'clip_l' if 'clip_l' in data else 'clip_g'}")
     tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
     if len(tensors) == 1 and len(data) == 1:  # diffusers learned_embeds {token: vector}
         return tensors[0]

@@ -33,11 +33,13 @@ from typing import Mapping
 
 import torch
 
-from ..config import ModelConfig, PredictionType, UNetConfig, VAEConfig
+from ..config import CLIPTextConfig, ModelConfig, PredictionType, UNetConfig, VAEConfig
 from . import detect
 from .detect import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from .diffusers import from_diffusers_keys, to_diffusers_keys
+from .diffusers import TEXT_PROJECTION, from_diffusers_keys, to_diffusers_keys
 from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # in the order of ModelConfig.text_encoders
 
 METADATA_KEY = "torchsd_config"
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -50,7 +52,11 @@ OPTIONAL_KEYS = set(SCHEDULE_BUFFERS) | {"logvar", "model_ema.decay", "model_ema
                                          SD1_TEXT_PREFIX + "text_model.embeddings.position_ids",
                                          SD1_TEXT_PREFIX + "embeddings.position_ids",
                                          SD2_TEXT_PREFIX + "text_projection", SD2_TEXT_PREFIX + "logit_scale",
-                                         SD2_TEXT_PREFIX + "attn_mask"}
+                                         SD2_TEXT_PREFIX + "attn_mask"} | {
+    prefix + key for prefix in (detect.XL_CLIP_L_PREFIX, detect.XL_CLIP_L_PREFIX + "text_model.")
+    for key in ("embeddings.position_ids",)} | {
+    prefix + key for prefix in (detect.XL_BIGG_PREFIX, detect.XL_REFINER_PREFIX)
+    for key in ("logit_scale", "attn_mask")}
 OPTIONAL_PREFIXES = ("model_ema.", VAE_PREFIX + "loss.")
 
 
@@ -83,6 +89,9 @@ def unet_blocks(c: UNetConfig) -> list[Block]:
               Block("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET),
               Block("middle_block.1.", "mid_block.attentions.0."),
               Block("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET)]
+    if c.added_embed_dim:  # SDXL: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
+        blocks += [Block("label_emb.0.0.", "add_embedding.linear_1."),
+                   Block("label_emb.0.2.", "add_embedding.linear_2.")]
     for level in range(levels):
         for j in range(c.num_res_blocks):
             n = 1 + level * per_level + j
@@ -175,30 +184,42 @@ def vae_from_original(state: Mapping[str, torch.Tensor], c: VAEConfig) -> dict[s
     return from_diffusers_keys(out, "vae")
 
 
-def text_from_original(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    if config.family == "sd1":
-        state = _strip(tensors, detect.sd1_text_prefix(tensors))
-        # the position_ids buffer (under either prefix, see OPTIONAL_KEYS) is not a weight
-        return from_diffusers_keys({k: v for k, v in state.items() if not k.endswith("position_ids")},
-                                   "text_encoder")
-    state = _strip(tensors, SD2_TEXT_PREFIX)
-    state = {k: v for k, v in state.items() if k not in ("text_projection", "logit_scale", "attn_mask")
-             and not k.startswith(f"transformer.resblocks.{config.text.num_layers}.")}  # the unused last layer
-    out = rename(state, openclip_blocks(config.text.num_layers), to_diffusers=True, what="text encoder")
+def text_from_original(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The text encoder(s) of an original file: {"text_encoder"[, "text_encoder_2"]} in torchsd's names."""
+    out = {}
+    for name, (prefix, layout), text in zip(TEXT_COMPONENTS, detect.text_layout(config.family), config.text_encoders):
+        if layout == "transformers":
+            state = _strip(tensors, detect.transformers_text_prefix(tensors, prefix))
+            # the position_ids buffer (under either prefix, see OPTIONAL_KEYS) is not a weight
+            out[name] = from_diffusers_keys({k: v for k, v in state.items() if not k.endswith("position_ids")},
+                                            "text_encoder")
+        else:
+            out[name] = openclip_from_original(_strip(tensors, prefix), text)
+    return out
+
+
+def openclip_from_original(state: Mapping[str, torch.Tensor], text: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower (keys without their prefix) -> torchsd's. SD 2's drops the last layer and
+    the projection; SDXL's bigG keeps both (``text_projection`` is an (in, out) matrix used as x @ P)."""
+    tower = {k: v for k, v in state.items() if k not in ("text_projection", "logit_scale", "attn_mask")
+             and not k.startswith(f"transformer.resblocks.{text.num_layers}.")}  # SD 2's unused last layer
+    out = rename(tower, openclip_blocks(text.num_layers), to_diffusers=True, what="text encoder")
     for key in [k for k in out if ".in_proj_" in k]:
         fused = out.pop(key)
         head, kind = key.split(".in_proj_")
         for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3, dim=0)):
             out[f"{head}.{name}.{kind}"] = part
-    return from_diffusers_keys(out, "text_encoder")
+    out = from_diffusers_keys(out, "text_encoder")
+    if text.with_projection:
+        out[TEXT_PROJECTION] = state["text_projection"].T  # nn.Linear keeps (out, in)
+    return out
 
 
 def from_original(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, dict[str, torch.Tensor]]:
     """A whole original-layout state dict -> {"unet", "vae", "text_encoder"} in torchsd's names."""
     unet = rename(_strip(tensors, UNET_PREFIX), unet_blocks(config.unet), to_diffusers=True, what="U-Net")
     return {"unet": from_diffusers_keys(unet, "unet"),
-            "vae": vae_from_original(_strip(tensors, VAE_PREFIX), config.vae),
-            "text_encoder": text_from_original(tensors, config)}
+            "vae": vae_from_original(_strip(tensors, VAE_PREFIX), config.vae)} | text_from_original(tensors, config)
 
 
 # --- torchsd -> original -------------------------------------------------------------------------------
@@ -211,27 +232,39 @@ def vae_to_original(state: Mapping[str, torch.Tensor], c: VAEConfig) -> dict[str
     return out
 
 
-def text_to_original(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    diffusers_state = to_diffusers_keys(dict(state), "text_encoder")
-    if config.family == "sd1":
-        positions = torch.arange(config.text.max_positions, dtype=torch.int64)[None]
-        return {SD1_TEXT_PREFIX + k: v for k, v in diffusers_state.items()} | \
-            {SD1_TEXT_PREFIX + "text_model.embeddings.position_ids": positions}
+def text_to_original(states: Mapping[str, Mapping[str, torch.Tensor]], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (prefix, layout), text in zip(TEXT_COMPONENTS, detect.text_layout(config.family), config.text_encoders):
+        diffusers_state = to_diffusers_keys(dict(states[name]), "text_encoder")
+        if layout == "transformers":
+            positions = torch.arange(text.max_positions, dtype=torch.int64)[None]
+            out |= {prefix + k: v for k, v in diffusers_state.items()} | \
+                {prefix + "text_model.embeddings.position_ids": positions}
+        else:
+            out |= {prefix + k: v for k, v in openclip_to_original(diffusers_state, text).items()}
+    return out
+
+
+def openclip_to_original(diffusers_state: dict[str, torch.Tensor], text: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    """transformers-named text tower -> OpenCLIP's names. SD 2 (no projection: torchsd keeps 23 of 24 layers)
+    gets the layers it lacks as an identity; SDXL's bigG is whole and has its own projection."""
+    projection = diffusers_state.pop(TEXT_PROJECTION, None)
     fused = {}
     for key in [k for k in diffusers_state if ".self_attn.q_proj." in k]:
         head, kind = key.split(".q_proj.")
         parts = [diffusers_state.pop(f"{head}.{name}.{kind}") for name in ("q_proj", "k_proj", "v_proj")]
         fused[f"{head}.in_proj_{kind}"] = torch.cat(parts, dim=0)
-    out = rename(diffusers_state | fused, openclip_blocks(config.text.num_layers), to_diffusers=False,
+    out = rename(diffusers_state | fused, openclip_blocks(text.num_layers), to_diffusers=False,
                  what="text encoder")
-    last = config.text.num_layers - 1
+    like = out["token_embedding.weight"]
+    logit_scale = {"logit_scale": torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)}
+    if projection is not None:
+        return out | {"text_projection": projection.T.contiguous()} | logit_scale
+    last = text.num_layers - 1
     identity_layer = {k.replace(f"resblocks.{last}.", f"resblocks.{last + 1}.", 1): torch.zeros_like(v)
                       for k, v in out.items() if k.startswith(f"transformer.resblocks.{last}.")}
-    like = out["token_embedding.weight"]
-    extras = {"text_projection": torch.eye(config.text.width, config.text.projection_dim, dtype=like.dtype,
-                                           device=like.device),
-              "logit_scale": torch.tensor(math.log(100.0), dtype=like.dtype, device=like.device)}
-    return {SD2_TEXT_PREFIX + k: v for k, v in (out | identity_layer | extras).items()}
+    extras = {"text_projection": torch.eye(text.width, text.projection_dim, dtype=like.dtype, device=like.device)}
+    return out | identity_layer | extras | logit_scale
 
 
 def schedule_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -261,7 +294,7 @@ def to_original(states: Mapping[str, Mapping[str, torch.Tensor]], config: ModelC
                   what="U-Net")
     return ({UNET_PREFIX + k: v for k, v in unet.items()}
             | {VAE_PREFIX + k: v for k, v in vae_to_original(states["vae"], config.vae).items()}
-            | text_to_original(states["text_encoder"], config))
+            | text_to_original(states, config))
 
 
 def single_file_tensors(config: ModelConfig,
@@ -288,8 +321,8 @@ def model_states_on_meta(config: ModelConfig) -> dict[str, dict[str, torch.Tenso
     from ..models.vae import AutoencoderKL
 
     with torch.device("meta"):
-        return {"unet": UNet(config.unet).state_dict(), "vae": AutoencoderKL(config.vae).state_dict(),
-                "text_encoder": CLIPTextModel(config.text).state_dict()}
+        return {"unet": UNet(config.unet).state_dict(), "vae": AutoencoderKL(config.vae).state_dict()} | \
+            {name: CLIPTextModel(text).state_dict() for name, text in zip(TEXT_COMPONENTS, config.text_encoders)}
 
 
 def _optional(key: str) -> bool:
@@ -320,8 +353,9 @@ def compare_keys(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tor
 def check_keys(tensors: Mapping[str, torch.Tensor], config: ModelConfig, source: object) -> None:
     """The file's keys and shapes must be exactly those of the model ``config`` describes."""
     expected = to_original(model_states_on_meta(config), config)
-    if config.family == "sd1" and detect.sd1_text_prefix(tensors) == SD1_TEXT_PREFIX:
-        expected = {k.replace("text_model.", "", 1): v for k, v in expected.items()}
+    for prefix, layout in detect.text_layout(config.family):
+        if layout == "transformers" and detect.transformers_text_prefix(tensors, prefix) == prefix:
+            expected = {k.replace(prefix + "text_model.", prefix, 1): v for k, v in expected.items()}
     dropped_layer = f"{SD2_TEXT_PREFIX}transformer.resblocks.{config.text.num_layers}."
     compare_keys(tensors, expected, source, f"a {config.family.upper()} model",
                  may_lack=lambda k: _optional(k) or k.startswith(dropped_layer), may_have=_optional)

@@ -2,7 +2,9 @@
 
 Two file layouts are read, for the U-Net and the text encoder, for Linear and Conv2d layers:
 - kohya (sd-scripts, AUTOMATIC1111): ``lora_unet_<diffusers path with _>.lora_down.weight`` /
-  ``.lora_up.weight`` / ``.alpha``, and ``lora_te_text_model_…`` for the text encoder. Conv layers have
+  ``.lora_up.weight`` / ``.alpha``, and ``lora_te_text_model_…`` for the text encoder. SDXL files name the
+  U-Net's layers by the original layout (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) and
+  the two text encoders ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (bigG). Conv layers have
   down (rank, in, kh, kw) and up (out, rank, 1, 1). A missing alpha means alpha = rank. The same names
   carry LyCORIS's LoHa (``hada_w1_a`` …) and LoKr (``lokr_w1`` …) factors, and DoRA's ``dora_scale``
   (see ``lycoris.py``).
@@ -40,6 +42,11 @@ class Networks(Protocol):
 
     unet: nn.Module
     text_encoder: nn.Module
+    text_encoder_2: nn.Module | None  # SDXL base's bigG
+    config: object
+
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 COMPONENTS = ("unet", "text_encoder")
@@ -81,21 +88,40 @@ class AppliedLora:
 def module_names(sd: Networks) -> dict[str, tuple[str, str]]:
     """Every LoRA-able layer's kohya and PEFT names -> (component, torchsd module path)."""
     names: dict[str, tuple[str, str]] = {}
-    for component, model in (("unet", sd.unet), ("text_encoder", sd.text_encoder)):
+    second = getattr(sd, "text_encoder_2", None)
+    models = [("unet", sd.unet), ("text_encoder", sd.text_encoder)] + ([("text_encoder_2", second)] if second else [])
+    te_prefix = {"text_encoder": "lora_te1_" if second else "lora_te_", "text_encoder_2": "lora_te2_"}
+    original = _original_unet_names(sd)
+    for component, model in models:
         for path, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             if component == "unet":
                 theirs = _rename(path + ".weight", UNET_RULES)[: -len(".weight")]
-                kohya, peft = "lora_unet_" + theirs.replace(".", "_"), ["unet." + theirs]
+                kohya, peft = ["lora_unet_" + theirs.replace(".", "_")], ["unet." + theirs]
+                if theirs in original:  # SDXL's kohya files use the original layout's names
+                    kohya.append("lora_unet_" + original[theirs].replace(".", "_"))
             else:
                 theirs = TEXT_PREFIX + _rename(path + ".weight", TEXT_RULES)[: -len(".weight")]
-                kohya = "lora_te_" + theirs.replace(".", "_")
+                kohya = [te_prefix[component] + theirs.replace(".", "_")]
                 # recent transformers drop the text_model. nesting; files exist both ways
-                peft = ["text_encoder." + theirs, "text_encoder." + theirs[len(TEXT_PREFIX):]]
-            for name in [kohya, *peft]:
+                peft = [f"{component}.{theirs}", f"{component}.{theirs[len(TEXT_PREFIX):]}"]
+            for name in [*kohya, *peft]:
                 names[name] = (component, path)
     return names
+
+
+def _original_unet_names(sd: Networks) -> dict[str, str]:
+    """diffusers module path -> original-layout path of every U-Net layer, for SDXL models (empty otherwise)."""
+    config = getattr(sd, "config", None)
+    if config is None or not getattr(config, "is_sdxl", False):
+        return {}
+    from .ldm import rename, unet_blocks
+
+    paths = {_rename(p + ".weight", UNET_RULES): None for p, m in sd.unet.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))}
+    renamed = rename(paths, unet_blocks(config.unet), to_diffusers=False, what="U-Net")
+    return {d[: -len(".weight")]: o[: -len(".weight")] for d, o in zip(paths, renamed)}
 
 
 # --- reading files ---------------------------------------------------------------------------------
@@ -107,7 +133,7 @@ def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFi
     state = load_state_dict(path)
     metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     _refuse_other_adapters(state, path)
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in state):
+    if any(k.startswith(KOHYA_PREFIXES) for k in state):
         layers_in_file = _kohya_layers(state, path)
     elif any(".lora_A." in k for k in state):
         layers_in_file = _peft_pairs(state, metadata)
@@ -136,7 +162,7 @@ def load_lora(path: str | Path, sd: Networks, name: str | None = None) -> LoraFi
 
 
 def _refuse_other_adapters(state: dict[str, torch.Tensor], path: Path) -> None:
-    kinds = {".lora_mid.": "LoCon with a Tucker core (lora_mid)", "lora_te1_": "SDXL", "lora_te2_": "SDXL"}
+    kinds = {".lora_mid.": "LoCon with a Tucker core (lora_mid)"}
     for marker, kind in kinds.items():
         if any(marker in k for k in state):
             raise CheckpointError(f"{path}: a {kind} file; torchsd applies LoRA, LoCon, LoHa and LoKr (optionally "
@@ -151,7 +177,7 @@ def _kohya_layers(state: dict[str, torch.Tensor], path: Path) -> dict[str, Layer
     """Group ``lora_unet_<module>.<part>`` keys by module and read each group's kind from its parts."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        if key.startswith(("lora_unet_", "lora_te_")):
+        if key.startswith(KOHYA_PREFIXES):
             name, _, part = key.partition(".")
             groups.setdefault(name, {})[part] = tensor
     layers = {}
@@ -271,7 +297,8 @@ class LoraLibrary(FileLibrary):
     """A pipeline's LoRA folders: ``<lora:name:w>`` names are file names (without suffix) found in them."""
 
     suffixes: ClassVar[tuple[str, ...]] = SUFFIXES
-    missing_folder: ClassVar[str] = "LoRA folder {folder!r} does not exist; give a folder holding .safetensors LoRA files"
+    missing_folder: ClassVar[str] = ("LoRA folder {folder!r} does not exist; "
+                                     "give a folder holding .safetensors LoRA files")
 
     def resolve(self, name_or_path: str | Path) -> Path:
         path = Path(name_or_path)

@@ -8,6 +8,7 @@ timestep is recovered from sigma, and its output (eps or v) is turned into a pre
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -20,6 +21,45 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class UNetLike(Protocol):
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a prompt conditions the U-Net on beyond the latent: the text ``context`` (B, T, W) that
+    cross-attention reads and, for SDXL, the added vector ``y`` (B, added_embed_dim): pooled text and
+    micro-conditioning, summed into the time embedding. Rows are images, like a context's; CFG stacks the
+    negative and the positive rows of both together. SD 1/2 pass a bare context tensor, which means y=None."""
+
+    context: torch.Tensor
+    y: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:  # the context's: code that sizes batches and lengths reads it
+        return self.context.shape
+
+    def to(self, *args, **kwargs) -> "Condition":
+        return Condition(self.context.to(*args, **kwargs), None if self.y is None else self.y.to(*args, **kwargs))
+
+
+ConditionLike = torch.Tensor | Condition
+
+
+def unpack(cond: ConditionLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (cond.context, cond.y) if isinstance(cond, Condition) else (cond, None)
+
+
+def cat_conditions(conds: list[ConditionLike]) -> ConditionLike:
+    """Rows of several conditionings stacked (all bare tensors, or all with y)."""
+    if not any(isinstance(c, Condition) for c in conds):
+        return torch.cat(conds)
+    parts = [unpack(c) for c in conds]
+    if any(y is None for _, y in parts):
+        raise ValueError("cat_conditions: some conditionings have an added vector y and some do not")
+    return Condition(torch.cat([c for c, _ in parts]), torch.cat([y for _, y in parts]))
+
+
+def with_context(cond: ConditionLike, context: torch.Tensor) -> ConditionLike:
+    return context if not isinstance(cond, Condition) else Condition(context, cond.y)
 
 
 def sigma_per_image(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -62,14 +102,18 @@ class ModelDenoiser:
             self._log_sigmas_on[device] = self.log_sigmas.to(device, dtype)
         return self._log_sigmas_on[device]
 
-    def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                     concat: torch.Tensor | None = None) -> torch.Tensor:
+    def model_output(self, x: torch.Tensor, sigma: torch.Tensor, context: ConditionLike,
+                     concat: torch.Tensor | None = None, **unet_inputs: torch.Tensor) -> torch.Tensor:
+        """``context``: a text context, or a ``Condition`` whose added vector y goes to the U-Net too.
+        ``unet_inputs``: extra keyword inputs of the U-Net (a ControlNet's residuals)."""
+        context, y = unpack(context)
         sigma = sigma_per_image(sigma, x)
         c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
         z = (x * c_in).to(context.dtype)
         if concat is not None:
             z = torch.cat([z, concat.to(z.dtype)], dim=1)
-        return self.unet(z, self.timestep(sigma), context).to(x.dtype)
+        added = {} if y is None else {"y": y}  # a U-Net without an added embedding takes no y
+        return self.unet(z, self.timestep(sigma), context, **added, **unet_inputs).to(x.dtype)
 
     def x0_from_output(self, x: torch.Tensor, sigma: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)[:, None, None, None]
@@ -78,17 +122,17 @@ class ModelDenoiser:
         # v = alpha * eps - sigma_vp * x0 with alpha = 1/sqrt(1+sigma^2), sigma_vp = sigma*alpha
         return x / (sigma ** 2 + 1) - output * sigma / (sigma ** 2 + 1).sqrt()
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
-                 concat: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: ConditionLike,
+                 concat: torch.Tensor | None = None, **unet_inputs: torch.Tensor) -> torch.Tensor:
         """x0 for each row of ``context``: k*B rows if it holds k contexts per latent (see UNet.forward)."""
-        output = self.model_output(x, sigma, context, concat)
+        output = self.model_output(x, sigma, context, concat, **unet_inputs)
         if output.shape[0] != x.shape[0]:
             k = output.shape[0] // x.shape[0]
             x, sigma = x.repeat(k, 1, 1, 1), sigma_per_image(sigma, x).repeat(k)
         return self.x0_from_output(x, sigma, output)
 
 
-def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
+def classifier_free_guidance(model: ModelDenoiser, cond: ConditionLike, uncond: ConditionLike | None,
                              guidance_scale: float, concat: torch.Tensor | None = None,
                              observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
                              ) -> Denoise:
@@ -102,15 +146,22 @@ def classifier_free_guidance(model: ModelDenoiser, cond: torch.Tensor, uncond: t
         return denoise_conditional
 
     concat2 = None if concat is None else torch.cat([concat, concat])
-    uncond, cond = repeat_to_common_length(uncond, cond)
-    context = torch.cat([uncond, cond]) if uncond.shape[1] == cond.shape[1] else None
+    uncond_context, cond_context = repeat_to_common_length(unpack(uncond)[0], unpack(cond)[0])
+    uncond, cond = with_context(uncond, uncond_context), with_context(cond, cond_context)
+    context = cat_conditions([uncond, cond]) if uncond.shape[1] == cond.shape[1] else None
+
+    # a model that treats the unconditional rows apart (ControlNet's "ControlNet is more important") is told
+    # how many of the context's first rows are unconditional
+    rows = (lambda n: {"uncond_rows": n}) if getattr(model, "takes_unconditional_rows", False) else \
+        (lambda n: {})
 
     def both_halves(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if context is None:  # lengths without a small common multiple: two calls, as AUTOMATIC1111 makes
-            return model(x, sigma, uncond, concat), model(x, sigma, cond, concat)
+            return model(x, sigma, uncond, concat, **rows(uncond.shape[0])), model(x, sigma, cond, concat)
         if getattr(model, "accepts_several_contexts", False):  # the latent once, for both contexts
-            return model(x, sigma, context, concat).chunk(2)
-        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2).chunk(2)
+            return model(x, sigma, context, concat, **rows(uncond.shape[0])).chunk(2)
+        return model(torch.cat([x, x]), torch.cat([sigma, sigma]), context, concat2,
+                     **rows(uncond.shape[0])).chunk(2)
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma_per_image(sigma, x)

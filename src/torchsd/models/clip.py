@@ -74,6 +74,9 @@ class CLIPTextModel(nn.Module):
             EncoderLayer(config.width, config.num_heads, config.ffn_dim, config.activation)
             for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.width)
+        # CLIPTextModelWithProjection (SDXL's bigG): the pooled output projected into the joint space
+        self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False) \
+            if config.with_projection else None
 
     def forward(self, token_ids: torch.Tensor, clip_skip: int = 1,
                 token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,10 +89,28 @@ class CLIPTextModel(nn.Module):
         if T > self.config.max_positions:
             raise ValueError(f"token sequence of {T} is longer than the text encoder's "
                              f"{self.config.max_positions} positions; split long prompts into chunks")
-        positions = torch.arange(T, device=token_ids.device)
+        return self.final_layer_norm(self.hidden_state(self.embed(token_ids, token_embeddings), clip_skip))
+
+    def embed(self, token_ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
         tokens = self.token_embedding(token_ids) if token_embeddings is None else token_embeddings
-        x = tokens + self.position_embedding(positions)[None]  # (B, T, width)
-        return self.final_layer_norm(self.hidden_state(x, clip_skip))
+        return tokens + self.position_embedding(positions)[None]  # (B, T, width)
+
+    def penultimate(self, token_ids: torch.Tensor, token_embeddings: torch.Tensor | None = None, *,
+                    pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SDXL's reading: the hidden state before the last layer, without the final LayerNorm (B, T, width),
+        and with ``pooled`` the projected pooled output (B, projection_dim) (``text_projection`` of the final
+        normed state at the first end token). Without ``pooled`` the last layer is not run."""
+        if token_ids.shape[1] > self.config.max_positions:
+            raise ValueError(f"token sequence of {token_ids.shape[1]} is longer than the text encoder's "
+                             f"{self.config.max_positions} positions; split long prompts into chunks")
+        hidden = self.hidden_state(self.embed(token_ids, token_embeddings), clip_skip=2)
+        if not pooled:
+            return hidden, None
+        if self.text_projection is None:
+            raise ValueError("this text encoder has no text_projection (CLIPTextConfig.with_projection)")
+        final = self.final_layer_norm(self.layers[-1](hidden, causal=True))
+        return hidden, self.text_projection(final[torch.arange(final.shape[0]), self.eos_positions(token_ids)])
 
     def hidden_state(self, x: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         for layer in self.layers[: len(self.layers) - clip_skip + 1]:
@@ -99,9 +120,12 @@ class CLIPTextModel(nn.Module):
     def pooled(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The final hidden state at each sequence's first end token: (B, width)."""
         hidden = self(token_ids)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), self.eos_positions(token_ids)]
+
+    def eos_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Each sequence's first end token (the last position where it has none): (B,)."""
         is_eos = (token_ids == self.config.eos_token_id).int()
-        eos_index = torch.where(is_eos.any(dim=1), is_eos.argmax(dim=1), token_ids.shape[1] - 1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_index]
+        return torch.where(is_eos.any(dim=1), is_eos.argmax(dim=1), token_ids.shape[1] - 1)
 
 
 class CLIPVisionModel(nn.Module):

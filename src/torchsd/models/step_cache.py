@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import repeat_rows, silu, timestep_embedding
+from .layers import repeat_rows, silu
 from .unet import Level, UNet
 
 
@@ -29,7 +29,7 @@ class DeepCacheUNet(nn.Module):
     def __init__(self, unet: UNet, interval: int, branch: int = 0):
         super().__init__()
         if not isinstance(unet, UNet):
-            raise ValueError(f"DeepCache needs torchsd's UNet (SD 1.x/2.x); got {type(unet).__name__} — "
+            raise ValueError(f"DeepCache needs torchsd's UNet (SD 1.x/2.x, SDXL); got {type(unet).__name__} — "
                              "leave deep_cache_interval at 1 for this model")
         layers = unet.config.num_res_blocks + 1
         levels = len(unet.up_blocks)
@@ -54,7 +54,9 @@ class DeepCacheUNet(nn.Module):
         self._last_timestep = t
         return self._step
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """As UNet.forward; ``y``: SDXL's added vector."""
         unet = self.unet
         if context.shape[0] % x.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
@@ -62,10 +64,11 @@ class DeepCacheUNet(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        key = (x.shape, context.shape, x.dtype, x.device)
-        full = self._next_step(timesteps) % self.interval == 0 or self._cached_for != key
+        step = self._next_step(timesteps)
         # as UNet.forward, op for op, so that a full step gives the same bits as the plain U-Net
-        emb = unet.time_embedding(timestep_embedding(timesteps, unet.config.model_channels).to(x.dtype))
+        x, emb = unet.embed(x, timesteps, y)
+        key = (x.shape, context.shape, x.dtype, x.device)
+        full = step % self.interval == 0 or self._cached_for != key
         h = unet.conv_in(x)
         skips = [h]
         deep_up = len(unet.up_blocks) - 1 - self.level  # the up level holding the end of the deep branch

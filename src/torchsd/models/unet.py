@@ -15,8 +15,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu,
-                     timestep_embedding)
+from .layers import (
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    attention,
+    attention_probabilities,
+    repeat_rows,
+    silu,
+    timestep_embedding,
+)
 
 
 class CrossAttention(nn.Module):
@@ -35,13 +43,20 @@ class CrossAttention(nn.Module):
         self.observer: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output, plus ``residual`` if given (added to the output projection's fresh output)."""
+                residual: torch.Tensor | None = None, extra: tuple | None = None) -> torch.Tensor:
+        """Attention output, plus ``residual`` if given (added to the output projection's fresh output).
+        ``extra``: an IP-Adapter's (keys, values, scale): scale * attention over them is added before the
+        output projection (decoupled cross-attention)."""
         source = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
         if self.observer is not None:
             self.observer(attention_probabilities(q, k, self.num_heads).mean(dim=1))
-        out = self.to_out(attention(q, k, v, self.num_heads, chunk=self.attention_chunk))
+        out = attention(q, k, v, self.num_heads, chunk=self.attention_chunk)
+        if extra is not None:
+            k_ip, v_ip, scale = extra
+            rows = q.shape[0]
+            out = out + scale * attention(q, repeat_rows(k_ip, rows), repeat_rows(v_ip, rows), self.num_heads)
+        out = self.to_out(out)
         return out if residual is None else out.add_(residual)
 
 
@@ -74,11 +89,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: tuple | None = None) -> torch.Tensor:
         # each residual is added to the fresh output of its branch's last Linear
         x = self.attn1(self.norm1(x), residual=x)
         x = repeat_rows(x, context.shape[0])  # latents shared by several contexts part ways here
-        x = self.attn2(self.norm2(x), context, residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x, extra=image_kv)
         return self.ff(self.norm3(x), residual=x)
 
 
@@ -95,10 +110,12 @@ class SpatialTransformer(nn.Module):
         make_proj = (lambda: nn.Linear(channels, channels)) if linear_projection else \
             (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = make_proj()
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(channels, context_dim, num_heads)
+                                                for _ in range(depth))
         self.proj_out = make_proj()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_kv: list | None = None) -> torch.Tensor:
+        """``image_kv``: IP-Adapter keys and values, one per block popped from the end (see UNet.forward)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if self.linear_projection:
@@ -106,7 +123,7 @@ class SpatialTransformer(nn.Module):
         else:
             h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, image_kv.pop() if image_kv else None)
         B = h.shape[0]  # more rows than x where latents shared by several contexts part ways
         if self.linear_projection:
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)
@@ -130,15 +147,19 @@ class Level(nn.Module):
         setattr(self, resample_name, nn.ModuleList([resample]) if resample is not None else None)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
-                skips: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Down levels return every output as a skip; up levels pop one skip per ResBlock."""
+                skips: list[torch.Tensor] | None = None, residual: torch.Tensor | None = None,
+                image_kv: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Down levels return every output as a skip; up levels pop one skip per ResBlock. ``residual`` (a
+        T2I-Adapter's feature) is added to the last ResBlock's (and transformer's) output."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
-            if self.attentions is not None:
-                h = run(self.attentions[i], h, context)
+            if self.attentions is not None:  # (image_kv only where given: swapped-in transformers may not take it)
+                h = run(self.attentions[i], h, context, *([image_kv] if image_kv is not None else []))
+            if residual is not None and i == len(self.resnets) - 1:
+                h = add_rows(h, residual)
             outputs.append(h)
         resample = getattr(self, self.resample_name)
         if resample is not None:
@@ -155,10 +176,19 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList([attention])
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, run,
+                image_kv: list | None = None) -> torch.Tensor:
         h = run(self.resnets[0], h, emb)
-        h = run(self.attentions[0], h, context)
+        h = run(self.attentions[0], h, context, *([image_kv] if image_kv is not None else []))
         return run(self.resnets[1], h, emb)
+
+
+def added_vector(pooled: torch.Tensor, micro_conditions: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's added vector y: the pooled text (B, pooled_dim) beside each micro-conditioning number
+    (B, n) as ``dim`` sinusoidal features, like a timestep's -> (B, pooled_dim + n*dim)."""
+    B, n = micro_conditions.shape
+    features = timestep_embedding(micro_conditions.reshape(-1), dim).reshape(B, n * dim)
+    return torch.cat([pooled.float(), features], dim=-1).to(pooled.dtype)
 
 
 class UNet(nn.Module):
@@ -175,15 +205,22 @@ class UNet(nn.Module):
         def res(cin: int, cout: int) -> ResnetBlock:
             return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_groups, eps=1e-5)
 
-        def transformer(width: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.context_dim, c.heads_at(width), c.transformer_depth,
-                                      c.norm_groups, c.use_linear_projection)
+        def transformer(width: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(width, c.context_dim, c.heads_at(width), depth, c.norm_groups,
+                                      c.use_linear_projection)
 
         self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
         self.time_embedding = nn.Sequential()
         self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
         self.time_embedding.add_module("act", nn.SiLU())
         self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
+        if c.added_embed_dim:  # SDXL: the pooled text and the micro-conditioning, added to the time embedding
+            self.add_embedding = nn.Sequential()
+            self.add_embedding.add_module("linear_1", nn.Linear(c.added_embed_dim, temb))
+            self.add_embedding.add_module("act", nn.SiLU())
+            self.add_embedding.add_module("linear_2", nn.Linear(temb, temb))
+        else:
+            self.add_embedding = None
 
         # Down path; remember the width of every activation that is kept as a skip connection.
         skip_widths = [c.model_channels]
@@ -194,25 +231,27 @@ class UNet(nn.Module):
             resnets, attns = [], []
             for _ in range(c.num_res_blocks):
                 resnets.append(res(cin, width))
-                attns.append(transformer(width))
+                if c.attention_levels[level]:
+                    attns.append(transformer(width, c.transformer_depth[level]))
                 cin = width
                 skip_widths.append(width)
             down = None if last else Downsample(width)
             if not last:
                 skip_widths.append(width)
-            self.down_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, down, "downsamplers"))
+            self.down_blocks.append(Level(resnets, attns, down, "downsamplers"))
 
-        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin))
+        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin, c.mid_transformer_depth))
 
         self.up_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             resnets, attns = [], []
             for _ in range(c.num_res_blocks + 1):
                 resnets.append(res(cin + skip_widths.pop(), width))
-                attns.append(transformer(width))
+                if c.attention_levels[level]:
+                    attns.append(transformer(width, c.transformer_depth[level]))
                 cin = width
             up = Upsample(width) if level > 0 else None
-            self.up_blocks.append(Level(resnets, attns if c.attention_levels[level] else None, up, "upsamplers"))
+            self.up_blocks.append(Level(resnets, attns, up, "upsamplers"))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_groups, cin, eps=1e-5)
         self.conv_out = nn.Conv2d(cin, c.out_channels, 3, padding=1)
@@ -225,29 +264,69 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim).
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor | float, y: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents and the embedding every ResBlock reads: the timestep's, plus for SDXL-like configs the
+        added vector ``y``'s. Where y has more rows than x (its own per context: cond and uncond pooled
+        vectors), the embedding differs per context, so the latents are repeated to y's rows from the start."""
+        if (y is None) != (self.add_embedding is None):
+            raise ValueError("this U-Net takes the added vector y (pooled text + micro-conditioning)" if y is None
+                             else "this U-Net has no added embedding: pass y=None")
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        if y is not None and y.shape[0] != x.shape[0]:
+            x, timesteps = repeat_rows(x, y.shape[0]), repeat_rows(timesteps, y.shape[0])
+        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
+        emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
+        if y is not None:
+            emb = emb + self.add_embedding(y.to(emb.dtype))
+        return x, emb
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None, *,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None,
+                level_residuals: list[torch.Tensor] | None = None, image_keys_values: list | None = None
+                ) -> torch.Tensor:
+        """x: (B, in_channels, h, w) latents; timesteps: (B,) or a scalar; context: (k*B, T, context_dim);
+        y: (k*B, added_embed_dim), the added vector of SDXL-like configs (see ``added_vector``).
 
         With k > 1 each latent is denoised under k contexts (rows ordered context-major: all B latents
         under the first, then under the second, ...), as classifier-free guidance asks for. Everything
         before the first cross-attention depends on the latent alone, so it runs once per latent and the
         result is repeated there: the same numbers as a (k*B) batch of repeated latents, for less work
-        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512)."""
+        (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512).
+
+        ``down_residuals`` (one per skip connection, in the order they are made) and ``mid_residual`` are
+        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (one
+        per down level: a T2I-Adapter's features) are added to each level's last activation.
+        ``image_keys_values``: an IP-Adapter's (keys, values, scale), one per cross-attention layer in the order
+        they run (``IPAdapter.keys_values``)."""
         if context.shape[0] % x.shape[0]:
             raise ValueError(f"context has {context.shape[0]} rows for {x.shape[0]} latents; "
                              "it needs the same number or a whole multiple of it")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
-
+        x, emb = self.embed(x, timesteps, y)
         h = self.conv_in(x)
         skips = [h]
-        for block in self.down_blocks:
-            h, outputs = block(h, emb, context, self._run)
+        image_kv = list(reversed(image_keys_values)) if image_keys_values else None  # popped in order
+        for level, block in enumerate(self.down_blocks):
+            h, outputs = block(h, emb, context, self._run,
+                               residual=None if level_residuals is None else level_residuals[level],
+                               image_kv=image_kv)
             skips.extend(outputs)
-        h = self.mid_block(h, emb, context, self._run)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(down_residuals)} tensors for {len(skips)} skip connections")
+            skips = [add_rows(s, r) for s, r in zip(skips, down_residuals)]
+        h = self.mid_block(h, emb, context, self._run, image_kv)
+        if mid_residual is not None:
+            h = add_rows(h, mid_residual)
         for block in self.up_blocks:
-            h, _ = block(h, emb, context, self._run, skips=skips)
+            h, _ = block(h, emb, context, self._run, skips=skips, image_kv=image_kv)
         return self.conv_out(silu(self.conv_norm_out(h)))
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b where one may hold the other's rows repeated for several contexts (see UNet.forward)."""
+    rows = max(a.shape[0], b.shape[0])
+    return repeat_rows(a, rows) + repeat_rows(b, rows)

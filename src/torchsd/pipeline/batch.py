@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..noise import random_seed
+from ..diffusion.denoisers import cat_conditions
 from ..diffusion.samplers import resolve_sampler
+from ..noise import random_seed
 from ..text.prompts import extract_extra_networks
 from . import run as steps
 from .features import FEATURES
@@ -156,9 +157,9 @@ def generate_batch(sd, requests: list[GenerationRequest]):
         # 1. one plan for the group, its seeds those of the requests
         run = steps.plan(sd, first, seeds=[requests[k].seed for k in indices])
         steps.schedule(sd, first, run)
-        run.cond = torch.cat([encoded[k].cond for k in indices]).to(sd.dtype)
+        run.cond = cat_conditions([encoded[k].cond for k in indices]).to(sd.dtype)
         guided = encoded[indices[0]].uncond is not None
-        run.uncond = torch.cat([encoded[k].uncond for k in indices]).to(sd.dtype) if guided else None
+        run.uncond = cat_conditions([encoded[k].uncond for k in indices]).to(sd.dtype) if guided else None
         x = steps.start_latents(sd, first, run)  # 3.
         steps.extra_inputs(sd, run)
         latents = steps.sample(sd, first, run, x, run.sigmas)  # 4.-5.

@@ -16,17 +16,17 @@ from typing import Callable, Iterator
 import torch
 
 from ..checkpoints.embeddings import EmbeddingLibrary
-from ..checkpoints.upscalers import UpscalerLibrary
-from ..models.taesd import TinyAutoencoder
 from ..checkpoints.lora import LoraLibrary
+from ..checkpoints.upscalers import UpscalerLibrary
 from ..config import ModelConfig
 from ..diffusion.denoisers import ModelDenoiser
 from ..diffusion.samplers import Step
 from ..models.clip import CLIP, CLIPTextModel
+from ..models.taesd import TinyAutoencoder
 from ..models.tiling import VAETiling
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
-from ..text.conditioning import Conditioning, encode_prompts
+from ..text.conditioning import Conditioning, encode_prompts, encode_prompts_sdxl
 from ..text.styles import StyleLibrary
 from ..text.tokenizer import CLIPTokenizer
 from . import autoencoding
@@ -41,11 +41,17 @@ class StableDiffusion:
     """The three networks, the tokenizer and the schedule. Build with ``load_pipeline`` or ``from_config``."""
 
     def __init__(self, config: ModelConfig, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, *, name: str = "model", source: Path | None = None):
+                 tokenizer: CLIPTokenizer, *, name: str = "model", source: Path | None = None,
+                 text_encoder_2: CLIPTextModel | None = None):
+        if (text_encoder_2 is None) != (config.text_2 is None):
+            raise ValueError("StableDiffusion: give text_encoder_2 exactly when the config has a second text "
+                             "encoder (SDXL base)")
         self.config = config
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
+        # SDXL base's OpenCLIP bigG (the refiner's bigG is its only encoder, ``text_encoder``)
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
@@ -70,7 +76,7 @@ class StableDiffusion:
         torch.manual_seed(seed)
         tokenizer = CLIPTokenizer(pad_token_id=config.text.pad_token_id)
         return cls(config, UNet(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text), tokenizer,
-                   name=name)
+                   name=name, text_encoder_2=CLIPTextModel(config.text_2) if config.text_2 is not None else None)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, *, device: torch.device | str | None = None,
@@ -84,7 +90,7 @@ class StableDiffusion:
 
         loaded = load_model(path, device=device, dtype=dtype, **options)
         sd = cls(loaded.config, loaded.unet, loaded.vae, loaded.text_encoder, loaded.tokenizer, name=loaded.name,
-                 source=loaded.source)
+                 source=loaded.source, text_encoder_2=loaded.text_encoder_2)
         sd.clip = loaded.clip
         for folder in lora_dirs:
             sd.loras.add_dir(folder)
@@ -101,6 +107,16 @@ class StableDiffusion:
             yield
 
     @property
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        """Every network of the model: U-Net, VAE and the text encoder(s)."""
+        return (self.unet, self.vae) + self.text_encoders
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        """In the order of ``config.text_encoders`` (SDXL base: CLIP-L, then bigG)."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
     def device(self) -> torch.device:
         return self.execution_device or next(self.unet.parameters()).device
 
@@ -109,7 +125,7 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in self.networks:
             model.to(device=device, dtype=dtype)
         return self
 
@@ -131,7 +147,10 @@ class StableDiffusion:
 
     @torch.no_grad()
     def condition(self, prompts: list[str], clip_skip: int | None = None) -> Conditioning:
-        """``encode_prompt`` that also tells which embeddings the prompts used."""
+        """``encode_prompt`` that also tells which embeddings the prompts used (and for SDXL the pooled output)."""
+        if self.config.is_sdxl:  # both encoders' penultimate states; clip_skip does not apply
+            return encode_prompts_sdxl(self.text_encoders, self.tokenizer, prompts, self.embeddings,
+                                       device=self.execution_device)
         return encode_prompts(self.text_encoder, self.tokenizer, prompts, clip_skip or self.config.clip_skip,
                               self.embeddings, device=self.execution_device)
 

@@ -20,13 +20,14 @@ from typing import Callable
 import torch
 
 from ..diffusion.denoisers import Denoise, classifier_free_guidance
-from ..noise import make_generators, random_seed
 from ..diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler, sampler_options
 from ..images import tensor_to_pil
+from ..noise import make_generators, random_seed
 from ..text.prompts import extract_extra_networks
 from .features import Run
 from .features.img2img import IMG2IMG
 from .features.inpaint import INPAINT, inpainting_concat
+from .features.sdxl import SDXL
 from .features.variation import VARIATION
 from .infotext import infotext_for
 from .request import GenerationRequest, GenerationResult
@@ -86,6 +87,8 @@ def image_size(sd, request: GenerationRequest) -> tuple[int, int]:
 def schedule(sd, request: GenerationRequest, run: Run) -> None:
     """The noise levels, the latent shape for the (final) size and how the initial noise is drawn."""
     run.sigmas = build_sigmas(sd.config.schedule, request.steps, run.spec, run.scheduler)
+    for feature in request.active():  # the refiner's hand-off: the first model's part of the levels
+        run.sigmas = feature.cut_sigmas(run.sigmas, sd, request, run)
     f = sd.config.vae.downscale_factor
     run.shape = (run.batch_size, sd.config.vae.latent_channels, run.height // f, run.width // f)
     if request.latents is not None and tuple(request.latents.shape) != run.shape:
@@ -122,7 +125,9 @@ def encode_prompts(sd, request: GenerationRequest, run: Run, prompts: list[str],
     uncond = sd.condition(run.negative_prompts, request.clip_skip) if request.guidance_scale != 1.0 else None
     used = cond.embeddings + (uncond.embeddings if uncond is not None else [])
     run.embeddings = list({e.name: e for e in used}.values())
-    run.cond, run.uncond = cond.context, uncond.context if uncond is not None else None
+    # the context, or for SDXL a Condition that also carries the added vector (pooled text, sizes)
+    run.cond = SDXL.condition(sd, request, run, cond, negative=False)
+    run.uncond = SDXL.condition(sd, request, run, uncond, negative=True) if uncond is not None else None
 
 
 # --- 3. the starting latents ----------------------------------------------------------------------------
@@ -157,12 +162,16 @@ def build_denoiser(sd, request: GenerationRequest, run: Run, observer=None, sigm
     CLIP guidance's result). ``sigmas``: the levels of this sampler loop (default: the run's)."""
     sigmas = run.sigmas if sigmas is None else sigmas
     active = request.active()
+    model = sd.denoiser
+    for feature in active:  # e.g. ControlNet residuals added at every U-Net call
+        model = feature.wrap_model(model, sd, request, run, sigmas)
+    run.model = model
     denoise = None
     for feature in active:  # a feature that guides by itself (prompt editing, AND); the first one that does
         if denoise is None:
             denoise = feature.guidance(sd, request, run, sigmas, observer)
     if denoise is None:
-        denoise = classifier_free_guidance(sd.denoiser, run.cond, run.uncond, request.guidance_scale,
+        denoise = classifier_free_guidance(model, run.cond, run.uncond, request.guidance_scale,
                                            concat=run.concat, observer=observer)
     for feature in reversed(active):
         denoise = feature.wrap_denoiser(denoise, sd, request, run)

@@ -10,36 +10,27 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from ..diffusion import samplers as samplers_module
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedulers import SCHEDULERS
+from ..pipeline.features.hires import UPSCALERS
 from .extras import extras_batch, extras_single, upscalers_list
 from .jobs import run_generation, switch_model
 from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info, read_json
 
 # routes clients probe at start-up that name features torchsd does not have: an empty list each
-EMPTY_LISTS = ("sd-vae", "latent-upscale-modes", "hypernetworks", "face-restorers",
+EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers",
                "realesrgan-models", "script-info", "extensions")
 
 
 def scheduler_items() -> list[dict]:
-    """/schedulers from whatever scheduler registry this build has; 'Automatic' alone otherwise."""
-    registry = getattr(samplers_module, "SCHEDULERS", None)
-    if registry is None:
-        try:
-            from ..diffusion import schedules
+    """/schedulers: A1111's items for each of torchsd's noise schedules ("Automatic" first)."""
+    return [{"name": s.name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": -1.0,
+             "need_inner_model": False} for s in SCHEDULERS.values()]
 
-            registry = getattr(schedules, "SCHEDULERS", None)
-        except ImportError:
-            registry = None
-    items = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1.0,
-              "need_inner_model": False}]
-    for key, value in (registry.items() if isinstance(registry, dict) else []):
-        name = getattr(value, "name", key)
-        if str(name).lower() == "automatic":
-            continue
-        items.append({"name": name, "label": getattr(value, "label", str(name).replace("_", " ").title()),
-                      "aliases": list(getattr(value, "aliases", ()) or ()) or None,
-                      "default_rho": getattr(value, "default_rho", -1.0), "need_inner_model": False})
-    return items
+
+def latent_upscale_modes() -> list[dict]:
+    """/latent-upscale-modes: the hires fix's latent-space upscalers, by their A1111 names."""
+    return [{"name": name} for name, (space, _, _) in UPSCALERS.items() if space == "latent"]
 
 
 def router(state) -> APIRouter:
@@ -99,7 +90,7 @@ def router(state) -> APIRouter:
     @api.get("/samplers")
     def samplers():
         return [{"name": spec.label, "aliases": [spec.name, *spec.aliases], "options": dict(spec.options)}
-                for spec in samplers_module.SAMPLERS.values()]
+                for spec in SAMPLERS.values()]
 
     @api.get("/schedulers")
     def schedulers():
@@ -175,6 +166,10 @@ def router(state) -> APIRouter:
     @api.post("/extra-batch-images")
     async def extra_batch_images(request: Request):
         return await extras(request, extras_batch)
+
+    @api.get("/latent-upscale-modes")
+    def latent_modes():
+        return latent_upscale_modes()
 
     @api.get("/scripts")
     def scripts():

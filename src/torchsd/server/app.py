@@ -58,7 +58,8 @@ class JobFailed(Exception):
 
 # --- errors ---------------------------------------------------------------------------------------------------
 
-def error_response(request_path: str, status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_response(request_path: str, status: int, message: str, kind: str,
+                   headers: dict | None = None) -> JSONResponse:
     if request_path.startswith("/v1/"):  # the shape OpenAI clients read their message from
         content = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
                              "param": None, "code": None}}
@@ -182,7 +183,7 @@ class BodyLimit:
 
 def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, preload: bool = True) -> FastAPI:
     """The app; ``preload`` loads the default model now, so a broken model fails at start, not at first use."""
-    from . import a1111, openai_api
+    from . import a1111, controlnet, openai_api
 
     if registry is None:
         registry = ModelRegistry(config.models_dir, config.model, device=config.device_or_default,
@@ -204,6 +205,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
     add_error_handlers(app)
     app.include_router(a1111.router(state))
     app.include_router(openai_api.router(state))
+    app.include_router(controlnet.router(state))
 
     @app.get("/info")
     def info():

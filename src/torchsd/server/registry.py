@@ -72,7 +72,8 @@ class ModelEntry:
 
 def check_model_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a model name must be a non-empty string; got {name!r}. Pick a title from /sdapi/v1/sd-models")
+        raise ValueError(f"a model name must be a non-empty string; got {name!r}. "
+                         f"Pick a title from /sdapi/v1/sd-models")
     bare = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$", "", name.strip())
     parts = re.split(r"[\\/]", bare)
     if ".." in parts or bare.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", bare) or "\x00" in bare:
@@ -216,6 +217,10 @@ class ModelRegistry:
         sd.name = entry.model_name
         sd.styles = self.styles
         sd.upscalers = self.upscalers
+        if self.models_dir is not None:  # ControlNet models by name, as the A1111 extension finds them
+            from ..pipeline.features.control import control_models
+
+            control_models(sd).add_dir(self.models_dir / "ControlNet")
         if entry.path.is_file() and entry.sha256 is None:
             key = self._hash_key(entry.path)
             if key not in self._hashes:  # hashing reads the whole file: once per (path, mtime, size)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .embedding import Embedding, EmbeddingSource
 from ..models.clip import CLIPTextModel
+from .embedding import Embedding, EmbeddingSource
 from .prompts import parse_prompt_attention
 from .tokenizer import CLIPTokenizer
 
@@ -121,27 +121,42 @@ def split_into_chunks(prompt: str, tokenizer: CLIPTokenizer, matcher: EmbeddingM
 class Conditioning:
     context: torch.Tensor  # (B, 77·k, width)
     embeddings: list[Embedding]  # the embeddings the prompts used, in order of first use
+    pooled: torch.Tensor | None = None  # SDXL: the last encoder's projected pooled output of the first chunk
 
 
 def encode_chunk(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, chunk: PromptChunk, clip_skip: int,
                  device: torch.device) -> torch.Tensor:
     """One chunk -> (1, 77, width): BOS + tokens + EOS, embeddings spliced in, weights applied."""
+    token_ids, token_embeddings = chunk_input(text_encoder, tokenizer, chunk, tokenizer.pad_token_id, device)
+    z = text_encoder(token_ids, clip_skip=clip_skip, token_embeddings=token_embeddings)
+    return apply_weights(z, chunk)
+
+
+def chunk_input(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, chunk: PromptChunk, pad_token_id: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The encoder's input for one chunk: token ids (1, 77), and token vectors where embeddings are spliced in."""
     ids = [tokenizer.bos_token_id] + chunk.tokens + [tokenizer.eos_token_id]
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:  # SD 2 pads with 0 after the first end token
+    if pad_token_id != tokenizer.eos_token_id:  # SD 2 and SDXL's bigG pad with 0 after the first end token
         first_end = ids.index(tokenizer.eos_token_id)
-        ids = ids[:first_end + 1] + [tokenizer.pad_token_id] * (len(ids) - first_end - 1)
+        ids = ids[:first_end + 1] + [pad_token_id] * (len(ids) - first_end - 1)
     token_ids = torch.tensor([ids], device=device)
     token_embeddings = None
     if chunk.fixes:
         token_embeddings = text_encoder.token_embedding(token_ids).clone()
         for position, embedding in chunk.fixes:
-            if embedding.width != token_embeddings.shape[-1]:
+            vectors = embedding.vectors_for(token_embeddings.shape[-1])
+            if vectors is None:
                 raise ValueError(f"embedding {embedding.name!r} ({embedding.path.name}) has vectors of width "
-                                 f"{embedding.width}, but this model's text encoder is {token_embeddings.shape[-1]} "
-                                 f"wide: it was made for another model family (SD 1.x is 768, SD 2.x is 1024)")
+                                 f"{' and '.join(map(str, embedding.widths))}, but this model's text encoder is "
+                                 f"{token_embeddings.shape[-1]} wide: it was made for another model family (SD 1.x "
+                                 f"is 768, SD 2.x is 1024, SDXL files hold 768 and 1280)")
             start = position + 1  # after BOS
-            token_embeddings[0, start:start + embedding.num_vectors] = embedding.vectors.to(token_embeddings)
-    z = text_encoder(token_ids, clip_skip=clip_skip, token_embeddings=token_embeddings)
+            token_embeddings[0, start:start + embedding.num_vectors] = vectors.to(token_embeddings)
+    return token_ids, token_embeddings
+
+
+def apply_weights(z: torch.Tensor, chunk: PromptChunk) -> torch.Tensor:
+    """Each token's output times its weight, then the chunk rescaled to its unweighted mean."""
     weights = [1.0] + chunk.weights + [1.0]
     if any(w != 1.0 for w in weights):
         original_mean = z.float().mean()
@@ -173,3 +188,43 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompt
             missing = (longest - z.shape[1]) // empty.shape[1]
             encoded[prompt] = torch.cat([z] + [empty] * missing, dim=1)
     return Conditioning(torch.cat([encoded[p] for p in prompts]), list(used.values()))
+
+
+def encode_chunk_sdxl(text_encoders: tuple[CLIPTextModel, ...], tokenizer: CLIPTokenizer, chunk: PromptChunk,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL: one chunk through every encoder (each padded as its config says), each one's penultimate states
+    weighted on their own as AUTOMATIC1111 does, concatenated per token -> (1, 77, sum of widths); and the
+    last encoder's projected pooled output (1, projection_dim), which weights do not touch."""
+    states, pooled = [], None
+    for i, encoder in enumerate(text_encoders):
+        token_ids, token_embeddings = chunk_input(encoder, tokenizer, chunk, encoder.config.pad_token_id, device)
+        last = i == len(text_encoders) - 1
+        hidden, pooled_output = encoder.penultimate(token_ids, token_embeddings, pooled=last)
+        states.append(apply_weights(hidden, chunk))
+        pooled = pooled_output if last else pooled
+    return torch.cat(states, dim=-1), pooled
+
+
+def encode_prompts_sdxl(text_encoders: tuple[CLIPTextModel, ...], tokenizer: CLIPTokenizer, prompts: list[str],
+                        embeddings: EmbeddingSource | None = None, device: torch.device | None = None
+                        ) -> Conditioning:
+    """``encode_prompts`` for SDXL: long prompts in 75-token chunks through both encoders, the pooled output
+    from each prompt's first chunk (AUTOMATIC1111's choice)."""
+    device = device or next(text_encoders[0].parameters()).device
+    matcher = EmbeddingMatcher(tokenizer, embeddings) if embeddings is not None and embeddings.dirs else None
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    used: dict[str, Embedding] = {}
+    for prompt in dict.fromkeys(prompts):
+        chunks = split_into_chunks(prompt, tokenizer, matcher)
+        for chunk in chunks:
+            for _, embedding in chunk.fixes:
+                used.setdefault(embedding.name, embedding)
+        parts = [encode_chunk_sdxl(text_encoders, tokenizer, c, device) for c in chunks]
+        encoded[prompt] = torch.cat([z for z, _ in parts], dim=1), parts[0][1]
+    longest = max(z.shape[1] for z, _ in encoded.values())
+    if any(z.shape[1] != longest for z, _ in encoded.values()):
+        empty, _ = encode_chunk_sdxl(text_encoders, tokenizer, split_into_chunks("", tokenizer)[0], device)
+        for prompt, (z, pooled) in encoded.items():
+            encoded[prompt] = torch.cat([z] + [empty] * ((longest - z.shape[1]) // empty.shape[1]), dim=1), pooled
+    return Conditioning(torch.cat([encoded[p][0] for p in prompts]), list(used.values()),
+                        torch.cat([encoded[p][1] for p in prompts]))

@@ -17,6 +17,16 @@ class Embedding:
     name: str
     vectors: torch.Tensor  # (n_vectors, width), float32 on the CPU
     path: Path
+    # SDXL files hold one set per text encoder (clip_l, clip_g): the sets beyond ``vectors``
+    other_vectors: tuple[torch.Tensor, ...] = ()
+
+    def vectors_for(self, width: int) -> torch.Tensor | None:
+        """The vectors for a text encoder of this width (SDXL: CLIP-L's 768 or bigG's 1280); None if none."""
+        return next((v for v in (self.vectors, *self.other_vectors) if v.shape[1] == width), None)
+
+    @property
+    def widths(self) -> list[int]:
+        return [v.shape[1] for v in (self.vectors, *self.other_vectors)]
 
     @property
     def num_vectors(self) -> int:

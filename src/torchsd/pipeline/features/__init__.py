@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from .base import A1111Fields, Feature, Run
 from .clip_guidance import CLIP_GUIDANCE
+from .control import CONTROL
 from .hires import HIRES
 from .img2img import IMG2IMG
 from .inpaint import INPAINT
+from .ip_adapter import IP_ADAPTER
 from .lora import LORA
 from .prompt_editing import PROMPT_EDITING
+from .refiner import REFINER
+from .sdxl import SDXL
 from .step_cost import DEEP_CACHE, TOKEN_MERGING
 from .styles import STYLES
 from .tiling import TILING
 from .variation import VARIATION
 
-FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, PROMPT_EDITING, CLIP_GUIDANCE,
-                                 TILING, DEEP_CACHE, TOKEN_MERGING)
+FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, REFINER, HIRES, LORA, CONTROL, IP_ADAPTER,
+                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING, DEEP_CACHE, TOKEN_MERGING, SDXL)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:

@@ -50,8 +50,9 @@ class Run:
     shape: tuple[int, ...] = ()
     prompts: list[str] = field(default_factory=list)  # per image, extra-network tags removed
     negative_prompts: list[str] = field(default_factory=list)
-    cond: torch.Tensor | None = None
-    uncond: torch.Tensor | None = None
+    # the text context (B, T, W), or for SDXL a diffusion.denoisers.Condition: context + added vector y
+    cond: Any = None
+    uncond: Any = None
     concat: torch.Tensor | None = None  # extra U-Net input channels (inpainting models)
     noise: Callable[[], torch.Tensor] | None = None  # unit initial noise, drawn when called (order of draws)
     embeddings: list = field(default_factory=list)  # textual-inversion embeddings the prompts used
@@ -60,6 +61,7 @@ class Run:
     prompt: str | None = None  # the request's prompts as the run reads them (styles applied), as typed
     negative_prompt: str | None = None
     hires_steps: int | None = None  # while a hires pass samples: its steps (prompt schedules count over them)
+    model: Any = None  # the denoiser model of the current sampler loop: sd.denoiser, or a feature's (ControlNet)
 
     @property
     def batch_size(self) -> int:
@@ -152,11 +154,22 @@ class Feature:
         the infotext."""
         return prompt, negative_prompt
 
+    def cut_sigmas(self, sigmas: torch.Tensor, sd: StableDiffusion, request: GenerationRequest, run: Run
+                   ) -> torch.Tensor:
+        """Step 1, after the levels are built: the levels the first sampler loop visits (the refiner's
+        hand-off keeps the first part and samples the rest itself in ``after_sampling``)."""
+        return sigmas
+
     def encode_prompts(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> bool:
         """Step 2 for a feature that reads the prompts' own syntax (prompt editing, ``AND``): encode
         ``run.prompts``/``run.negative_prompts`` itself, set ``run.cond``/``run.uncond`` to the first step's
         contexts and return True; the first active feature that does so replaces the plain encode."""
         return False
+
+    def wrap_model(self, model, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor):
+        """Step 4, first: the model ``(x, sigma, context, concat) -> x0`` that guidance calls, for the sampler
+        loop over ``sigmas``; a feature that changes every U-Net call (ControlNet's residuals) wraps it."""
+        return model
 
     def guidance(self, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor,
                  observer=None) -> "Denoise | None":

@@ -50,17 +50,19 @@ class PromptContexts:
     """The run's text contexts, one encode per distinct tuple of texts (a batch's prompts encode together,
     as the plain step 2 does, so that the padding of long prompts is the same)."""
 
-    def __init__(self, sd: StableDiffusion, clip_skip: int | None, run: Run):
-        self.sd, self.clip_skip, self.run = sd, clip_skip, run
+    def __init__(self, sd: StableDiffusion, request: GenerationRequest, run: Run):
+        self.sd, self.request, self.clip_skip, self.run = sd, request, request.clip_skip, run
         self.encoded: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def __call__(self, texts: tuple[str, ...]) -> torch.Tensor:
-        if texts not in self.encoded:
+    def __call__(self, texts: tuple[str, ...], negative: bool = False) -> torch.Tensor:
+        if (texts, negative) not in self.encoded:
+            from .sdxl import SDXL  # the context, or for SDXL the context with its added vector
+
             conditioning = self.sd.condition(list(texts), self.clip_skip)
-            self.encoded[texts] = conditioning.context
+            self.encoded[texts, negative] = SDXL.condition(self.sd, self.request, self.run, conditioning, negative)
             known = {e.name for e in self.run.embeddings}
             self.run.embeddings += [e for e in conditioning.embeddings if e.name not in known]
-        return self.encoded[texts]
+        return self.encoded[texts, negative]
 
 
 class PromptEditing(Feature):
@@ -75,7 +77,7 @@ class PromptEditing(Feature):
     def encode_prompts(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> bool:
         if not any(needs_schedule(p) for p in run.prompts) and not any(has_schedule(p) for p in run.negative_prompts):
             return False
-        run.state[self.name] = PromptContexts(sd, request.clip_skip, run)
+        run.state[self.name] = PromptContexts(sd, request, run)
         cond, uncond, weights = self._contexts_at(request, run, 0, self._schedules(request, run))
         run.cond, run.uncond = (cond if weights is None else cond[0]), uncond  # composable: the first sub-prompt's
         return True
@@ -87,6 +89,7 @@ class PromptEditing(Feature):
         schedules = self._schedules(request, run)
         levels = sigmas.to("cpu", torch.float32).tolist()
         built: dict[tuple, object] = {}
+        model = run.model or sd.denoiser  # ControlNet's, where control is on
 
         def denoise(x: torch.Tensor, sigma) -> torch.Tensor:
             step = step_index(levels, sigma)
@@ -94,10 +97,10 @@ class PromptEditing(Feature):
             if key not in built:
                 cond, uncond, weights = self._contexts_at(request, run, step, schedules)
                 if weights is None:
-                    built[key] = classifier_free_guidance(sd.denoiser, cond, uncond, request.guidance_scale,
+                    built[key] = classifier_free_guidance(model, cond, uncond, request.guidance_scale,
                                                           concat=run.concat, observer=observer)
                 else:
-                    built[key] = composable_guidance(sd.denoiser, cond, weights, uncond, request.guidance_scale,
+                    built[key] = composable_guidance(model, cond, weights, uncond, request.guidance_scale,
                                                      concat=run.concat, observer=observer)
             return built[key](x, sigma)
 
@@ -136,7 +139,7 @@ class PromptEditing(Feature):
         positive, negative = self._texts_at(schedules, step)
         composable = any(isinstance(texts, tuple) for texts in positive)
         guided = request.guidance_scale != 1.0 or composable
-        uncond = contexts(negative) if guided else None
+        uncond = contexts(negative, negative=True) if guided else None
         if not composable:
             return contexts(positive), uncond, None
         rows, weights = [], []

@@ -44,7 +44,7 @@ class DeepCache(Feature):
         denoiser = sd.denoiser
         original = denoiser.unet
         if not isinstance(original, UNet):
-            raise ValueError(f"deep_cache_interval needs the plain torchsd U-Net (SD 1.x/2.x); this model's "
+            raise ValueError(f"deep_cache_interval needs the plain torchsd U-Net (SD 1.x/2.x, SDXL); this model's "
                              f"denoiser runs {type(original).__name__} — set deep_cache_interval to 1, or "
                              "load the model without a compiled or offloaded U-Net")
         denoiser.unet = DeepCacheUNet(original, request.deep_cache_interval, request.deep_cache_branch)
@@ -105,7 +105,7 @@ class TokenMerging(Feature):
 
     def model_context(self, sd: StableDiffusion, request: GenerationRequest, run: Run):
         if not isinstance(sd.unet, UNet):
-            raise ValueError(f"tome_ratio needs torchsd's U-Net (SD 1.x/2.x); this model has "
+            raise ValueError(f"tome_ratio needs torchsd's U-Net (SD 1.x/2.x, SDXL); this model has "
                              f"{type(sd.unet).__name__} — set tome_ratio to 0")
         return token_merging(sd.unet, request.tome_ratio, request.tome_max_downsample)
 

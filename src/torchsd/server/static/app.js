@@ -22,15 +22,29 @@ function showError(err) { $("error").textContent = err ? String(err.message || e
 // --- start-up: model list, samplers, the model's native size ---------------------------------------------
 async function init() {
   try {
-    const [info, models, options, samplers] = await Promise.all([
-      api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers")]);
+    const [info, models, options, samplers, styles, latentModes, upscalers] = await Promise.all([
+      api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers"),
+      api("/sdapi/v1/prompt-styles"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
     for (const m of models) $("model").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
+    for (const s of styles) {
+      const option = new Option(s.name, s.name);
+      option.title = [s.prompt, s.negative_prompt && `negative: ${s.negative_prompt}`].filter(Boolean).join("\n");
+      $("styles").add(option);
+    }
+    $("styles").parentElement.hidden = styles.length === 0;
+    $("no-styles").hidden = styles.length > 0;
+    // hires fix: latent upscalers first (A1111's default "Latent"), then Lanczos/Nearest and the network files
+    for (const name of [...latentModes.map((m) => m.name), ...upscalers.map((u) => u.name).filter((n) => n !== "None")]) {
+      $("hr-upscaler").add(new Option(name, name));
+    }
     if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
     $("steps").max = info.limits.max_steps;
     $("batch").max = info.limits.max_images;
   } catch (err) { showError(err); }
 }
+
+$("hires").addEventListener("change", () => { $("hires-box").hidden = !$("hires").checked; });
 
 $("model").addEventListener("change", async () => {
   const title = $("model").value;
@@ -118,7 +132,12 @@ function payload() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     steps: number("steps"), cfg_scale: number("cfg"), seed: number("seed"), width: number("width"),
     height: number("height"), batch_size: number("batch"), n_iter: 1,
+    styles: [...$("styles").selectedOptions].map((o) => o.value), tiling: $("tiling").checked,
   };
+  if ($("hires").checked && $("init-box").hidden) {  // as in A1111, hires fix belongs to text to image
+    Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: number("hr-scale"),
+                          hr_second_pass_steps: number("hr-steps"), denoising_strength: number("hr-strength") });
+  }
   if (!$("init-box").hidden) {
     body.init_images = [$("init-canvas").toDataURL("image/png")];
     body.denoising_strength = number("strength");

@@ -1,0 +1,73 @@
+"""SDXL everywhere: the CLI (generate, --from, convert) and the live server, driven by the real webuiapi client,
+switching between an SD 1.5 model and an SDXL single file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import webuiapi
+from PIL import Image
+
+import torchsd
+from sdxl_reference import original_sdxl_file, random_sdxl
+from serverutil import KEY, Server, one_thread, save_tiny
+from torchsd.cli import main
+from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
+
+
+@pytest.fixture(scope="module")
+def xl_models(tmp_path_factory):
+    """models/sd15/ (a diffusers folder) and models/xl.safetensors (Stability's SDXL layout, no metadata)."""
+    from safetensors.torch import save_file
+
+    models = tmp_path_factory.mktemp("xl-server") / "models"
+    save_tiny(models / "sd15", seed=0)
+    with one_thread():
+        save_file(original_sdxl_file(random_sdxl("sdxl", seed=2)), str(models / "xl.safetensors"))
+    return models
+
+
+def test_cli_generate_from_and_convert(xl_models, tmp_path):
+    out = tmp_path / "xl.png"
+    code = main(["generate", "a cat", "-n", "dog", "--model", str(xl_models / "xl.safetensors"), "--steps", "3",
+                 "--seed", "5", "--size", "32x32", "--original-size", "48x96", "--dtype", "fp32",
+                 "--output", str(out)])
+    assert code == 0 and Image.open(out).size == (32, 32)
+    info = parse_infotext(read_png_infotext(out))
+    assert info["Original size"] == "48x96" and info["Model"] == "xl"
+    again = tmp_path / "again.png"  # the infotext round trip: the same image again
+    assert main(["generate", "--from", str(out), "--model", str(xl_models / "xl.safetensors"), "--dtype", "fp32",
+                 "--output", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert main(["convert", str(xl_models / "xl.safetensors"), str(tmp_path / "xl-folder")]) == 0
+    folder = torchsd.load_pipeline(tmp_path / "xl-folder", dtype=torch.float32)
+    assert folder.config.family == "sdxl" and folder.text_encoder_2 is not None
+
+
+@pytest.fixture(scope="module")
+def xl_server(xl_models):
+    instance = Server(xl_models, "--model", str(xl_models / "sd15"), "--dtype", "fp32")
+    yield instance
+    instance.stop()
+
+
+def test_webuiapi_switches_between_sd15_and_sdxl(xl_server, xl_models):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=xl_server.port, sampler="DDIM", steps=3, username="user",
+                            password=KEY)
+    titles = [m["title"] for m in api.get_sd_models()]
+    assert any(t.startswith("xl") for t in titles) and any(t.startswith("sd15") for t in titles)
+    first = api.txt2img(prompt="a cat", seed=3, width=32, height=32, cfg_scale=5)
+    assert first.info["sd_model_name"] == "sd15"
+    api.util_set_model("xl")
+    assert api.util_get_current_model().startswith("xl")
+    result = api.txt2img(prompt="a cat", negative_prompt="dog", seed=3, width=32, height=32, cfg_scale=5)
+    assert result.image.size == (32, 32) and result.info["sd_model_name"] == "xl"
+    local = torchsd.load_pipeline(xl_models / "xl.safetensors", dtype=torch.float32)
+    with one_thread():
+        expected = local.generate("a cat", "dog", steps=3, sampler="DDIM", seed=3, width=32, height=32,
+                                  guidance_scale=5, eta=1.0)
+    assert np.abs(np.asarray(result.image, dtype=np.int16) - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    api.util_set_model("sd15")
+    back = api.txt2img(prompt="a cat", seed=3, width=32, height=32, cfg_scale=5)
+    assert np.array_equal(np.asarray(back.image), np.asarray(first.image))
