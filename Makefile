@@ -34,6 +34,9 @@ generate: setup
 	$(VENV)/bin/torchsd generate "$(PROMPT)" --output $(OUT)
 
 test: setup
+	# style and layers first (seconds): ruff's rules and line length, and the import layers in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

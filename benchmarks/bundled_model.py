@@ -1,6 +1,7 @@
 """Measure what the bundled model can do (numbers for MODEL_CARD.md).
 
-    .venv/bin/python benchmarks/bundled_model.py [--model PATH] [--clip PATH] [--prompts 200] [--sheet docs/contact-sheet.png]
+    .venv/bin/python benchmarks/bundled_model.py [--model PATH] [--clip PATH] [--prompts 200]
+        [--sheet docs/contact-sheet.png]
 
 1. Prompt adherence on `shapes`: random captions, DDIM 30 steps, guidance 5; a deterministic reader
    (torchsd.training.evaluate) finds background colour, shape colour, kind and grid cell.
@@ -48,7 +49,8 @@ def adherence(sd, n: int, batch: int = 20) -> dict[str, float]:
 @torch.no_grad()
 def reconstruction(sd) -> dict[str, float]:
     out = {}
-    for name, dataset in (("shapes", ShapesDataset(64, length=128, seed=10_001)), ("emoji", EmojiDataset(64, length=128, seed=10_001))):
+    for name, dataset in (("shapes", ShapesDataset(64, length=128, seed=10_001)),
+                          ("emoji", EmojiDataset(64, length=128, seed=10_001))):
         images = torch.stack([dataset[i][0] for i in range(len(dataset))])
         recon = sd.vae.decode(sd.vae.encode(images.to(sd.dtype)).mean).float()
         out[f"vae psnr {name}"] = psnr(recon, images)

@@ -34,12 +34,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from torchsd import StableDiffusion, load_pipeline  # noqa: E402
 from torchsd.accel import optimize  # noqa: E402
 from torchsd.checkpoints.clip import load_clip  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.clip_guidance import LinearLatentDecoder, vae_decoder  # noqa: E402
 from torchsd.models.clip import CLIP  # noqa: E402
-from torchsd import StableDiffusion, load_pipeline  # noqa: E402
 
 PROMPTS = [
     "a red circle on a blue background", "a green square in the top left corner", "a yellow triangle on black",

@@ -13,8 +13,13 @@ from contextlib import contextmanager
 
 import torch
 
-from torchsd.checkpoints.diffusers import (schedule_config_to_diffusers, text_config_to_transformers,
-                                          to_diffusers_keys, unet_config_to_diffusers, vae_config_to_diffusers)
+from torchsd.checkpoints.diffusers import (
+    schedule_config_to_diffusers,
+    text_config_to_transformers,
+    to_diffusers_keys,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 from torchsd.config import ModelConfig
 from torchsd.pipeline import StableDiffusion
 

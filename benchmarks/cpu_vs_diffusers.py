@@ -15,8 +15,8 @@ Phases (each prints torchsd and diffusers side by side, with the ratio torchsd /
 
 torchsd runs as the CLI and the server place it on a CPU: ``runtime.apply_runtime``, which swaps in
 ``accel.optimize``'s fast blocks. "Same precision" means same weight dtype on both sides; each side keeps
-its own default layout (torchsd on CPU: NHWC VAE, NCHW U-Net, see runtime.py; diffusers: NCHW). Peak RSS is sampled every 2 ms
-and given above the shared-weights baseline. The machine may be shared: the calls alternate
+its own default layout (torchsd on CPU: NHWC VAE, NCHW U-Net, see runtime.py; diffusers: NCHW). Peak RSS
+is sampled every 2 ms and given above the shared-weights baseline. The machine may be shared: the calls alternate
 (A B A B …) and the minimum and median are both printed.
 """
 
@@ -32,11 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, PeakRSS, build, compare, diffusers_pipeline, free, gib, load_note  # noqa: E402
-
-from torchsd.pipeline import autoencoding  # noqa: E402
+from torchsd.accel import packed_weights  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
-from torchsd.accel import packed_weights  # noqa: E402
+from torchsd.pipeline import autoencoding  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, wants_prepack  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,8 +178,8 @@ def phase_tiled(sd, size, check_untiled: bool):
 
 
 def phase_batched(sd, size, steps, count):
-    from torchsd.pipeline.batch import generate_batch
     from torchsd.pipeline import GenerationRequest
+    from torchsd.pipeline.batch import generate_batch
 
     requests = [GenerationRequest(prompt=f"{PROMPT}, variation {i}", negative_prompt=NEGATIVE, steps=steps,
                                   width=size, height=size, seed=i) for i in range(count)]

@@ -47,16 +47,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, diffusers_unet  # noqa: E402
 from gpu_sd15 import build  # noqa: E402
-
-from torchsd.pipeline import autoencoding  # noqa: E402
-from torchsd.pipeline.autoencoding import float32_copy  # noqa: E402
+from torchsd.accel import enable_model_offload, enable_sequential_offload  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.denoisers import ModelDenoiser, classifier_free_guidance, sigma_per_image  # noqa: E402
-from torchsd.noise import make_generators, randn  # noqa: E402
 from torchsd.diffusion.samplers import build_sigmas, initial_noise_scale, resolve_sampler, sampler_options  # noqa: E402
 from torchsd.models.tiling import VAETiling  # noqa: E402
-from torchsd.accel import enable_model_offload, enable_sequential_offload  # noqa: E402
-from torchsd.pipeline import GenerationRequest  # noqa: E402
+from torchsd.noise import make_generators, randn  # noqa: E402
+from torchsd.pipeline import GenerationRequest, autoencoding  # noqa: E402
+from torchsd.pipeline.autoencoding import float32_copy  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
 
 GUIDANCE = 7.5

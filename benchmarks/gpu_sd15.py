@@ -23,9 +23,9 @@ eager in the same dtype (PSNR of 8-bit images; max |latent difference|).
 from __future__ import annotations
 
 import argparse
-import functools
 import contextlib
 import dataclasses
+import functools
 import sys
 import tempfile
 import time
@@ -35,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, diffusers_pipeline  # noqa: E402
-
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.diffusion.samplers import build_sigmas, get_sampler, initial_noise_scale  # noqa: E402

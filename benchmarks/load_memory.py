@@ -46,7 +46,8 @@ def write_random_sd15(path: Path, dtype: torch.dtype) -> int:
     meta = single_file_tensors(config, model_states_on_meta(config))
     header, offset, weight_bytes = {}, 0, 0
     for key, value in meta.items():
-        out_dtype = dtype if value.is_floating_point() and key.startswith(("model.", "first_stage", "cond_")) else value.dtype
+        is_network_float = value.is_floating_point() and key.startswith(("model.", "first_stage", "cond_"))
+        out_dtype = dtype if is_network_float else value.dtype
         size = value.numel() * torch.empty((), dtype=out_dtype).element_size()
         header[key] = {"dtype": SAFETENSORS_DTYPES[out_dtype], "shape": list(value.shape),
                        "data_offsets": [offset, offset + size]}
@@ -91,7 +92,8 @@ def main() -> None:
     path = Path(name)
     try:
         weights_mb = write_random_sd15(path, dtype) / 2 ** 20
-        print(f"file {path} ({path.stat().st_size / 2**20:.0f} MiB), network weights {weights_mb:.0f} MiB ({args.dtype})")
+        print(f"file {path} ({path.stat().st_size / 2**20:.0f} MiB), "
+              f"network weights {weights_mb:.0f} MiB ({args.dtype})")
         dtype_name = str(dtype).removeprefix("torch.")  # loaded as stored: no cast, no copy
         results = {label: peak_rss_mb(code, str(path), dtype_name) for label, code in CHILD.items()}
     finally:

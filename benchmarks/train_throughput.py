@@ -59,8 +59,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
             with autocast:
-                loss = denoising_loss(unet, z0, ctx, schedule, per_sample_generators(0, step, list(range(args.batch_size))),
-                                      PredictionType.EPSILON, 5.0)
+                generators = per_sample_generators(0, step, list(range(args.batch_size)))
+                loss = denoising_loss(unet, z0, ctx, schedule, generators, PredictionType.EPSILON, 5.0)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -20,13 +20,13 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from torchsd import GenerationRequest, StableDiffusion, load_pipeline  # noqa: E402
 from torchsd.checkpoints import bundled_model_path  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
 from torchsd.explain.report import explanation_sections, save_figures  # noqa: E402
 from torchsd.explain.toy import run_toy  # noqa: E402
 from torchsd.explain.toy_report import toy_sections  # noqa: E402
 from torchsd.explain.trace import explain  # noqa: E402
-from torchsd import GenerationRequest, StableDiffusion, load_pipeline  # noqa: E402
 
 PROMPT = "a red circle at the top left on a blue background"
 

@@ -34,7 +34,8 @@ def random_reference_models(config: ModelConfig, seed: int = 0, extra_text_layer
     unet_cfg, vae_cfg, text_cfg = diffusers_configs(config)
     torch.manual_seed(seed)
     unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-    text = CLIPTextModel(CLIPTextConfig(**(text_cfg | {"num_hidden_layers": config.text.num_layers + extra_text_layers})))
+    text_layers = config.text.num_layers + extra_text_layers
+    text = CLIPTextModel(CLIPTextConfig(**(text_cfg | {"num_hidden_layers": text_layers})))
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # no parameter left at an initial value (zeros, ones) that hides a mix-up
         for model in (unet, vae, text):
@@ -159,8 +160,12 @@ def original_checkpoint(config: ModelConfig, seed: int = 0, nested_text: bool = 
 def diffusers_from_original(state: dict[str, torch.Tensor], config: ModelConfig):
     """The reference: diffusers' own single-file converters applied to an original-layout state dict."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_cfg, vae_cfg, text_cfg = diffusers_configs(config)
@@ -168,10 +173,14 @@ def diffusers_from_original(state: dict[str, torch.Tensor], config: ModelConfig)
     unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet_cfg), strict=True)
     vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae_cfg), strict=True)
     text = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    converted = convert_ldm_clip_checkpoint(state) if config.family == "sd1" else convert_open_clip_checkpoint(text, state)
+    if config.family == "sd1":
+        converted = convert_ldm_clip_checkpoint(state)
+    else:
+        converted = convert_open_clip_checkpoint(text, state)
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}  # transformers >= 5 is flat
     missing, unexpected = text.load_state_dict(converted, strict=False)
     # SD 2: the OpenCLIP layer SD 2 does not use, and the projection, stay out, as in diffusers' SD 2 loading
-    assert not missing and all(k == "text_projection.weight" or k.startswith(f"encoder.layers.{config.text.num_layers}.")
+    unused_layer = f"encoder.layers.{config.text.num_layers}."
+    assert not missing and all(k == "text_projection.weight" or k.startswith(unused_layer)
                                for k in unexpected), (missing, unexpected)
     return unet.eval(), vae.eval(), text.eval()

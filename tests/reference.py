@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from torchsd.checkpoints.diffusers import (text_config_to_transformers, to_diffusers_keys, unet_config_to_diffusers,
-                                          vae_config_to_diffusers)
+from torchsd.checkpoints.diffusers import (
+    text_config_to_transformers,
+    to_diffusers_keys,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 from torchsd.config import ModelConfig
 from torchsd.pipeline import StableDiffusion
 

@@ -13,8 +13,13 @@ from torchsd.accel import optimize, prepacked
 from torchsd.accel.prepacked import PackableConv2d, Stage, packed_weights, prepacking_available
 from torchsd.models.layers import Upsample
 from torchsd.pipeline import GenerationRequest
-from torchsd.runtime import (RuntimeOptions, add_runtime_arguments, apply_runtime, runtime_options_from_args,
-                             wants_prepack)
+from torchsd.runtime import (
+    RuntimeOptions,
+    add_runtime_arguments,
+    apply_runtime,
+    runtime_options_from_args,
+    wants_prepack,
+)
 
 pytestmark = pytest.mark.skipif(not prepacking_available(), reason="this PyTorch build has no oneDNN")
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import torchsd
+from reference import max_rel_error
 from torchsd.training.data import ShapeSpec
 from torchsd.training.evaluate import read_shape_image
-from reference import max_rel_error
 
 PROMPT = "a red circle at the top left on a blue background"
 

@@ -87,11 +87,13 @@ def test_sd15_single_file_has_the_original_key_set_and_shapes():
     unet_cfg, vae_cfg, _ = diffusers_configs(config)
     with torch.device("meta"):
         from transformers import CLIPTextConfig, CLIPTextModel
+
         from torchsd.checkpoints.diffusers import text_config_to_transformers
 
         expected = unet_to_original(UNet2DConditionModel(**unet_cfg).state_dict(), 2)
         expected |= vae_to_original(AutoencoderKL(**vae_cfg).state_dict(), 4)
-        expected |= clip_to_original(CLIPTextModel(CLIPTextConfig(**text_config_to_transformers(config.text))).state_dict())
+        text = CLIPTextModel(CLIPTextConfig(**text_config_to_transformers(config.text)))
+        expected |= clip_to_original(text.state_dict())
     expected["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77)
     buffers = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
@@ -134,6 +136,7 @@ def test_written_sd2_file_gives_the_same_context_through_its_last_layer(tmp_path
     file (diffusers' converter into a model with one layer more) gets torchsd's penultimate context."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
+
     from torchsd.checkpoints.diffusers import text_config_to_transformers
 
     sd = random_pipeline("sd2")
@@ -195,7 +198,8 @@ def model_and_vae(tmp_path_factory):
     state, _ = original_checkpoint(config, seed=11)
     save_file(state, str(root / "model.safetensors"))
     other, _ = original_checkpoint(config, seed=12)
-    vae_state = {k.removeprefix("first_stage_model."): v for k, v in other.items() if k.startswith("first_stage_model.")}
+    vae_state = {k.removeprefix("first_stage_model."): v for k, v in other.items()
+                 if k.startswith("first_stage_model.")}
     save_file(vae_state, str(root / "vae-original.safetensors"))
     torch.save({"state_dict": vae_state | {"loss.logvar": torch.zeros(())}}, root / "vae-original.ckpt")
     save_file(other, str(root / "whole-model.safetensors"))
@@ -243,7 +247,8 @@ def test_vae_of_another_latent_space_is_refused(model_and_vae, tmp_path):
     wide = dataclasses.replace(config, vae=dataclasses.replace(config.vae, latent_channels=16),
                                unet=dataclasses.replace(config.unet, in_channels=16, out_channels=16))
     state, _ = original_checkpoint(wide, seed=1)
-    save_file({k: v for k, v in state.items() if k.startswith("first_stage_model.")}, str(tmp_path / "vae16.safetensors"))
+    save_file({k: v for k, v in state.items() if k.startswith("first_stage_model.")},
+              str(tmp_path / "vae16.safetensors"))
     with pytest.raises(ValueError, match="16-channel latents.*model needs 4 channels"):
         torchsd.load_pipeline(root / "model.safetensors", vae=tmp_path / "vae16.safetensors", dtype=torch.float32)
     save_file({"foo": torch.zeros(3)}, str(tmp_path / "novae.safetensors"))

@@ -26,7 +26,8 @@ class RunsCode:
 
 
 def random_bytes(size: int, seed: int) -> bytes:
-    return bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8).tolist())
+    gen = torch.Generator().manual_seed(seed)
+    return bytes(torch.randint(0, 256, (size,), generator=gen, dtype=torch.uint8).tolist())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_pickle_that_runs_code_is_refused_and_not_run(tmp_path, sd1_state, conta
         assert zipfile.is_zipfile(path)
     else:  # a legacy (non-zip) checkpoint is a bare pickle stream
         path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
-    with pytest.raises(CheckpointError, match="refused to load: the pickle holds more than tensors \(it would "
+    with pytest.raises(CheckpointError, match=r"refused to load: the pickle holds more than tensors \(it would "
                                               "import posix.system: run code") as err:
         torchsd.load_pipeline(path, dtype=torch.float32)
     assert "weights_only=False" not in str(err.value) and "safetensors" in str(err.value)
@@ -146,8 +147,9 @@ def test_unexpected_keys_are_named(tmp_path, sd1_state):
     state = dict(sd1_state) | {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.lora.weight":
                                torch.zeros(2, 2)}
     save_file(state, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(CheckpointError, match=r"1 unexpected \(first: model\.diffusion_model\.input_blocks\.1\.1\."
-                                               r"transformer_blocks\.0\.attn1\.lora\.weight\) — the file holds a variant"):
+    expected = (r"1 unexpected \(first: model\.diffusion_model\.input_blocks\.1\.1\."
+                r"transformer_blocks\.0\.attn1\.lora\.weight\) — the file holds a variant")
+    with pytest.raises(CheckpointError, match=expected):
         torchsd.load_pipeline(tmp_path / "extra.safetensors", dtype=torch.float32)
 
 

@@ -48,7 +48,8 @@ def case(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(family) / "model.safetensors"
     save_file(state, str(path))
     if prediction == "v_prediction":
-        path.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n    linear_start: 0.00085\n')
+        path.with_suffix(".yaml").write_text(
+            'model:\n  params:\n    parameterization: "v"\n    linear_start: 0.00085\n')
     return config, state, path, diffusers_from_original(state, config)
 
 
@@ -112,7 +113,8 @@ def test_ddim_with_guidance_matches_diffusers_pipeline(case, tmp_path):
     sd.tokenizer.save_pretrained(tmp_path / "tokenizer")
     scheduler = DDIMScheduler(**{k: v for k, v in schedule_config_to_diffusers(config.schedule).items()
                                  if not k.startswith("_")})
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(tmp_path / "tokenizer"),
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -143,7 +145,8 @@ def test_file_variants_load_the_same_weights(sd1_state, tmp_path, variant):
     save_file(state, str(plain))
     if variant.startswith("ckpt"):
         path = tmp_path / "model.ckpt"
-        torch.save({"state_dict": state, "global_step": 470000, "epoch": 6} if variant == "ckpt-nested" else state, path)
+        nested = {"state_dict": state, "global_step": 470000, "epoch": 6}
+        torch.save(nested if variant == "ckpt-nested" else state, path)
         dtype = torch.float32
     elif variant == "old-text-keys":
         path = tmp_path / "old.safetensors"
@@ -160,7 +163,8 @@ def test_file_variants_load_the_same_weights(sd1_state, tmp_path, variant):
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k].to(dtype).float()) for k in got)
     kept = torchsd.load_pipeline(path, dtype=dtype)
-    assert kept.dtype == dtype and torch.equal(kept.unet.conv_in.weight, state["model.diffusion_model.input_blocks.0.0.weight"].to(dtype))
+    conv_in = state["model.diffusion_model.input_blocks.0.0.weight"].to(dtype)
+    assert kept.dtype == dtype and torch.equal(kept.unet.conv_in.weight, conv_in)
 
 
 def test_ema_weights_are_used_only_when_asked(sd1_state, tmp_path):
@@ -172,7 +176,8 @@ def test_ema_weights_are_used_only_when_asked(sd1_state, tmp_path):
               str(path))
     conv_in = state["model.diffusion_model.input_blocks.0.0.weight"]
     assert torch.equal(torchsd.load_pipeline(path, dtype=torch.float32).unet.conv_in.weight, conv_in)
-    assert torch.equal(torchsd.load_pipeline(path, use_ema=True, dtype=torch.float32).unet.conv_in.weight, conv_in + 1.0)
+    from_ema = torchsd.load_pipeline(path, use_ema=True, dtype=torch.float32)
+    assert torch.equal(from_ema.unet.conv_in.weight, conv_in + 1.0)
     plain = tmp_path / "plain.safetensors"
     save_file(state, str(plain))
     with pytest.raises(ValueError, match="use_ema=True but the file holds no EMA copy.*load without use_ema"):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from reference import random_clip, random_pipeline
 from torchsd.cli import build_parser, main
 from torchsd.cli.flags import request_from_args
-from torchsd.diffusion.clip_guidance import (LinearLatentDecoder, clip_guidance, spherical_distance, vae_decoder)
+from torchsd.diffusion.clip_guidance import LinearLatentDecoder, clip_guidance, spherical_distance, vae_decoder
 from torchsd.diffusion.denoisers import classifier_free_guidance
 from torchsd.pipeline import GenerationRequest
 

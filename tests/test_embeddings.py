@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from reference import random_pipeline
 from torchsd.checkpoints.embeddings import load_embedding
 from torchsd.checkpoints.io import CheckpointError
-from torchsd.text.conditioning import split_into_chunks, EmbeddingMatcher
+from torchsd.text.conditioning import EmbeddingMatcher, split_into_chunks
 
 
 @pytest.fixture(scope="module")

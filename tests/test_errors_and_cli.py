@@ -7,10 +7,10 @@ import sys
 import pytest
 from PIL import Image
 
+from reference import random_pipeline
 from torchsd import GenerationRequest
 from torchsd.cli import main
 from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
-from reference import random_pipeline
 
 
 @pytest.mark.parametrize("fields, message", [

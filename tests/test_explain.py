@@ -42,7 +42,8 @@ def explanation(sd, request_):
 
 def test_attention_probabilities_are_the_weights_sdpa_applies():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 12, 16, generator=gen), torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    q = torch.randn(2, 12, 16, generator=gen)
+    k, v = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
     probs = attention_probabilities(q, k, num_heads=4)  # (B, heads, Tq, Tk)
     assert probs.shape == (2, 4, 12, 7)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 12), atol=1e-6)
@@ -70,7 +71,8 @@ def test_watching_cross_attention_changes_nothing_and_leaves_nothing_behind(sd):
         assert name.endswith(".attn2") and shape == (2, H * W, 77)
     transformers = [m for m in sd.unet.modules() if isinstance(m, SpatialTransformer)]
     assert all(not m._forward_pre_hooks for m in transformers)
-    assert all(b.attn2.observer is None and b.attn1.observer is None for m in transformers for b in m.transformer_blocks)
+    assert all(b.attn2.observer is None and b.attn1.observer is None
+               for m in transformers for b in m.transformer_blocks)
 
 
 def test_explanation_keeps_every_step_and_the_guidance_halves(explanation, request_):

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from reference import max_rel_error, pixels, random_pipeline
+from torchsd.accel import fused, optimize
+from torchsd.accel.modules import BandedFeedForward
 from torchsd.config import ScheduleConfig
 from torchsd.diffusion.denoisers import ModelDenoiser
 from torchsd.diffusion.schedules import timestep_of_sigma
-from torchsd.accel import fused, optimize
-from torchsd.accel.modules import BandedFeedForward
 from torchsd.models.layers import attention, set_attention_chunk
 from torchsd.runtime import RuntimeOptions, apply_runtime, default_dtype, runtime_options_from_args
 
@@ -70,7 +70,8 @@ def test_chunked_attention_equals_whole(causal):
 
 def test_chunked_attention_with_a_mask_and_cross_attention():
     gen = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(2, 30, 16, generator=gen), torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    q = torch.randn(2, 30, 16, generator=gen)
+    k, v = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
     mask = torch.randn(2, 1, 30, 7, generator=gen)
     assert torch.allclose(attention(q, k, v, 2, mask=mask, chunk=8), attention(q, k, v, 2, mask=mask), atol=1e-5)
     with pytest.raises(ValueError, match="positive number of queries"):

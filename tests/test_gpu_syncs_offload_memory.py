@@ -6,7 +6,8 @@ The ``gpu`` tests are deselected by default (pyproject's addopts); on a machine 
 
     pytest -m gpu
 
-(``benchmarks/gpu_issue10.sh`` measures the same things with figures, on a lent GPU machine). Without CUDA they skip. The sync recorder's
+(``benchmarks/gpu_issue10.sh`` measures the same things with figures, on a lent GPU machine). Without CUDA
+they skip. The sync recorder's
 self-test and the float16 past-range retry also run on the CPU as ordinary tests. The NaN fallback's other
 cases, tiled-decode closeness and offload's numbers on the CPU are in tests/test_memory.py.
 """

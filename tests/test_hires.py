@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from reference import random_pipeline
-from torchsd.noise import make_generators
 from torchsd.diffusion.variation import variation_noise
-from torchsd.pipeline.features.hires import upscaler_label
+from torchsd.noise import make_generators
 from torchsd.pipeline import GenerationRequest
 from torchsd.pipeline import run as steps
+from torchsd.pipeline.features.hires import upscaler_label
 
 OPTIONS = dict(steps=3, width=16, height=16, seed=12)
 

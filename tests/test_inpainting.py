@@ -11,10 +11,10 @@ from PIL import Image
 
 from reference import random_pipeline
 from torchsd.config import ModelConfig
-from torchsd.noise import make_generators
 from torchsd.images import pil_to_tensor
-from torchsd.pipeline.features.inpaint import binary_mask, gaussian_blur_mask, outpaint_canvas, prepare_inpainting
+from torchsd.noise import make_generators
 from torchsd.pipeline import GenerationRequest, StableDiffusion
+from torchsd.pipeline.features.inpaint import binary_mask, gaussian_blur_mask, outpaint_canvas, prepare_inpainting
 
 OPTIONS = dict(steps=3, seed=7, strength=0.9, guidance_scale=5.0)
 

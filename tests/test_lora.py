@@ -232,7 +232,8 @@ def test_load_pipeline_takes_lora_and_embedding_folders(sd, lora_dir, tmp_path):
 
     sd.save(tmp_path / "model")
     (tmp_path / "embeddings").mkdir()
-    loaded = load_pipeline(tmp_path / "model", lora_dirs=[lora_dir], embedding_dirs=[tmp_path / "embeddings"], dtype=torch.float32)
+    loaded = load_pipeline(tmp_path / "model", lora_dirs=[lora_dir], embedding_dirs=[tmp_path / "embeddings"],
+                           dtype=torch.float32)
     assert list(loaded.loras.files()) == ["style"] and loaded.embeddings.dirs == [tmp_path / "embeddings"]
     with pytest.raises(ValueError, match="LoRA folder '/no/such' does not exist"):
         load_pipeline(tmp_path / "model", lora_dirs=["/no/such"], dtype=torch.float32)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from reference import max_rel_error, optimized, pixels, random_pipeline
-from torchsd.models.tiling import VAETiling, tile_starts, tiled_apply
 from torchsd.accel import enable_model_offload, enable_sequential_offload
+from torchsd.models.tiling import VAETiling, tile_starts, tiled_apply
 
 
 @pytest.mark.parametrize("length, tile, overlap, align", [(100, 40, 8, 1), (1024, 512, 64, 8), (64, 64, 8, 1),

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from reference import (diffusers_unet, diffusers_vae, max_rel_error, random_pipeline,
-                       transformers_text_encoder)
+from reference import diffusers_unet, diffusers_vae, max_rel_error, random_pipeline, transformers_text_encoder
 
 TOL = 1e-4
 

@@ -60,8 +60,8 @@ def test_ddim_text_to_image_matches_diffusers(folder, eta):
     ours = sd.generate(PROMPT, NEGATIVE, steps=12, guidance_scale=6.0, sampler="ddim", eta=eta,
                        width=32, height=32, latents=initial_latents(), seed=0)
     pipe = diffusers_pipeline(folder)
-    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=12, guidance_scale=6.0, eta=eta, width=32, height=32,
-                  latents=initial_latents(), output_type="latent").images
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=12, guidance_scale=6.0, eta=eta,
+                  width=32, height=32, latents=initial_latents(), output_type="latent").images
     assert max_rel_error(ours.latents, theirs) < TOL
 
 
@@ -70,8 +70,8 @@ def test_ddim_with_eta_matches_diffusers_noise_stream(folder):
     ours = sd.generate(PROMPT, NEGATIVE, steps=8, guidance_scale=5.0, sampler="ddim", eta=0.7,
                        width=32, height=32, latents=initial_latents(), seed=123)
     pipe = diffusers_pipeline(folder)
-    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0, eta=0.7, width=32, height=32,
-                  latents=initial_latents(), generator=torch.Generator().manual_seed(123),
+    theirs = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=8, guidance_scale=5.0, eta=0.7,
+                  width=32, height=32, latents=initial_latents(), generator=torch.Generator().manual_seed(123),
                   output_type="latent").images
     assert max_rel_error(ours.latents, theirs) < TOL
 

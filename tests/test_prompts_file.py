@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from reference import max_rel_error, pixels, random_pipeline
-from torchsd.pipeline.batch import batches, generate_batch, read_prompts
 from torchsd.cli import main
-from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 from torchsd.pipeline import GenerationRequest
+from torchsd.pipeline.batch import batches, generate_batch, read_prompts
+from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DEFAULTS = GenerationRequest(prompt="", steps=3, width=32, height=32)
@@ -44,7 +44,8 @@ def test_lines_and_json_lines_become_jobs(tmp_path):
     assert [j.request.seed for j in jobs] == [10, 11, 12, 40]
     assert [j.request.steps for j in jobs] == [3, 5, 5, 3]
     assert jobs[3].request.negative_prompt == "blur"
-    assert [[j.output.name for j in b] for b in batches(jobs, 4)] == [["00000.png", "bird.png"], ["00001.png", "00002.png"]]
+    assert [[j.output.name for j in b] for b in batches(jobs, 4)] == [["00000.png", "bird.png"],
+                                                                    ["00001.png", "00002.png"]]
     assert [len(b) for b in batches(jobs, 1)] == [1, 1, 1, 1]
 
 

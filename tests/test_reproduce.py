@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from reference import random_pipeline
 from torchsd.cli import main
-from torchsd.pipeline.infotext import read_png_infotext, request_fields, save_png
 from torchsd.pipeline import GenerationRequest
+from torchsd.pipeline.infotext import read_png_infotext, request_fields, save_png
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from PIL import Image
 
 from reference import random_pipeline
 from torchsd import GenerationRequest
-from torchsd.noise import make_generators, randn
 from torchsd.diffusion.samplers import SAMPLERS, build_sigmas, resolve_sampler
 from torchsd.diffusion.schedulers import img2img_start
 from torchsd.images import pil_to_tensor
+from torchsd.noise import make_generators, randn
 
 STEPS, SIZE, SEED = 6, 32, 21
 

@@ -65,9 +65,9 @@ def test_webuiapi_img2img_matches_the_pipeline(api, local):
     assert result.info["denoising_strength"] == 0.5
     assert result.parameters["init_images"] is None  # include_init_images=False drops them from the echo
     with one_thread():
-        expected = local.run(GenerationRequest("a house", width=64, height=64, steps=4, guidance_scale=7.0, sampler="ddim",
-                                               eta=1.0, seed=7, init_image=init.resize((64, 64), Image.LANCZOS),
-                                               strength=0.5))
+        expected = local.run(GenerationRequest("a house", width=64, height=64, steps=4, guidance_scale=7.0,
+                                               sampler="ddim", eta=1.0, seed=7,
+                                               init_image=init.resize((64, 64), Image.LANCZOS), strength=0.5))
     assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
     assert "Denoising strength: 0.5" in result.images[0].info["parameters"]
 
@@ -144,7 +144,8 @@ def test_progress_preview_and_interrupt(api):
 
 
 def test_png_info_round_trip(api):
-    image = api.txt2img(prompt="a (blue:1.2) square, sky", negative_prompt="text", width=64, height=64, seed=99).images[0]
+    image = api.txt2img(prompt="a (blue:1.2) square, sky", negative_prompt="text", width=64, height=64,
+                        seed=99).images[0]
     result = api.png_info(image)
     assert result.info == image.info["parameters"]
     params = result.parameters
@@ -170,7 +171,8 @@ def test_samplers_schedulers_loras_embeddings_scripts(api):
 
 def test_a1111_tolerates_what_clients_send(server):
     body = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "sampler_name": None, "sampler_index": "DDIM",
-            "firstphase_width": 0, "seed": None, "negative_prompt": None, "alwayson_scripts": {"ControlNet": {"args": []}},
+            "firstphase_width": 0, "seed": None, "negative_prompt": None,
+            "alwayson_scripts": {"ControlNet": {"args": []}},
             "some_future_field": {"a": 1}, "override_settings": None, "scheduler": "Automatic", "send_images": True}
     with server.client() as client:
         response = client.post("/sdapi/v1/txt2img", json=body)
@@ -194,7 +196,8 @@ def test_a1111_tolerates_what_clients_send(server):
     ({"script_name": "x/y/z plot"}, 422, "script 'x/y/z plot' not found"),
     ({"alwayson_scripts": {"ADetailer": {"args": [{"enabled": True}]}}}, 422, "always-on script 'ADetailer' not found"),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, 422, "ControlNet unit 0: no model"),
-    ({"override_settings": {"sd_model_checkpoint": "nope"}}, 404, "model 'nope' not found; available: 'sub/tiny-b', 'tiny-a'"),
+    ({"override_settings": {"sd_model_checkpoint": "nope"}}, 404,
+     "model 'nope' not found; available: 'sub/tiny-b', 'tiny-a'"),
 ])
 def test_a1111_errors_say_what_to_change(server, change, status, message):
     with server.client() as client:

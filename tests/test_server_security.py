@@ -27,7 +27,8 @@ def all_routes(models_dir) -> list[tuple[str, str]]:
 
 def test_every_route_refuses_requests_without_the_key(server, models_dir):
     routes = all_routes(models_dir)
-    assert len(routes) >= 35 and ("POST", "/sdapi/v1/txt2img") in routes and ("POST", "/v1/images/generations") in routes
+    assert len(routes) >= 35
+    assert ("POST", "/sdapi/v1/txt2img") in routes and ("POST", "/v1/images/generations") in routes
     wrong = [None, ("user", "wrong"), ("", ""), {"Authorization": "Bearer wrong"}, {"Authorization": f"Token {KEY}"},
              {"Authorization": f"Bearer {KEY}x"}]
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -89,7 +90,8 @@ def test_huge_png_is_refused_before_decoding(server):
             response = client.post(path, json=body)
             assert response.status_code == 413, response.text
             # its pixel data is garbage: had the server started decoding, the error would say so instead
-            assert "is 20000x20000 (400000000 pixels), more than the limit of 16777216 pixels" in response.json()["detail"]
+            assert ("is 20000x20000 (400000000 pixels), more than the limit of 16777216 pixels"
+                    in response.json()["detail"])
         response = client.post("/sdapi/v1/png-info", json={"image": small})
         assert response.status_code == 422 and "could not be decoded" in response.json()["detail"]
     assert server.rss_mib() - rss_before < 100  # decoding 20000x20000 RGB would take 1.1 GiB
@@ -160,22 +162,22 @@ def test_serve_refuses_bad_setups_with_exit_code_2(tmp_path, capsys, monkeypatch
 def test_serve_loads_models_as_the_cli_does(tmp_path, monkeypatch):
     """``torchsd serve`` takes the runtime flags it lists (they were once parsed and dropped) and the CLI's
     default dtype, and applies them to every model it loads."""
+    from types import SimpleNamespace
+
     import torch
+    import uvicorn
 
     from torchsd.runtime import RuntimeOptions, default_dtype
     from torchsd.server import app as app_module
     from torchsd.server.registry import ModelRegistry
-
-    from types import SimpleNamespace
-
-    import uvicorn
 
     seen = {}
 
     def fake_app(config):  # what ``run`` reads from the app before it serves
         seen["config"] = config
         current = SimpleNamespace(title="tiny")
-        return SimpleNamespace(state=SimpleNamespace(torchsd=SimpleNamespace(registry=SimpleNamespace(current=current))))
+        registry = SimpleNamespace(current=current)
+        return SimpleNamespace(state=SimpleNamespace(torchsd=SimpleNamespace(registry=registry)))
 
     monkeypatch.setattr(app_module, "create_app", fake_app)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
@@ -189,4 +191,5 @@ def test_serve_loads_models_as_the_cli_does(tmp_path, monkeypatch):
     registry = ModelRegistry(tmp_path, device="cpu", dtype=torch.float32, runtime=config.runtime)
     sd = registry.pipeline()
     assert sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert "prepack" in sd.sampling_hooks and sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1.attention_chunk == 64
+    assert "prepack" in sd.sampling_hooks
+    assert sd.unet.mid_block.attentions[0].transformer_blocks[0].attn1.attention_chunk == 64

@@ -89,7 +89,10 @@ def test_type_a_prompt_generate_and_see_progress_and_image(page, tmp_path):
         const text = document.querySelector('#progress-text'), bar = document.querySelector('#progress');
         window.seen = {steps: [], bars: [], previewDuringRun: false};
         new MutationObserver(() => {
-            if (text.textContent.startsWith('step ')) { window.seen.steps.push(text.textContent); window.seen.bars.push(bar.value); }
+            if (text.textContent.startsWith('step ')) {
+                window.seen.steps.push(text.textContent);
+                window.seen.bars.push(bar.value);
+            }
         }).observe(text, {childList: true, characterData: true, subtree: true});
         new MutationObserver(() => {
             if (text.textContent.startsWith('step ')) window.seen.previewDuringRun = true;

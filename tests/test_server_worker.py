@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 
 from reference import random_pipeline
 from serverutil import KEY, one_thread, save_tiny
+from torchsd import GenerationRequest
 from torchsd.server.app import create_app
 from torchsd.server.config import ServerConfig
 from torchsd.server.jobs import run_generation
 from torchsd.server.registry import ModelRegistry
 from torchsd.server.schema import GenerationJob
 from torchsd.server.worker import Interrupted, QueueFull, Worker
-from torchsd import GenerationRequest
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchsd.training import presets
 from torchsd.checkpoints.clip import save_clip
 from torchsd.checkpoints.components import load_clip, load_vae, save_component
+from torchsd.training import presets
 from torchsd.training.config import TrainConfig, read_toml, write_toml
 from torchsd.training.data import COLORS, POSITIONS, SHAPES, EmojiDataset, ShapesDataset, build_dataset
 
@@ -35,7 +35,8 @@ def test_shape_caption_grammar():
     from torchsd.training.data import ShapeSpec
 
     assert ShapeSpec("circle", "red", "top left", "blue").caption == "a red circle at the top left on a blue background"
-    assert ShapeSpec("square", "orange", "center", "white").caption == "an orange square in the center on a white background"
+    assert (ShapeSpec("square", "orange", "center", "white").caption
+            == "an orange square in the center on a white background")
 
 
 def test_emoji_dataset_or_clear_error(tmp_path):
@@ -197,7 +198,8 @@ def cli(*args):
 
 def unet_args(frozen_parts, output, steps, batch=8, extra=()):
     return ["unet", "--preset", "tiny", "--resolution", "32", "--dataset-size", "64", "--batch-size", str(batch),
-            "--steps", str(steps), "--lr", "1e-3", "--warmup-steps", "1", "--vae", str(frozen_parts / "vae.safetensors"),
+            "--steps", str(steps), "--lr", "1e-3", "--warmup-steps", "1",
+            "--vae", str(frozen_parts / "vae.safetensors"),
             "--clip", str(frozen_parts / "clip.safetensors"), "--output", str(output), "--sample-every", "1000",
             "--ema-decay", "0.9", *extra]
 

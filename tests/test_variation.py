@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from reference import random_pipeline
-from torchsd.noise import make_generators, randn
 from torchsd.diffusion.variation import variation_noise
+from torchsd.noise import make_generators, randn
 from torchsd.pipeline import GenerationRequest
 
 

@@ -1,7 +1,6 @@
 """torchsd: Stable Diffusion written from scratch on PyTorch."""
 
-from .config import (CLIPTextConfig, CLIPVisionConfig, ModelConfig, PredictionType, ScheduleConfig, UNetConfig,
-                     VAEConfig)
+from .config import CLIPTextConfig, CLIPVisionConfig, ModelConfig, PredictionType, ScheduleConfig, UNetConfig, VAEConfig
 from .pipeline import GenerationRequest, GenerationResult, StableDiffusion
 from .pipeline.features.control import ControlUnit
 from .runtime import load_pipeline

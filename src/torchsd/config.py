@@ -231,7 +231,8 @@ class ScheduleConfig:
         object.__setattr__(self, "prediction_type", _enum(PredictionType, self.prediction_type, "prediction_type"))
         object.__setattr__(self, "timestep_spacing", _enum(TimestepSpacing, self.timestep_spacing, "timestep_spacing"))
         if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(f"ScheduleConfig: need 0 < beta_start < beta_end < 1; got {self.beta_start}, {self.beta_end}")
+            raise ValueError(f"ScheduleConfig: need 0 < beta_start < beta_end < 1; "
+                             f"got {self.beta_start}, {self.beta_end}")
         if self.steps_offset < 0:
             raise ValueError(f"ScheduleConfig.steps_offset must be >= 0; got {self.steps_offset}")
 

@@ -11,7 +11,8 @@ from PIL import Image
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoding bigger images is refused before their pixels are read
 
 
-def open_image(source: str | Path | Image.Image, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(source: str | Path | Image.Image, *, what: str = "image",
+               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file (or pass a PIL image through), refusing huge ones before decoding."""
     if isinstance(source, Image.Image):
         image = source

@@ -23,7 +23,6 @@ Defaults, and why (the measurements are in docs/performance.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,7 +279,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps … (default: cuda if available)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
-    p.add_argument("--vae", type=Path, default=None, help="use this VAE instead of the model's (file or diffusers folder)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="use this VAE instead of the model's (file or diffusers folder)")
     p.add_argument("--taesd", "--preview-vae", dest="taesd", type=Path, default=None, metavar="PATH",
                    help="TAESD (taesd_decoder.pth, a folder of taesd_*.pth, or a diffusers AutoencoderTiny folder): "
                         "the server's live previews (default there: <models-dir>/VAE-taesd)")

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.clip import MLP, EncoderLayer, SelfAttention
-from ..models.layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows,
-                             silu)
+from ..models.layers import Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu
 from ..models.unet import CrossAttention, GEGLUFeedForward, SpatialTransformer
 from ..models.vae import SelfAttention2d
 from . import cpu_attention, fused, prepacked, subpixel

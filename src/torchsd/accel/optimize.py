@@ -18,8 +18,16 @@ from ..models.layers import Downsample, ResnetBlock, Upsample
 from ..models.unet import CrossAttention, GEGLUFeedForward, SpatialTransformer
 from ..models.vae import SelfAttention2d
 from . import fused
-from .modules import (BandedFeedForward, FastCrossAttention, FastSelfAttention2d, FusedDownsample,
-                      FusedEncoderLayer, FusedResnetBlock, FusedSpatialTransformer, SubpixelUpsample)
+from .modules import (
+    BandedFeedForward,
+    FastCrossAttention,
+    FastSelfAttention2d,
+    FusedDownsample,
+    FusedEncoderLayer,
+    FusedResnetBlock,
+    FusedSpatialTransformer,
+    SubpixelUpsample,
+)
 from .prepacked import PackableConv2d, is_packing
 
 # plain class -> fast class. Exact types only, so a subclass (a model's own variant of a block) is

@@ -40,21 +40,21 @@ def applies(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(F.interpolate(x, scale_factor=2), weight, bias, padding=1)`` by four 2x2 convolutions."""
     B, C, H, W = x.shape
-    O = weight.shape[0]
+    out_channels = weight.shape[0]
     taps = _TAPS.to(x.device)
     # (3x3 taps, parity, 2x2 taps) of 0s and 1s: exact in any dtype, and a bf16 matmul sums in fp32, so
     # each folded weight is rounded once, as folding in fp32 and casting would
     fold = torch.einsum("pak,qcl->klpqac", taps, taps).reshape(9, 4, 4).to(weight.dtype)
-    w = weight.reshape(O * C, 9)
-    y = torch.empty((B, O, 2 * H, 2 * W), dtype=x.dtype, device=x.device,
+    w = weight.reshape(out_channels * C, 9)
+    y = torch.empty((B, out_channels, 2 * H, 2 * W), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last if fused.is_channels_last(x) else torch.contiguous_format)
-    parities = y.view(B, O, H, 2, W, 2)
+    parities = y.view(B, out_channels, H, 2, W, 2)
     for py in range(2):
         for px in range(2):
-            folded = (w @ fold[:, 2 * py + px]).view(O, C, 2, 2)
+            folded = (w @ fold[:, 2 * py + px]).view(out_channels, C, 2, 2)
             # padded by 1 all round, a 2x2 kernel gives (H+1, W+1) outputs; even rows/columns read
             # pixels i-1 and i (the first H), odd ones i and i+1 (the last H). One parity at a time: the
-            # peak is one (B, O, H+1, W+1) map beside the result, not four
+            # peak is one (B, out_channels, H+1, W+1) map beside the result, not four
             out = F.conv2d(x, folded, bias, padding=1)
             parities[:, :, :, py, :, px] = out[:, :, py:py + H, px:px + W]
     return y

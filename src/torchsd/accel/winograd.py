@@ -42,31 +42,31 @@ def applies(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, gr
 
 def filter_transform(weight: torch.Tensor) -> torch.Tensor:
     """U = G g G^T for every (out, in) pair: (out, in, 3, 3) -> (16, out, in)."""
-    O, C = weight.shape[:2]
-    return (_GG.to(weight.device) @ weight.reshape(O * C, 9).t()).view(16, O, C)
+    out_channels, C = weight.shape[:2]
+    return (_GG.to(weight.device) @ weight.reshape(out_channels * C, 9).t()).view(16, out_channels, C)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1) + residual`` (residual: the output's shape, or (B, O, 1, 1))."""
+    """``F.conv2d(x, weight, bias, padding=1) + residual`` (residual: the output's shape, or (B, out, 1, 1))."""
     B, C, H, W = x.shape
-    O = weight.shape[0]
+    out_channels = weight.shape[0]
     th, tw = H // 2, W // 2
     U = filter_transform(weight)
-    y = torch.empty(B, O, H, W, dtype=x.dtype, device=x.device)
-    # y's 2x2 output blocks as (row parity, column parity, O, B, tile row, tile column)
-    blocks = y.view(B, O, th, 2, tw, 2).permute(3, 5, 1, 0, 2, 4)
+    y = torch.empty(B, out_channels, H, W, dtype=x.dtype, device=x.device)
+    # y's 2x2 output blocks as (row parity, column parity, out_channels, B, tile row, tile column)
+    blocks = y.view(B, out_channels, th, 2, tw, 2).permute(3, 5, 1, 0, 2, 4)
     rows_per_band = max(1, min(th, BAND_BYTES // (16 * C * B * tw * x.element_size())))
     V = torch.empty(16, C, B, rows_per_band, tw, dtype=x.dtype, device=x.device)
-    M = torch.empty(16, O, B * rows_per_band * tw, dtype=x.dtype, device=x.device)
+    M = torch.empty(16, out_channels, B * rows_per_band * tw, dtype=x.dtype, device=x.device)
     for t0 in range(0, th, rows_per_band):
         n = min(rows_per_band, th - t0)
         Vb, Mb = (V, M) if n == rows_per_band else (V[:, :, :, :n], M[:, :, :B * n * tw])
         _input_transform(_padded_rows(x, 2 * t0 - 1, 2 * (t0 + n) + 1), Vb, n, W)
         torch.bmm(U, Vb.reshape(16, C, B * n * tw), out=Mb)
-        _output_transform(Mb.view(4, 4, O, B, n, tw), blocks[:, :, :, :, t0:t0 + n])
+        _output_transform(Mb.view(4, 4, out_channels, B, n, tw), blocks[:, :, :, :, t0:t0 + n])
     if bias is not None:
-        y += bias.view(1, O, 1, 1)
+        y += bias.view(1, out_channels, 1, 1)
     if residual is not None:
         y += residual
     return y

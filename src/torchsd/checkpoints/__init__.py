@@ -60,8 +60,8 @@ def write_bundled_clip(clip: "CLIP", path: str | Path) -> None:
 
 def read_checkpoint(path: str | Path | None = None, *, vae: str | Path | None = None, variant: str | None = None,
                     **options):
-    """Config, {"unet", "vae", "text_encoder"[, "text_encoder_2"]} state dicts in torchsd's names (tensors as stored, memory-
-    mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
+    """Config, {"unet", "vae", "text_encoder"[, "text_encoder_2"]} state dicts in torchsd's names (tensors as
+    stored, memory-mapped), tokenizer and resolved path of a model in any format torchsd reads. ``options`` for single
     files: ``use_ema``, ``prediction_type`` (see ``ldm.read_single_file``). ``vae``: a separate
     autoencoder to use instead of the model's (see ``vae.read_vae``). ``variant`` ("fp16"): a diffusers
     folder's variant weights, as diffusers' ``from_pretrained(variant=...)`` reads them (see

@@ -241,7 +241,8 @@ def _configs_from_metadata(text: str, path: Path) -> tuple[CLIPTextConfig, CLIPV
         data = json.loads(text)
         return CLIPTextConfig(**data["text"]), CLIPVisionConfig(**data["vision"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: the {METADATA_KEY!r} metadata is not a valid pair of CLIP configs: {err}") from None
+        raise CheckpointError(
+            f"{path}: the {METADATA_KEY!r} metadata is not a valid pair of CLIP configs: {err}") from None
 
 
 def load_clip(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import VAEConfig
 from .diffusers import load_into
 from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
-from ..config import VAEConfig
 
 KINDS = {"vae": (VAEConfig,)}
 

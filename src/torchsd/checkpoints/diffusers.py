@@ -264,7 +264,8 @@ def text_config_from_transformers(cfg: dict, pad_token_id: int, bos_token_id: in
 
 def text_config_to_transformers(c: CLIPTextConfig) -> dict:
     return {
-        "architectures": ["CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+        "architectures": ["CLIPTextModelWithProjection" if c.with_projection else "CLIPTextModel"],
+        "model_type": "clip_text_model", "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_positions, "hidden_size": c.width, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "intermediate_size": c.ffn_dim, "hidden_act": c.activation,
         "projection_dim": c.projection_dim, "layer_norm_eps": 1e-5, "attention_dropout": 0.0,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import pickle
 import zipfile
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 

@@ -37,9 +37,9 @@ from ..config import CLIPTextConfig, ModelConfig, PredictionType, UNetConfig, VA
 from . import detect
 from .detect import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from .diffusers import TEXT_PROJECTION, from_diffusers_keys, to_diffusers_keys
+from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")  # in the order of ModelConfig.text_encoders
-from .io import CheckpointError, load_state_dict, safetensors_metadata, save_safetensors
 
 METADATA_KEY = "torchsd_config"
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -55,7 +55,8 @@ OPTIONAL_KEYS = set(SCHEDULE_BUFFERS) | {"logvar", "model_ema.decay", "model_ema
                                          SD2_TEXT_PREFIX + "attn_mask"} | {
     prefix + key for prefix in (detect.XL_CLIP_L_PREFIX, detect.XL_CLIP_L_PREFIX + "text_model.")
     for key in ("embeddings.position_ids",)} | {
-    prefix + key for prefix in (detect.XL_BIGG_PREFIX, detect.XL_REFINER_PREFIX) for key in ("logit_scale", "attn_mask")}
+    prefix + key for prefix in (detect.XL_BIGG_PREFIX, detect.XL_REFINER_PREFIX)
+    for key in ("logit_scale", "attn_mask")}
 OPTIONAL_PREFIXES = ("model_ema.", VAE_PREFIX + "loss.")
 
 
@@ -89,7 +90,8 @@ def unet_blocks(c: UNetConfig) -> list[Block]:
               Block("middle_block.1.", "mid_block.attentions.0."),
               Block("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET)]
     if c.added_embed_dim:  # SDXL: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
-        blocks += [Block("label_emb.0.0.", "add_embedding.linear_1."), Block("label_emb.0.2.", "add_embedding.linear_2.")]
+        blocks += [Block("label_emb.0.0.", "add_embedding.linear_1."),
+                   Block("label_emb.0.2.", "add_embedding.linear_2.")]
     for level in range(levels):
         for j in range(c.num_res_blocks):
             n = 1 + level * per_level + j

@@ -297,7 +297,8 @@ class LoraLibrary(FileLibrary):
     """A pipeline's LoRA folders: ``<lora:name:w>`` names are file names (without suffix) found in them."""
 
     suffixes: ClassVar[tuple[str, ...]] = SUFFIXES
-    missing_folder: ClassVar[str] = "LoRA folder {folder!r} does not exist; give a folder holding .safetensors LoRA files"
+    missing_folder: ClassVar[str] = ("LoRA folder {folder!r} does not exist; "
+                                     "give a folder holding .safetensors LoRA files")
 
     def resolve(self, name_or_path: str | Path) -> Path:
         path = Path(name_or_path)

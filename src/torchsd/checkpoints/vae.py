@@ -15,7 +15,7 @@ import torch
 from ..config import VAEConfig
 from . import detect
 from .diffusers import _read_json, from_diffusers_keys, vae_config_from_diffusers
-from .io import CheckpointError, load_state_dict, has_variant, read_weights, safetensors_metadata
+from .io import CheckpointError, has_variant, load_state_dict, read_weights, safetensors_metadata
 
 # diffusers' VAE attention names before 0.14, still in many published VAE files
 LEGACY_ATTENTION = (("query.", "to_q."), ("key.", "to_k."), ("value.", "to_v."), ("proj_attn.", "to_out.0."))
@@ -75,7 +75,8 @@ def read_vae(path: str | Path, variant: str | None = None) -> tuple[VAEConfig, d
     else:
         raise CheckpointError(f"{path}: holds no autoencoder (no encoder.conv_in.weight, with or without a "
                               f"first_stage_model. prefix); give a VAE file or folder")
-    state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+    vae_prefixes = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+    state = {k: v for k, v in state.items() if k.startswith(vae_prefixes)}
     try:
         if any(k.startswith("encoder.down.") for k in state):
             config = detect.vae_config(state, prefix="")

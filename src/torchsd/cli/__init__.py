@@ -11,7 +11,6 @@ import argparse
 import importlib
 import sys
 
-
 # command modules, in the order `torchsd --help` lists them
 COMMANDS = ["torchsd.cli.generate"]
 EXTRA_COMMANDS: list[str] = [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .flags import add_generation_arguments, load_model, request_from_args
 
+
 def output_paths(output: Path | None, seeds: list[int]) -> list[Path]:
     if output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -57,7 +57,8 @@ def make_cutouts(image: torch.Tensor, size: int, count: int, generator: torch.Ge
     probability 1/2: (count, 3, size, size). Crops span from ``min(H, W, size)`` pixels to the short side.
 
     Many random views, fresh at every step, make the gradient favour what CLIP sees at any position and
-    scale rather than a pattern that fools one fixed view. All randomness comes from ``generator``, so a seed gives the same cut-outs on every device."""
+    scale rather than a pattern that fools one fixed view. All randomness comes from ``generator``, so a
+    seed gives the same cut-outs on every device."""
     H, W = image.shape[-2:]
     max_side, min_side = min(H, W), min(H, W, size)
     uniform = torch.rand(count, 4, generator=generator)  # side, top, left, flip

@@ -40,8 +40,14 @@ import torch
 from ..config import ScheduleConfig, TimestepSpacing
 from .samplers_ddim import sample_ddim, sample_ddpm, sample_lcm, sample_plms, sample_tcd
 from .samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
-from .samplers_karras import (sample_dpm2, sample_dpm2_ancestral, sample_euler, sample_euler_ancestral, sample_heun,
-                              sample_lms)
+from .samplers_karras import (
+    sample_dpm2,
+    sample_dpm2_ancestral,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
 from .samplers_unipc import sample_unipc
 from .schedulers import SCHEDULERS, Scheduler, find_scheduler, get_scheduler, noise_levels, normalise_name
 from .schedules import final_sigma

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from .denoisers import Denoise
 from ..noise import Generators, randn_like
+from .denoisers import Denoise
 from .stepping import Callback, ancestral_step, notify
 
 

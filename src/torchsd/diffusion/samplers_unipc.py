@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from .denoisers import Denoise
 from ..noise import Generators
+from .denoisers import Denoise
 from .stepping import Callback, notify
 
 

@@ -101,7 +101,8 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> torch.
 
 
 def q_sample(config: ScheduleConfig, z0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The forward process in closed form, Ho et al. 2020 eq. (4): z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps.
+    """The forward process in closed form, Ho et al. 2020 eq. (4):
+    z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps.
 
     ``timesteps``: (B,) integer training timesteps, one per sample of ``z0`` (B, ...)."""
     alpha_bar = alphas_cumprod(config)[timesteps.cpu()].to(z0.device, z0.dtype)

@@ -24,10 +24,10 @@ from torch import nn
 
 from ..config import BetaSchedule, ScheduleConfig, TimestepSpacing
 from ..diffusion.denoisers import ModelDenoiser
-from ..noise import Generators, randn
 from ..diffusion.samplers import Callback, Step, build_sigmas, get_sampler, initial_noise_scale, sample_ddpm
 from ..diffusion.schedules import alphas_cumprod, q_sample, training_sigmas
 from ..models.layers import timestep_embedding
+from ..noise import Generators, randn
 
 # Ho et al. 2020's schedule: 1000 steps, betas linear from 1e-4 to 0.02; visited evenly when sampling.
 TOY_SCHEDULE = ScheduleConfig(beta_start=1e-4, beta_end=0.02, beta_schedule=BetaSchedule.LINEAR,
@@ -83,7 +83,8 @@ class AgeHeight:
     def conditional_density(self, height: torch.Tensor, age: float) -> torch.Tensor:
         """f_Height|Age(h | a) = f_Age,Height(a, h) / f_Age(a)."""
         age_t = torch.tensor(float(age), dtype=torch.float64)
-        return _normal_pdf(torch.as_tensor(height, dtype=torch.float64), self.mean_height(age_t), self.height_std(age_t))
+        return _normal_pdf(torch.as_tensor(height, dtype=torch.float64), self.mean_height(age_t),
+                           self.height_std(age_t))
 
     def joint_density(self, age: torch.Tensor, height: torch.Tensor) -> torch.Tensor:
         """f_Age,Height(a, h) = f_Age(a) f_Height|Age(h | a), broadcasting age against height."""

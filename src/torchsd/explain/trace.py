@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..noise import make_generators, randn
 from ..diffusion.samplers import Step, build_sigmas, resolve_sampler
 from ..diffusion.schedules import alphas_cumprod, q_sample
 from ..images import pil_to_tensor
 from ..models.unet import SpatialTransformer, UNet
+from ..noise import make_generators, randn
 from ..pipeline import GenerationRequest, GenerationResult, StableDiffusion
 
 FORWARD_TIMESTEPS = (0, 100, 250, 500, 750, 999)  # as fractions of a 1000-step schedule
@@ -177,7 +177,8 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
     explanation = Explanation(
         request=request, result=result, tokens=tokens, token_positions=positions, init_image=init_image,
         init_latents=init_latents, steps=records,
-        noising=[NoisedLatent(t, float(alphas_cumprod(sd.config.schedule)[t]), z) for t, z in zip(timesteps.tolist(), noised)],
+        noising=[NoisedLatent(t, float(alphas_cumprod(sd.config.schedule)[t]), z)
+                 for t, z in zip(timesteps.tolist(), noised)],
         guidance=guidance,
         attention={size: total / attention_calls[size] for size, total in attention_sum.items()},
         attention_layers=attention_layers,

@@ -15,8 +15,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import UNetConfig
-from .layers import (Downsample, ResnetBlock, Upsample, attention, attention_probabilities, repeat_rows, silu,
-                     timestep_embedding)
+from .layers import (
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    attention,
+    attention_probabilities,
+    repeat_rows,
+    silu,
+    timestep_embedding,
+)
 
 
 class CrossAttention(nn.Module):

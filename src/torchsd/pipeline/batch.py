@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..noise import random_seed
 from ..diffusion.denoisers import cat_conditions
 from ..diffusion.samplers import resolve_sampler
+from ..noise import random_seed
 from ..text.prompts import extract_extra_networks
 from . import run as steps
 from .features import FEATURES

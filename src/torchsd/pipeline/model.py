@@ -16,13 +16,13 @@ from typing import Callable, Iterator
 import torch
 
 from ..checkpoints.embeddings import EmbeddingLibrary
-from ..checkpoints.upscalers import UpscalerLibrary
-from ..models.taesd import TinyAutoencoder
 from ..checkpoints.lora import LoraLibrary
+from ..checkpoints.upscalers import UpscalerLibrary
 from ..config import ModelConfig
 from ..diffusion.denoisers import ModelDenoiser
 from ..diffusion.samplers import Step
 from ..models.clip import CLIP, CLIPTextModel
+from ..models.taesd import TinyAutoencoder
 from ..models.tiling import VAETiling
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL

@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 
 from ..diffusion.denoisers import Denoise, classifier_free_guidance
-from ..noise import make_generators, random_seed
 from ..diffusion.samplers import Step, build_sigmas, initial_noise_scale, resolve_sampler, sampler_options
 from ..images import tensor_to_pil
+from ..noise import make_generators, random_seed
 from ..text.prompts import extract_extra_networks
 from .features import Run
 from .features.img2img import IMG2IMG

@@ -13,10 +13,9 @@ from fastapi.concurrency import run_in_threadpool
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedulers import SCHEDULERS
 from ..pipeline.features.hires import UPSCALERS
-from .schema import read_json
 from .extras import extras_batch, extras_single, upscalers_list
 from .jobs import run_generation, switch_model
-from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info
+from .schema import RequestError, a1111_info, a1111_job, png_base64, png_info, read_json
 
 # routes clients probe at start-up that name features torchsd does not have: an empty list each
 EMPTY_LISTS = ("sd-vae", "hypernetworks", "face-restorers",

@@ -58,7 +58,8 @@ class JobFailed(Exception):
 
 # --- errors ---------------------------------------------------------------------------------------------------
 
-def error_response(request_path: str, status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_response(request_path: str, status: int, message: str, kind: str,
+                   headers: dict | None = None) -> JSONResponse:
     if request_path.startswith("/v1/"):  # the shape OpenAI clients read their message from
         content = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
                              "param": None, "code": None}}

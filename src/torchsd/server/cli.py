@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--models-dir", type=Path, default=None,
                    help="folder of .safetensors/.ckpt files and diffusers folders, with Lora/ and embeddings/")
     p.add_argument("--api-key", default=None,
-                   help=f"require this key on every route (Bearer, or Basic auth password); also read from ${API_KEY_ENV}")
+                   help="require this key on every route (Bearer, or Basic auth password); "
+                        f"also read from ${API_KEY_ENV}")
     p.add_argument("--queue-size", type=int, default=8, help="jobs that may wait; more get 503 (default 8)")
     p.add_argument("--max-side", type=int, default=2048, help="largest width or height in pixels")
     p.add_argument("--max-steps", type=int, default=150)

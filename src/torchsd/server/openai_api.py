@@ -10,9 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
-from .schema import read_json
 from .jobs import run_generation
-from .schema import openai_job, openai_response
+from .schema import openai_job, openai_response, read_json
 
 
 def router(state) -> APIRouter:

@@ -72,7 +72,8 @@ class ModelEntry:
 
 def check_model_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a model name must be a non-empty string; got {name!r}. Pick a title from /sdapi/v1/sd-models")
+        raise ValueError(f"a model name must be a non-empty string; got {name!r}. "
+                         f"Pick a title from /sdapi/v1/sd-models")
     bare = re.sub(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$", "", name.strip())
     parts = re.split(r"[\\/]", bare)
     if ".." in parts or bare.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", bare) or "\x00" in bare:

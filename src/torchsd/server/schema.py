@@ -23,12 +23,12 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from starlette.requests import Request
 
 from .. import __version__
-from ..noise import random_seed
 from ..diffusion.samplers import get_sampler
 from ..images import open_image
-from ..pipeline.infotext import parse_infotext
+from ..noise import random_seed
 from ..pipeline import GenerationRequest
 from ..pipeline.features import FEATURES, A1111Fields
+from ..pipeline.infotext import parse_infotext
 from .config import ServerConfig
 from .registry import ModelEntry, ModelRegistry
 
@@ -75,7 +75,8 @@ def _int(body: dict, name: str, default: int | None) -> int | None:
     value = _get(body, name, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         raise RequestError(f"{name} must be an integer; got {value!r}")
     return int(value)
 
@@ -115,7 +116,8 @@ def png_size(data: bytes) -> tuple[int, int] | None:
 
 def _too_large(what: str, width: int, height: int, max_pixels: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"{what} is {width}x{height} ({width * height} pixels), more than the limit of "
-                           f"{max_pixels} pixels (about {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}); resize it first")
+                           f"{max_pixels} pixels (about {math.isqrt(max_pixels)}x{math.isqrt(max_pixels)}); "
+                           f"resize it first")
 
 
 def decode_image(data: object, what: str, max_pixels: int) -> Image.Image:
@@ -352,7 +354,8 @@ def parse_size(size: object) -> tuple[int | None, int | None]:
     raise RequestError(f"size must look like '512x512' (WIDTHxHEIGHT) or 'auto'; got {size!r}")
 
 
-def openai_job(body: object, *, config: ServerConfig, registry: ModelRegistry, options: dict) -> tuple[GenerationJob, str]:
+def openai_job(body: object, *, config: ServerConfig, registry: ModelRegistry,
+               options: dict) -> tuple[GenerationJob, str]:
     """A GenerationJob and the response format ("b64_json" or "url")."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .embedding import Embedding, EmbeddingSource
 from ..models.clip import CLIPTextModel
+from .embedding import Embedding, EmbeddingSource
 from .prompts import parse_prompt_attention
 from .tokenizer import CLIPTokenizer
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoints.clip import save_clip
 from ..images import tensor_to_pil
 from ..models.clip import CLIP
 from ..text.tokenizer import CLIPTokenizer
 from . import presets
-from ..checkpoints.clip import save_clip
 from .config import TrainConfig
 from .data import build_dataset
 from .distributed import Distributed, all_gather_with_grad
@@ -51,8 +51,9 @@ class CLIPTask:
         self.held_out_captions = [caption for _, caption in items]
 
     def dataset(self):
-        return Indexed(build_dataset(self.config.data, self.config.resolution, self.config.seed, self.config.dataset_size),
-                       self.config.dataset_size)
+        config = self.config
+        return Indexed(build_dataset(config.data, config.resolution, config.seed, config.dataset_size),
+                       config.dataset_size)
 
     def loss(self, model, batch, step):
         _, images, captions = batch
@@ -89,7 +90,8 @@ class CLIPTask:
         with torch.no_grad():
             ids = self.tokenizer(self.held_out_captions[:16]).to(self.dist.device)
             images = self.held_out_images[:16]
-            image = torch.nn.functional.normalize(model.encode_image(model.preprocess(images.to(self.dist.device))), dim=-1)
+            image = torch.nn.functional.normalize(
+                model.encode_image(model.preprocess(images.to(self.dist.device))), dim=-1)
             text = torch.nn.functional.normalize(model.encode_text(ids), dim=-1)
             best = (text @ image.T).argmax(dim=1).cpu()
         save_grid(tensor_to_pil(torch.cat([images, images[best]])), path, columns=16)

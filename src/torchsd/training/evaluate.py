@@ -53,7 +53,8 @@ def read_shape_image(image: Image.Image, threshold: float = 60.0) -> Reading:
     alpha = np.clip(((pixels - bg) @ (fg - bg)) / max(float((fg - bg) @ (fg - bg)), 1.0), 0.0, 1.0)
     if (alpha > 0.5).sum() < 4:
         return Reading(background, color, None, None)
-    cx, cy = (alpha * np.arange(W)[None]).sum() / alpha.sum() / W, (alpha * np.arange(H)[:, None]).sum() / alpha.sum() / H
+    cx = (alpha * np.arange(W)[None]).sum() / alpha.sum() / W
+    cy = (alpha * np.arange(H)[:, None]).sum() / alpha.sum() / H
     col, row = min(int(cx * 3), 2), min(int(cy * 3), 2)
     shape = max(SHAPES, key=lambda kind: overlap(alpha, template(kind, alpha, W * cx, H * cy)))
     return Reading(background, color, shape, POSITIONS[row * 3 + col])

@@ -28,9 +28,12 @@ from .losses import denoising_loss, draw, per_sample_generators
 
 SAMPLE_PROMPTS = [
     "a red circle at the top left on a blue background", "a yellow square in the center on a black background",
-    "a green triangle at the bottom right on a white background", "a blue circle at the center left on an orange background",
-    "a white square at the top right on a purple background", "a purple triangle at the bottom left on a yellow background",
-    "a black circle at the bottom center on a green background", "an orange square at the top center on a red background",
+    "a green triangle at the bottom right on a white background",
+    "a blue circle at the center left on an orange background",
+    "a white square at the top right on a purple background",
+    "a purple triangle at the bottom left on a yellow background",
+    "a black circle at the bottom center on a green background",
+    "an orange square at the top center on a red background",
 ]
 
 
@@ -42,14 +45,15 @@ def frozen_parts(config: TrainConfig) -> StableDiffusion:
         return StableDiffusion.from_checkpoint(config.model)
     vae, clip = load_vae(config.vae), load_clip(config.clip)
     schedule = ScheduleConfig(prediction_type=config.prediction_type)
-    model_config = ModelConfig(unet=presets.unet_config(config.preset, clip.text.config.width, vae.config.latent_channels),
+    unet_config = presets.unet_config(config.preset, clip.text.config.width, vae.config.latent_channels)
+    model_config = ModelConfig(unet=unet_config,
                                vae=vae.config, text=clip.text.config, schedule=schedule, family="sd1",
                                sample_size=config.resolution)
     from ..text.tokenizer import CLIPTokenizer
 
     unet = UNet(model_config.unet)
-    return StableDiffusion(model_config, unet, vae, clip.text, CLIPTokenizer(pad_token_id=clip.text.config.pad_token_id),
-                           name=Path(config.output).name)
+    tokenizer = CLIPTokenizer(pad_token_id=clip.text.config.pad_token_id)
+    return StableDiffusion(model_config, unet, vae, clip.text, tokenizer, name=Path(config.output).name)
 
 
 class LatentDataset(Dataset):
@@ -68,7 +72,8 @@ def cache_latents(sd: StableDiffusion, config: TrainConfig, dist: Distributed) -
     """Encode the dataset once into ``latents.safetensors`` (rank 0 writes, the others wait and read)."""
     path = config.output_dir / "latents.safetensors"
     if dist.is_main and not path.exists():
-        data = Indexed(build_dataset(config.data, config.resolution, config.seed, config.dataset_size), config.dataset_size)
+        data = Indexed(build_dataset(config.data, config.resolution, config.seed, config.dataset_size),
+                       config.dataset_size)
         moments, captions = [], []
         for start in range(0, len(data), 64):
             items = [data[i] for i in range(start, min(start + 64, len(data)))]
@@ -146,8 +151,8 @@ class UNetTask:
         """An inference pipeline around a copy of ``unet`` (the pipeline freezes what it holds)."""
         import copy
 
-        return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, self.sd.text_encoder, self.sd.tokenizer,
-                               name=self.sd.name)
+        return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, self.sd.text_encoder,
+                               self.sd.tokenizer, name=self.sd.name)
 
     def sample(self, model, path: Path) -> None:
         sd = self.pipeline(model)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints.components import save_component
 from ..images import tensor_to_pil
 from ..models.vae import AutoencoderKL
 from . import presets
-from ..checkpoints.components import save_component
 from .config import TrainConfig
 from .data import build_dataset
 from .distributed import Distributed
@@ -58,8 +58,9 @@ class VAETask:
         self.held_out = torch.stack([held_out[i][0] for i in range(len(held_out))])
 
     def dataset(self):
-        return Indexed(build_dataset(self.config.data, self.config.resolution, self.config.seed, self.config.dataset_size),
-                       self.config.dataset_size)
+        config = self.config
+        return Indexed(build_dataset(config.data, config.resolution, config.seed, config.dataset_size),
+                       config.dataset_size)
 
     def loss(self, model, batch, step):
         indices, images, _ = batch

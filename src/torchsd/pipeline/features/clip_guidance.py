@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from ...diffusion import clip_guidance
-from ...noise import make_generators
 from ...models.clip import CLIP
-from .base import GenerationRequest, StableDiffusion, Feature, Run, parse_number
-
+from ...noise import make_generators
+from .base import Feature, GenerationRequest, Run, StableDiffusion, parse_number
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...noise import make_generators
 from ...diffusion.samplers import build_sigmas
 from ...diffusion.schedulers import img2img_start
 from ...images import pil_to_tensor, tensor_to_pil
-from .base import GenerationRequest, StableDiffusion, MAX_SIDE, MAX_STEPS, A1111Fields, Feature, Run, number, parse_number, parse_size_value, size_argument
+from ...noise import make_generators
 from ..upscaling import RESAMPLERS, canonical_name, resize
+from .base import (
+    MAX_SIDE,
+    MAX_STEPS,
+    A1111Fields,
+    Feature,
+    GenerationRequest,
+    Run,
+    StableDiffusion,
+    number,
+    parse_number,
+    parse_size_value,
+    size_argument,
+)
 from .inpaint import inpainting_concat
 from .variation import VARIATION
-
 
 # AUTOMATIC1111's upscaler names -> (space, interpolation mode, antialias)
 UPSCALERS: dict[str, tuple[str, str, bool]] = {
@@ -196,7 +207,8 @@ class Hires(Feature):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--hires", action="store_true", help="hires fix: upscale and run a second pass")
         parser.add_argument("--hires-scale", type=float, default=2.0)
-        parser.add_argument("--hires-size", type=size_argument, default=None, metavar="WxH", help="instead of --hires-scale")
+        parser.add_argument("--hires-size", type=size_argument, default=None, metavar="WxH",
+                            help="instead of --hires-scale")
         parser.add_argument("--hires-upscaler", default="Latent",
                             help="Latent, 'Latent (bicubic)', Lanczos, Nearest …, or a network in --upscalers-dir")
         parser.add_argument("--upscalers-dir", action="append", default=[], type=Path,

@@ -17,8 +17,7 @@ from PIL import Image
 from ...diffusion.schedulers import img2img_start
 from ...images import open_image, pil_to_tensor
 from ..upscaling import resize
-from .base import GenerationRequest, StableDiffusion, A1111Fields, Feature, Run, parse_number
-
+from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion, parse_number
 
 
 @dataclass(frozen=True)

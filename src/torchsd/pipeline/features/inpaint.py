@@ -28,9 +28,8 @@ from PIL import Image, ImageFilter, ImageOps
 
 from ...diffusion.denoisers import Denoise
 from ...images import open_image
-from .base import GenerationRequest, StableDiffusion, A1111Fields, Feature, Run, number, parse_number
+from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion, number, parse_number
 from .img2img import fit_image, resize_mode_of
-
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # AUTOMATIC1111's inpainting_fill 0..3
 
@@ -229,7 +228,8 @@ class Inpaint(Feature):
     def prepare(self, sd, request, run: Run) -> None:
         """The canvas: the init image and mask at the generation size (or padded up to multiples of 8)."""
         inpainting = prepare_inpainting(
-            request.init_image, request.mask, run.width, run.height, explicit_size=bool(request.width or request.height),
+            request.init_image, request.mask, run.width, run.height,
+            explicit_size=bool(request.width or request.height),
             mask_blur=request.mask_blur, invert=request.mask_invert, fill=request.inpainting_fill)
         run.state[self.name] = inpainting
         run.width, run.height = inpainting.size

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ...checkpoints.lora import AppliedLora, merged_loras
 from ...text.prompts import extract_extra_networks
-from .base import GenerationRequest, StableDiffusion, Feature, Run
+from .base import Feature, GenerationRequest, Run, StableDiffusion
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ...noise import random_seed
 from ...diffusion.variation import variation_noise
-from .base import GenerationRequest, MAX_SIDE, A1111Fields, Feature, Run, parse_number, parse_size_value, size_argument
+from ...noise import random_seed
+from .base import MAX_SIDE, A1111Fields, Feature, GenerationRequest, Run, parse_number, parse_size_value, size_argument
 
 
 @dataclass(frozen=True)
