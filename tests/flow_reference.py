@@ -12,23 +12,25 @@ import torch
 
 from reference import _perturb
 
-# the widths diffusers' own SD 3 tests use are smaller still; these keep every join distinct
-CLIP_L = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+# Tiny, but with what single files do not store at its published value, so that the same weights also make
+# readable single files: 64-wide CLIP heads, 128-wide FLUX.1 heads with its (16, 56, 56) rotary axes, T5's bucket
+# distance 128. CLIP-L 64 + bigG 128 = 192 = T5's width.
+CLIP_L = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=1, projection_dim=64,
               hidden_act="quick_gelu")
-CLIP_G = dict(hidden_size=40, intermediate_size=45, num_hidden_layers=2, num_attention_heads=5, projection_dim=40,
+CLIP_G = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, projection_dim=128,
               hidden_act="gelu")
-T5 = dict(d_model=80, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-          relative_attention_max_distance=20)
+T5 = dict(d_model=192, d_kv=16, d_ff=96, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+          relative_attention_max_distance=128)
 VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 64], layers_per_block=1,
            norm_num_groups=32, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
            use_quant_conv=False, use_post_quant_conv=False, sample_size=32)
 SD3_VAE = dict(VAE, scaling_factor=1.5305, shift_factor=0.0609)
 FLUX_VAE = dict(VAE, scaling_factor=0.3611, shift_factor=0.1159)
 MMDIT = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-             num_attention_heads=4, joint_attention_dim=80, caption_projection_dim=32, pooled_projection_dim=72,
+             num_attention_heads=4, joint_attention_dim=192, caption_projection_dim=32, pooled_projection_dim=192,
              pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
-FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=80, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+            num_attention_heads=1, joint_attention_dim=192, pooled_projection_dim=64, axes_dims_rope=(16, 56, 56))
 
 
 def clip_tokenizer(folder: Path, pad: str | None = None):
@@ -115,7 +117,7 @@ def flux_pipeline(work: Path, *, dev: bool = True, seed: int = 0):
     _perturb(transformer, seed, scale=0.05)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    clip_l = dict(CLIP_L, projection_dim=32)
+    clip_l = CLIP_L
     return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(FLUX_VAE, seed + 1),
                         text_encoder=_clip(clip_l, False, seed + 2), tokenizer=clip_tokenizer(work / "tok_l"),
                         text_encoder_2=_t5(seed + 4), tokenizer_2=t5_tokenizer(work / "tok_t5"))

@@ -494,6 +494,9 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
             raise CheckpointError(f"{file}: no such text encoder file")
         names = tensor_names(file)
         if family_of_keys(names) or _is_vae(names):
+            if given:
+                what = "an autoencoder (give it with --vae)" if _is_vae(names) else "a transformer (the model itself)"
+                raise CheckpointError(f"{file}: given as a text encoder, but it is {what}; not a CLIP or T5 encoder")
             continue
         kind = text_kind(dict.fromkeys(names))
         if kind is None:
@@ -569,3 +572,97 @@ def _clip_width(path: Path) -> int:
 
     state = load_state_dict(path)
     return next(v.shape[1] for k, v in state.items() if k.endswith("token_embedding.weight"))
+
+
+# --- writing a diffusers folder ---------------------------------------------------------------------------------
+
+def float_state(module: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A module's state dict with quantized linear weights dequantized (to ``dtype``, default float32)."""
+    from ..models.quantized import QuantizedLinear
+
+    state = {}
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+    for key, value in module.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized:
+            if leaf == "data":
+                state[f"{owner}.weight"] = quantized[owner].quantized_weight().dequantize(dtype or torch.float32)
+            elif leaf == "bias":
+                state[key] = value.to(dtype) if dtype is not None else value
+            continue
+        state[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def write_flow_folder(pipe, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+    """A ``FlowPipeline`` as the diffusers folder ``StableDiffusion3Pipeline`` / ``FluxPipeline.from_pretrained``
+    read (quantized weights written dequantized)."""
+    from . import flux as flux_keys
+    from . import mmdit as mmdit_keys
+    from .diffusers import text_config_to_transformers, to_diffusers_keys, vae_config_to_diffusers
+    from .io import save_safetensors
+    from .t5 import config_to_transformers as t5_config_to_transformers
+    from .t5 import to_transformers as t5_to_transformers
+
+    folder = Path(folder)
+    config, family = pipe.config, pipe.family
+    keys = mmdit_keys if family == "sd3" else flux_keys
+    components: dict[str, list] = {}
+
+    def write(name: str, cfg: dict, tensors: dict, filename: str, library: str, cls: str) -> None:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
+        save_safetensors(tensors, folder / name / filename, metadata={"format": "pt"})
+        components[name] = [library, cls]
+
+    transformer_cfg = {"_class_name": "SD3Transformer2DModel" if family == "sd3" else "FluxTransformer2DModel",
+                       **keys.config_to_diffusers(config.transformer)}
+    if family == "sd3":
+        transformer_cfg["dual_attention_layers"] = list(config.transformer.dual_attention_blocks)
+    write("transformer", transformer_cfg, keys.to_diffusers(float_state(pipe.transformer, dtype), config.transformer),
+          "diffusion_pytorch_model.safetensors", "diffusers", transformer_cfg["_class_name"])
+    write("vae", vae_config_to_diffusers(config.vae, config.sample_size),
+          to_diffusers_keys(float_state(pipe.vae, dtype), "vae"), "diffusion_pytorch_model.safetensors",
+          "diffusers", "AutoencoderKL")
+    roles = ["clip_l", "clip_g"] if family == "sd3" else ["clip_l"]
+    t5_index = 3 if family == "sd3" else 2
+    for i, role in enumerate(roles):
+        name = "text_encoder" if i == 0 else "text_encoder_2"
+        encoder = pipe.text_encoders[role]
+        state = float_state(encoder, dtype)
+        projection = state.pop(TEXT_PROJECTION, None)
+        tensors = to_diffusers_keys({k.removeprefix("text."): v for k, v in state.items()}, "text_encoder")
+        cls = "CLIPTextModelWithProjection" if projection is not None else "CLIPTextModel"
+        if projection is not None:
+            tensors[TEXT_PROJECTION] = projection
+        text_cfg = {**text_config_to_transformers(encoder.config), "architectures": [cls],
+                    "projection_dim": projection.shape[0] if projection is not None else encoder.config.projection_dim}
+        write(name, text_cfg, tensors, "model.safetensors", "transformers", cls)
+        pipe.tokenizers[role].save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+        components[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
+    t5_name, t5_tokenizer_name = f"text_encoder_{t5_index}", f"tokenizer_{t5_index}"
+    t5 = pipe.text_encoders.get("t5")
+    if t5 is not None:
+        t5_cfg = {"architectures": ["T5EncoderModel"], "model_type": "t5", **t5_config_to_transformers(t5.config)}
+        write(t5_name, t5_cfg, t5_to_transformers(float_state(t5, dtype), t5.config), "model.safetensors",
+              "transformers", "T5EncoderModel")
+        (folder / t5_tokenizer_name).mkdir(exist_ok=True)
+        pipe.tokenizers["t5"].backend.save(str(folder / t5_tokenizer_name / "tokenizer.json"))
+        (folder / t5_tokenizer_name / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+            "extra_ids": 0, "model_max_length": config.t5_max_length}, indent=2))
+        components[t5_tokenizer_name] = ["transformers", "T5Tokenizer"]
+    else:
+        components[t5_name] = components[t5_tokenizer_name] = [None, None]
+    schedule = config.schedule
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": schedule.num_train_timesteps,
+        "shift": schedule.shift, "use_dynamic_shifting": schedule.dynamic_shift, "base_shift": schedule.base_shift,
+        "max_shift": schedule.max_shift, "base_image_seq_len": schedule.base_image_seq_len,
+        "max_image_seq_len": schedule.max_image_seq_len}, indent=2))
+    components["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    components.update({"image_encoder": [None, None], "feature_extractor": [None, None]})
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline",
+        "_diffusers_version": "0.42.1", **dict(sorted(components.items()))}, indent=2))
