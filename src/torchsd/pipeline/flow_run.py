@@ -85,6 +85,8 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
                          f"{', '.join(get_sampler(n).label for n in FLOW_SAMPLERS)}")
     if name != spec.name:
         changes["sampler"] = name
+    if request.eta is not None:  # no flow sampler adds noise: an eta (webuiapi always sends one) changes nothing
+        changes["eta"] = None
     if get_scheduler(request.scheduler).name != "automatic":
         raise ValueError(f"schedule type {request.scheduler!r}: flow models step on their own shifted schedule; "
                          f"leave the schedule type automatic (change the shift with flow_shift / --shift)")

@@ -24,7 +24,11 @@ async function init() {
   try {
     const [info, models, options, samplers] = await Promise.all([
       api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers")]);
-    for (const m of models) $("model").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+    const families = { sd1: "SD 1", sd2: "SD 2", sdxl: "SDXL", sd3: "SD 3", flux: "FLUX.1" };
+    for (const m of models) {
+      const label = families[m.family] ? `${m.title} — ${families[m.family]}` : m.title;
+      $("model").add(new Option(label, m.title, false, m.title === options.sd_model_checkpoint));
+    }
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
     if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
     $("steps").max = info.limits.max_steps;
