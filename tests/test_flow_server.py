@@ -14,9 +14,8 @@ import webuiapi
 from PIL import Image
 
 import flow_reference as ref
-from serverutil import KEY, Server, one_thread, save_tiny
-
 import torchsd
+from serverutil import KEY, Server, one_thread, save_tiny
 
 
 @pytest.fixture(scope="module")
