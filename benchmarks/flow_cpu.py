@@ -96,7 +96,7 @@ def bench_mmdit(size: str, dtypes: list[str], repeats: int) -> None:
             theirs = timed(lambda: reference(hidden_states=args[0], timestep=t, encoder_hidden_states=args[2],
                                              pooled_projections=args[3]).sample, repeats, warmup)
         print(f"  {name}: torchsd {mine:8.2f} s   diffusers {theirs:8.2f} s   torchsd/diffusers {mine / theirs:.2f}")
-        del ours
+        ours = None  # the next dtype builds its own
         gc.collect()
 
 
@@ -145,7 +145,8 @@ def bench_gguf(double: int, single: int, dtype_name: str) -> None:
         before = rss_gib()
         start = time.perf_counter()
         found, model = load_transformer(path, dtype=dtype)
-        print(f"  loaded kept quantized in {time.perf_counter() - start:.1f} s: RSS {before:.2f} -> {rss_gib():.2f} GiB")
+        seconds = time.perf_counter() - start
+        print(f"  loaded kept quantized in {seconds:.1f} s: RSS {before:.2f} -> {rss_gib():.2f} GiB")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 64, 64, generator=gen).to(dtype)
     context = torch.randn(1, 512, 4096, generator=gen).to(dtype)
