@@ -247,6 +247,7 @@ def load_pipeline(path: str | Path | None = None, device: torch.device | str | N
     ``runtime``: ``RuntimeOptions`` (defaults: see the module doc). ``taesd``: a TAESD file or folder for
     previews; ``fast_decode``: decode final images with it too. ``options``: see
     ``checkpoints.read_checkpoint`` (``vae=``, ``use_ema=``, ``prediction_type=`` …)."""
+    from .checkpoints.flow_pipeline import flow_family
     from .pipeline import StableDiffusion
 
     runtime = runtime or RuntimeOptions()  # validated before the (slow) load
@@ -255,6 +256,10 @@ def load_pipeline(path: str | Path | None = None, device: torch.device | str | N
                          "AutoencoderTiny folder)")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    if flow_family(path) is not None:  # SD 3 / 3.5 and FLUX.1: pipeline/flow_model.py
+        return load_flow(path, device, dtype, runtime, lora_dirs, embedding_dirs, fast_decode, options)
+    if options.keys() & {"text_encoders", "t5_tokenizer"}:
+        raise ValueError(f"{path}: --text-encoder and --t5-tokenizer are for SD 3 / FLUX.1 single files")
     sd = StableDiffusion.from_checkpoint(path, device="cpu", dtype=dtype, lora_dirs=lora_dirs,
                                          embedding_dirs=embedding_dirs, **options)
     if taesd is not None:
@@ -281,6 +286,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32, fp16 or bf16 (default: fp16 on GPU; bf16 on CPUs with native bf16, else fp32)")
     p.add_argument("--vae", type=Path, default=None,
                    help="use this VAE instead of the model's (file or diffusers folder)")
+    p.add_argument("--text-encoder", dest="text_encoders", type=Path, action="append", default=[], metavar="FILE",
+                   help="SD 3 / FLUX.1 single files: a text encoder file the model lacks (clip_l, clip_g, t5xxl; "
+                        "repeat the flag); default: found in a text_encoder/ folder beside the model")
+    p.add_argument("--t5-tokenizer", type=Path, default=None, metavar="PATH",
+                   help="SD 3 / FLUX.1 single files: T5's tokenizer.json (or a folder with one)")
     p.add_argument("--taesd", "--preview-vae", dest="taesd", type=Path, default=None, metavar="PATH",
                    help="TAESD (taesd_decoder.pth, a folder of taesd_*.pth, or a diffusers AutoencoderTiny folder): "
                         "the server's live previews (default there: <models-dir>/VAE-taesd)")
@@ -292,9 +302,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace):
     """``load_pipeline`` with the flags of ``add_model_arguments``."""
     options = runtime_options_from_args(args)  # validate before the (slow) load
+    flow = {name: getattr(args, name) for name in ("text_encoders", "t5_tokenizer") if getattr(args, name, None)}
     return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None),
                          variant=getattr(args, "variant", None), taesd=getattr(args, "taesd", None),
-                         fast_decode=getattr(args, "fast_decode", False))
+                         fast_decode=getattr(args, "fast_decode", False), **flow)
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -306,3 +317,22 @@ def parse_dtype(text: str) -> torch.dtype:
         return DTYPES[text.lower()]
     except KeyError:
         raise argparse.ArgumentTypeError(f"dtype must be one of fp32, fp16, bf16; got {text!r}") from None
+
+
+def load_flow(path, device: torch.device, dtype: torch.dtype, runtime: RuntimeOptions, lora_dirs, embedding_dirs,
+              fast_decode: bool, options: dict):
+    """``load_pipeline`` for SD 3 / 3.5 and FLUX.1 (``pipeline.flow_model``): the model placed on ``device`` in
+    ``dtype``. The U-Net speed-ups and memory savers of ``RuntimeOptions`` are not wired to these models yet;
+    a TAESD is not used (previews decode with the model's VAE)."""
+    from .pipeline.flow_model import load_flow_pipeline
+
+    unsupported = [name for name, value in (("offload", runtime.offload != "none"), ("compile", runtime.compile),
+                                            ("prepack", runtime.prepack), ("fast_decode", fast_decode)) if value]
+    if unsupported:
+        raise ValueError(f"{path}: {', '.join(unsupported)} is not available for SD 3 / FLUX.1 models yet; drop it")
+    pipe = load_flow_pipeline(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
+                              **options)
+    for network in pipe.networks:
+        set_attention_chunk(network, runtime.attention_chunk)
+    pipe.vae_tiling = runtime.vae_tiling
+    return pipe

@@ -23,11 +23,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "eps", "v_prediction", "v"],
                    help="for single files whose type the tensors cannot reveal (SD 2 768 px models: v)")
     p.add_argument("--use-ema", action="store_true", help="take the U-Net's EMA weights (model_ema.*) from the input")
+    p.add_argument("--text-encoder", dest="text_encoders", type=Path, action="append", default=[], metavar="FILE",
+                   help="SD 3 / FLUX.1 single files: a text encoder file the model lacks (repeat the flag)")
+    p.add_argument("--t5-tokenizer", type=Path, default=None, metavar="PATH",
+                   help="SD 3 / FLUX.1 single files: T5's tokenizer.json (or a folder with one)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import convert_checkpoint
+    from ..checkpoints.flow_pipeline import flow_family
+
+    if flow_family(args.input) is not None:
+        return convert_flow(args)
+    if args.text_encoders or args.t5_tokenizer is not None:
+        raise ValueError("--text-encoder and --t5-tokenizer are for SD 3 / FLUX.1 single files")
 
     options = {}
     if args.prediction_type is not None:
@@ -40,4 +50,25 @@ def run(args: argparse.Namespace) -> int:
     config = convert_checkpoint(args.input, args.output, format=args.format, dtype=args.dtype, vae=args.vae,
                                 variant=args.variant, **options)
     print(f"{args.output}  ({config.family.upper()}, {config.schedule.prediction_type.value})")
+    return 0
+
+
+def convert_flow(args: argparse.Namespace) -> int:
+    """An SD 3 / 3.5 or FLUX.1 model (single files, fp8 and GGUF dequantized) -> a diffusers folder."""
+    import torch
+
+    from ..pipeline.flow_model import load_flow_pipeline
+
+    if args.format == "single-file" or (args.format is None and args.output.suffix in (".safetensors", ".ckpt")):
+        raise ValueError(f"{args.input}: SD 3 / FLUX.1 models are written as diffusers folders; give a folder as "
+                         f"OUTPUT (or --to diffusers)")
+    if args.prediction_type is not None or args.use_ema:
+        raise ValueError("--prediction-type and --use-ema are for SD 1/2 single files")
+    if args.output.exists() and args.output.resolve() == args.input.resolve():
+        raise ValueError(f"{args.output}: the output would overwrite the input; choose another path")
+    # bfloat16 unless --dtype: what these models are published in (float32 would double a 12 B model)
+    pipe = load_flow_pipeline(args.input, device="cpu", dtype=args.dtype or torch.bfloat16, variant=args.variant,
+                              vae=args.vae, text_encoders=args.text_encoders, t5_tokenizer=args.t5_tokenizer)
+    pipe.save(args.output, dtype=args.dtype)
+    print(f"{args.output}  ({pipe.config.label}, diffusers folder)")
     return 0

@@ -22,13 +22,13 @@ from ..checkpoints.upscalers import UpscalerLibrary
 from ..runtime import RuntimeOptions, load_pipeline
 from ..text.styles import StyleLibrary
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 / SD 3.5 transformers
 ADDON_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 LORA_FOLDER, EMBEDDINGS_FOLDER, UPSCALER_FOLDER, TAESD_FOLDER = "Lora", "embeddings", "ESRGAN", "VAE-taesd"
 STYLES_FILE = "styles.csv"
 # folders of other kinds of weights, never offered as models
 SIDE_FOLDERS = {LORA_FOLDER.lower(), EMBEDDINGS_FOLDER.lower(), "vae", "controlnet", "hypernetworks", "esrgan",
-                TAESD_FOLDER.lower()}
+                TAESD_FOLDER.lower(), "text_encoder", "text_encoders", "clip"}  # the last three: SD 3 / FLUX.1 parts
 MAX_DEPTH = 4
 
 
@@ -64,10 +64,41 @@ class ModelEntry:
             names |= {self.sha256, self.sha256[:10]}
         return names
 
+    @property
+    def family(self) -> str | None:
+        """"sd1", "sd2", "sdxl", "sd3" or "flux", read from the folder's or file's names (None: not known)."""
+        if not hasattr(self, "_family"):
+            self._family = model_family(self.path)
+        return self._family
+
     def describe(self) -> dict:
-        """The /sd-models item."""
+        """The /sd-models item (``family``: torchsd's addition, for the web page's model picker)."""
         return {"title": self.title, "model_name": self.model_name, "hash": self.short_hash, "sha256": self.sha256,
-                "filename": str(self.path), "config": None}
+                "filename": str(self.path), "config": None, "family": self.family}
+
+
+def model_family(path: Path) -> str | None:
+    """The model family of a checkpoint, from model_index.json or the file's tensor names (headers only)."""
+    import json
+
+    from ..checkpoints.flow_pipeline import flow_family, tensor_names
+
+    flow = flow_family(path)
+    if flow is not None:
+        return flow
+    if path.is_dir():
+        try:
+            name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            text = json.loads((path / "text_encoder" / "config.json").read_text())
+        except (OSError, ValueError, AttributeError):
+            return None
+        return "sdxl" if "XL" in name else "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+    names = tensor_names(path)
+    if not names:
+        return None
+    if any(n.startswith("conditioner.embedders.") for n in names):
+        return "sdxl"
+    return "sd2" if any(n.startswith("cond_stage_model.model.") for n in names) else "sd1"
 
 
 def check_model_name(name: object) -> str:

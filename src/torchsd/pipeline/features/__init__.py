@@ -6,6 +6,7 @@ from __future__ import annotations
 from .base import A1111Fields, Feature, Run
 from .clip_guidance import CLIP_GUIDANCE
 from .control import CONTROL
+from .flow import FLOW
 from .hires import HIRES
 from .img2img import IMG2IMG
 from .inpaint import INPAINT
@@ -20,7 +21,7 @@ from .tiling import TILING
 from .variation import VARIATION
 
 FEATURES: tuple[Feature, ...] = (STYLES, IMG2IMG, INPAINT, VARIATION, REFINER, HIRES, LORA, CONTROL, IP_ADAPTER,
-                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING, DEEP_CACHE, TOKEN_MERGING, SDXL)
+                                  PROMPT_EDITING, CLIP_GUIDANCE, TILING, DEEP_CACHE, TOKEN_MERGING, SDXL, FLOW)
 
 _OWNER: dict[str, Feature] = {}
 for _feature in FEATURES:

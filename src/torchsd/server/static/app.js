@@ -25,7 +25,11 @@ async function init() {
     const [info, models, options, samplers, styles, latentModes, upscalers] = await Promise.all([
       api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers"),
       api("/sdapi/v1/prompt-styles"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
-    for (const m of models) $("model").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+    const families = { sd1: "SD 1", sd2: "SD 2", sdxl: "SDXL", sd3: "SD 3", flux: "FLUX.1" };
+    for (const m of models) {
+      const label = families[m.family] ? `${m.title} — ${families[m.family]}` : m.title;
+      $("model").add(new Option(label, m.title, false, m.title === options.sd_model_checkpoint));
+    }
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
     for (const s of styles) {
       const option = new Option(s.name, s.name);

@@ -1,0 +1,102 @@
+"""The real server serving SD 3 and FLUX.1 models beside an SD 1 model, driven by the real clients (webuiapi,
+openai): the model list tells the families, sd_model_checkpoint switches between them, txt2img/img2img and
+the OpenAI images endpoint give the in-process pipeline's images, and a sampler flow models do not run is
+refused with the ones that do."""
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+import torch
+import webuiapi
+from PIL import Image
+
+import flow_reference as ref
+import torchsd
+from serverutil import KEY, Server, one_thread, save_tiny
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    work = tmp_path_factory.mktemp("flow_server")
+    models = work / "models"
+    save_tiny(models / "tiny-sd", seed=0)
+    with one_thread():
+        ref.saved(ref.flux_pipeline(work), models / "flux-dev")
+        ref.saved(ref.sd3_pipeline(work), models / "sd35")
+    return models
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    instance = Server(models, "--model", str(models / "tiny-sd"), "--dtype", "fp32")
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler", steps=2, username="user",
+                             password=KEY)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def local(models, name):
+    return torchsd.load_pipeline(models / name, "cpu", torch.float32)
+
+
+def test_the_model_list_tells_the_families(server):
+    with server.client() as client:
+        listed = {m["title"]: m["family"] for m in client.get("/sdapi/v1/sd-models").json()}
+    assert listed == {"flux-dev": "flux", "sd35": "sd3", "tiny-sd": "sd1"}
+
+
+def test_switch_to_flux_and_txt2img_equals_the_pipeline(api, models):
+    api.util_set_model("flux-dev")
+    assert api.get_options()["sd_model_checkpoint"] == "flux-dev"
+    result = api.txt2img(prompt="an astronaut", width=32, height=32, seed=21, cfg_scale=7.0)
+    text = result.images[0].info["parameters"]
+    assert result.images[0].size == (32, 32) and "Distilled CFG Scale: 3.5" in text and "CFG scale: 1.0" in text
+    with one_thread():
+        expected = local(models, "flux-dev").generate("an astronaut", width=32, height=32, steps=2, seed=21,
+                                                      guidance_scale=7.0)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    assert text == expected.infotexts[0]
+
+
+def test_sd3_img2img_through_webuiapi(api, models):
+    api.util_set_model("sd35")
+    init = Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype(np.uint8)).convert("RGB")
+    result = api.img2img(images=[init], prompt="a house", width=32, height=32, denoising_strength=0.5, seed=7,
+                         steps=4, cfg_scale=4.0)
+    with one_thread():
+        expected = local(models, "sd35").generate("a house", width=32, height=32, steps=4, seed=7, guidance_scale=4.0,
+                                                  init_image=init, strength=0.5)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    assert "Denoising strength: 0.5" in result.images[0].info["parameters"]
+
+
+def test_openai_images_from_a_flow_model(server, models):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    result = client.images.generate(prompt="a red chair", model="flux-dev", size="32x32", response_format="b64_json",
+                                    extra_body={"steps": 2, "seed": 4, "distilled_cfg_scale": 2.0})
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.size == (32, 32) and "Distilled CFG Scale: 2" in image.text["parameters"]
+
+
+def test_flow_model_refuses_a_noise_adding_sampler_with_the_ones_that_work(server):
+    with server.client() as client:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "flux-dev"})
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 32, "height": 32, "steps": 2,
+                                                          "sampler_name": "Euler a"})
+        assert response.status_code == 422
+        assert "Euler, Heun, DPM++ 2M, UniPC" in response.json()["detail"]
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd"})  # and back to SD 1
+        back = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 1,
+                                                      "sampler_name": "Euler a"})
+        assert back.status_code == 200
