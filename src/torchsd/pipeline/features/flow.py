@@ -1,6 +1,6 @@
 """The options only flow-matching models (SD 3 / 3.5, FLUX.1) read: FLUX.1-dev's distilled guidance and a
-schedule shift in place of the model's own. Their run is ``pipeline/flow_run.py``; an SD 1/2 model given
-them refuses, saying why.
+schedule shift in place of the model's own. Their run is ``pipeline/flow_run.py``; an SD 1/2 or SDXL model
+given them refuses, saying why.
 
 ``distilled_cfg_scale``: the guidance scale FLUX.1-dev was distilled to take as an input (embedded like a
 timestep); one network call per step, unlike classifier-free guidance. Default 3.5 (diffusers' and Forge's);
@@ -47,7 +47,7 @@ class Flow(Feature):
     def prepare(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> None:
         # reached only in the U-Net run: the flow run reads these options itself
         raise ValueError("distilled_cfg_scale and flow_shift are options of flow-matching models (SD 3 / 3.5, "
-                         "FLUX.1); this model is Stable Diffusion 1/2: drop them")
+                         "FLUX.1); this model is a U-Net one (SD 1/2 or SDXL): drop them")
 
     def infotext_params(self, sd, request, run, index) -> dict:
         options = request.options(self)
