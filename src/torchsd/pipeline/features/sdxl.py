@@ -150,7 +150,7 @@ class SDXLConditioning(Feature):
         return fields
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("SDXL micro-conditioning")
+        group = parser  # the CLI already gives each feature its own argument group
         for name, _, kind in INFOTEXT:
             flag = "--" + name.replace("_", "-").replace("crops-coords-", "crop-")
             if kind == "size":
