@@ -10,8 +10,9 @@ and example inputs, reshaped to the benchmark's static shapes and compiled for t
 precision hint f32 or bf16, one stream, the same thread count as torchsd (``--threads``; default torch's).
 
 torchsd runs as the CLI and the server place it on a CPU (``runtime.apply_runtime``: ``accel.optimize``'s
-fast blocks), in float32 or with bfloat16 weights; with ``--compile``, its U-Net also goes through
-``accel.compile_for_cpu`` (Inductor with frozen weights). "Same precision": torchsd's weights in the dtype,
+fast blocks), in float32 or with bfloat16 weights; with ``--compile``, its U-Net also goes through Inductor
+with frozen weights (``runtime.compile_unet(freeze=True)``, as ``RuntimeOptions(compile=..., freeze=True)``),
+timed beside the eager one. "Same precision": torchsd's weights in the dtype,
 OpenVINO's f32 model compiled with that inference precision.
 
 Phases (each line: torchsd and OpenVINO, min and median of interleaved calls, the ratio torchsd / OpenVINO):
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, build, compare, diffusers_pipeline, free, gib, load_note  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.pipeline import autoencoding  # noqa: E402
-from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
+from torchsd.runtime import RuntimeOptions, apply_runtime, compile_unet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OV_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -63,12 +64,16 @@ class _DecoderCall(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def openvino_models(pipe, size: int):
-    """diffusers' U-Net and VAE decoder converted to OpenVINO models, static shapes for ``size``; seconds."""
+def openvino_models(pipe, size: int, cache: str | None = None):
+    """diffusers' U-Net and VAE decoder converted to OpenVINO models, static shapes for ``size``; seconds.
+    With ``cache`` (a folder) the converted models are saved there (float32) and read back next time."""
     import openvino as ov
 
     h = size // 8
     start = time.perf_counter()
+    paths = [Path(cache) / f"{name}-{size}.xml" for name in ("unet", "vae")] if cache else []
+    if paths and all(path.exists() for path in paths):
+        return (*(ov.Core().read_model(path) for path in paths), time.perf_counter() - start)
     with torch.no_grad():
         unet = ov.convert_model(_UNetCall(pipe.unet), example_input=(torch.randn(2, 4, h, h), torch.tensor(500.0),
                                                                      torch.randn(2, 77, 768)))
@@ -76,6 +81,8 @@ def openvino_models(pipe, size: int):
         unet.reshape({port: ov.PartialShape(shape) for port, shape in zip(unet.inputs, shapes)})
         vae = ov.convert_model(_DecoderCall(pipe.vae), example_input=(torch.randn(1, 4, h, h),))
         vae.reshape({vae.inputs[0]: ov.PartialShape([1, 4, h, h])})
+    for model, path in zip((unet, vae), paths):
+        ov.save_model(model, path, compress_to_fp16=False)
     return unet, vae, time.perf_counter() - start
 
 
@@ -124,9 +131,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="for both (default: torch's, the core count)")
     p.add_argument("--compile", action="store_true",
-                   help="torchsd's U-Net through accel.compile_for_cpu (Inductor, frozen weights; compiled once "
-                        "per shape, cached on disk); the eager U-Net is timed beside it")
-    p.add_argument("--cpp-wrapper", action="store_true", help="with --compile: Inductor's cpp_wrapper")
+                   help="torchsd's U-Net through Inductor with frozen weights (runtime.compile_unet(freeze=True); "
+                        "compiled once per shape, cached on disk); the eager U-Net is timed beside it")
+    p.add_argument("--ov-cache", default=None, metavar="DIR",
+                   help="save OpenVINO's converted models here and read them back next time (same seed: same weights)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,8 +157,9 @@ def main() -> None:
     summary = []
     inputs = {}
     for size in sizes:  # converted once per size from the float32 weights, before torchsd changes dtype
-        ov_unet, ov_vae, convert_s = openvino_models(pipe, size)
-        print(f"{size}x{size}: OpenVINO convert_model (U-Net and decoder) {convert_s:.1f} s", flush=True)
+        ov_unet, ov_vae, convert_s = openvino_models(pipe, size, args.ov_cache)
+        print(f"{size}x{size}: OpenVINO convert_model (U-Net and decoder) {convert_s:.1f} s"
+              + (f" (or read from {args.ov_cache})" if args.ov_cache else ""), flush=True)
         x = torch.randn(1, 4, size // 8, size // 8, generator=gen)
         latents = torch.randn(1, 4, size // 8, size // 8, generator=gen)
         with torch.inference_mode():  # diffusers float32: the reference outputs
@@ -166,9 +175,7 @@ def main() -> None:
         apply_runtime(sd, RuntimeOptions(), "cpu", dtype)
         unet = sd.unet
         if args.compile:
-            from torchsd.accel import compile_for_cpu
-
-            unet = compile_for_cpu(sd.unet, cpp_wrapper=args.cpp_wrapper)
+            unet = compile_unet(sd.unet, "default", freeze=True)
             sd.denoiser.unet = unet
             eager_denoiser = copy.copy(sd.denoiser)
             eager_denoiser.unet = sd.unet
@@ -190,7 +197,7 @@ def main() -> None:
                 with torch.inference_mode():
                     start = time.perf_counter()
                     with sd.sampling_context():
-                        ours_out = unet(x.to(dtype), t, c)
+                        ours_out = unet(x.to(dtype), t.reshape(1), c)
                     first = time.perf_counter() - start
                     ov_out = ov_step(torch.cat([x, x]), t, context)
                 print(f"  OpenVINO compile_model {compile_s:.1f} s; torchsd first U-Net call {first:.1f} s"
