@@ -214,7 +214,7 @@ def main() -> None:
                     print(f"    torchsd eager (no --compile) {e['min']:7.3f} s (median {e['median']:7.3f}): ratio to "
                           f"OpenVINO {e['median'] / results['OpenVINO']['median']:.2f}, compiled / eager "
                           f"{results['torchsd']['median'] / e['median']:.2f}", flush=True)
-                summary.append((f"U-Net step {size} {name}", ratio))
+                summary.append((f"U-Net step {size} {name}" + (" compiled" if args.compile else ""), ratio))
                 print(f"    U-Net output max |diff|: torchsd vs OpenVINO {max_diff(ours_out, ov_out)}; "
                       f"torchsd vs diffusers fp32 {max_diff(ours_out, ref_unet)}; "
                       f"OpenVINO vs diffusers fp32 {max_diff(ov_out, ref_unet)}", flush=True)
