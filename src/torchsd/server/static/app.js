@@ -26,6 +26,7 @@ async function init() {
       api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers"),
       api("/sdapi/v1/prompt-styles"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
     for (const m of models) $("model").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+    for (const m of models) $("refiner").add(new Option(m.title, m.title));  // a second model for the last steps
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
     for (const s of styles) {
       const option = new Option(s.name, s.name);
@@ -52,6 +53,8 @@ $("model").addEventListener("change", async () => {
   $("generate").disabled = true;
   try {
     await api("/sdapi/v1/options", { sd_model_checkpoint: title });
+    const info = await api("/info");  // the new model's own size (SDXL: 1024)
+    if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
     $("model-status").textContent = "";
     showError(null);
   } catch (err) { showError(err); $("model-status").textContent = "failed"; }
@@ -137,6 +140,9 @@ function payload() {
   if ($("hires").checked && $("init-box").hidden) {  // as in A1111, hires fix belongs to text to image
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: number("hr-scale"),
                           hr_second_pass_steps: number("hr-steps"), denoising_strength: number("hr-strength") });
+  }
+  if ($("refiner").value) {
+    Object.assign(body, { refiner_checkpoint: $("refiner").value, refiner_switch_at: number("refiner-switch") });
   }
   if (!$("init-box").hidden) {
     body.init_images = [$("init-canvas").toDataURL("image/png")];
