@@ -182,3 +182,28 @@ def test_cli_writes_a_report_for_any_model_folder(sd, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert str(out) in capsys.readouterr().out
     assert out.read_text().count("<h2>") == 5  # no --image: no autoencoder section
+
+
+def test_explain_on_sdxl_attends_over_both_encoders_tokens(tmp_path):
+    """SDXL: one context of 77 token positions, each holding both encoders' features side by side (CLIP-L's
+    768 and bigG's 1280 at full size), so one map per token covers both; only the lower level has attention."""
+    from sdxl_reference import random_sdxl
+    from torchsd.explain.report import explanation_sections, write_report
+
+    sd = random_sdxl("sdxl", seed=3)
+    request = GenerationRequest(PROMPT, "blurry", steps=2, seed=1, width=SIZE, height=SIZE, guidance_scale=5.0)
+    seen = []
+    context = sd.condition([PROMPT]).context
+    assert context.shape == (1, 77, sd.config.text.width + sd.config.text_2.width)
+    with watch_cross_attention(sd.unet, lambda name, probs, H, W: seen.append((name, probs.shape[-1], H, W))):
+        sd.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), context, torch.zeros(1, sd.config.unet.added_embed_dim))
+    assert seen and all(tokens == 77 for _, tokens, _, _ in seen)
+    result = explain(sd, request, snapshots=1)
+    assert result.tokens[0] == "<start>" and result.tokens[-1] == "<end>" and "red" in "".join(result.tokens)
+    latent = SIZE // sd.config.vae.downscale_factor
+    assert set(result.attention) == {(latent // 2, latent // 2)}  # the top level (no attention) is skipped
+    maps = result.token_maps((latent // 2, latent // 2))
+    assert maps.shape == (len(result.tokens), latent // 2, latent // 2)
+    assert torch.allclose(maps.sum(dim=(1, 2)), torch.ones(len(result.tokens)), atol=1e-5)
+    page = write_report(explanation_sections(result), tmp_path / "xl.html", "sdxl").read_text()
+    assert "Cross-attention" in page

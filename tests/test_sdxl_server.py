@@ -18,13 +18,15 @@ from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 
 @pytest.fixture(scope="module")
 def xl_models(tmp_path_factory):
-    """models/sd15/ (a diffusers folder) and models/xl.safetensors (Stability's SDXL layout, no metadata)."""
+    """models/sd15/ (a diffusers folder), models/xl.safetensors (Stability's SDXL layout, no metadata) and
+    models/sub/refiner/ (an SDXL refiner's diffusers folder)."""
     from safetensors.torch import save_file
 
     models = tmp_path_factory.mktemp("xl-server") / "models"
     save_tiny(models / "sd15", seed=0)
     with one_thread():
         save_file(original_sdxl_file(random_sdxl("sdxl", seed=2)), str(models / "xl.safetensors"))
+        random_sdxl("sdxl_refiner", seed=6).save(models / "sub" / "refiner")
     return models
 
 
@@ -71,3 +73,42 @@ def test_webuiapi_switches_between_sd15_and_sdxl(xl_server, xl_models):
     api.util_set_model("sd15")
     back = api.txt2img(prompt="a cat", seed=3, width=32, height=32, cfg_scale=5)
     assert np.array_equal(np.asarray(back.image), np.asarray(first.image))
+
+
+def test_webuiapi_txt2img_with_a_refiner(xl_server, xl_models):
+    """A1111's refiner_checkpoint (a title from /sd-models, never a path) and refiner_switch_at through the
+    webuiapi client's session (its txt2img has no refiner arguments: custom_post sends the body as it is),
+    against the same run from Python."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=xl_server.port, username="user", password=KEY)
+    title = next(m["title"] for m in api.get_sd_models() if m["model_name"] == "sub_refiner")
+    body = {"prompt": "a cat", "negative_prompt": "dog", "seed": 3, "width": 32, "height": 32, "steps": 4,
+            "cfg_scale": 5, "sampler_name": "Euler", "override_settings": {"sd_model_checkpoint": "xl"},
+            "refiner_checkpoint": title, "refiner_switch_at": 0.5}
+    result = api.custom_post("txt2img", baseurl=True, payload=body)
+    assert result.image.size == (32, 32) and result.info["sd_model_name"] == "xl"
+    assert "Refiner: refiner" in result.info["infotexts"][0] and "Refiner switch at: 0.5" in result.info["infotexts"][0]
+    local = torchsd.load_pipeline(xl_models / "xl.safetensors", dtype=torch.float32)
+    with one_thread():
+        expected = local.generate("a cat", "dog", steps=4, sampler="Euler", seed=3, width=32, height=32,
+                                  guidance_scale=5, refiner_checkpoint=str(xl_models / "sub" / "refiner"),
+                                  refiner_switch_at=0.5)
+        plain = local.generate("a cat", "dog", steps=4, sampler="Euler", seed=3, width=32, height=32, guidance_scale=5)
+    ours = np.asarray(result.image, dtype=np.int16)
+    assert np.abs(ours - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(ours - np.asarray(plain.images[0], dtype=np.int16)).max() > 1  # the refiner did take over
+    # the refiner loaded through the runtime: the first model's dtype and CPU speed-ups (accel's blocks)
+    refiner = local.refiners[str(xl_models / "sub" / "refiner")]
+    assert refiner.dtype == torch.float32 and refiner.config.family == "sdxl_refiner"
+    assert any(type(m).__module__.startswith("torchsd.accel") for m in refiner.unet.modules())
+
+    for name, status, words in [("/etc/passwd", 422, "absolute"), ("../models/xl.safetensors", 422, "'..'"),
+                                ("no-such-refiner", 404, "not found")]:
+        response = api.session.post(f"http://127.0.0.1:{xl_server.port}/sdapi/v1/txt2img",
+                                    json={**body, "refiner_checkpoint": name})
+        assert response.status_code == status and words in response.text, (name, response.text)
+    response = api.session.post(f"http://127.0.0.1:{xl_server.port}/sdapi/v1/txt2img",
+                                json={**body, "refiner_switch_at": 1.5})
+    assert response.status_code == 422 and "refiner_switch_at must be between 0 and 1" in response.text
+    # A1111's page sends "None" for no refiner
+    none = api.custom_post("txt2img", baseurl=True, payload={**body, "refiner_checkpoint": "None"})
+    assert np.abs(np.asarray(none.image, dtype=np.int16) - np.asarray(plain.images[0], dtype=np.int16)).max() <= 1

@@ -272,7 +272,10 @@ def load_pipeline(path: str | Path | None = None, device: torch.device | str | N
                              f"latent channels; the model's VAE by {vae.downscale_factor} into "
                              f"{vae.latent_channels}: it is for another model family (taesd for SD 1/2, "
                              f"taesdxl for SDXL)")
-    return apply_runtime(sd, runtime, device, dtype)
+    apply_runtime(sd, runtime, device, dtype)
+    # a second model a request names (the refiner) runs as this one does; it only samples, so no previews
+    sd.model_loader = lambda other: load_pipeline(other, device, dtype, runtime=runtime)
+    return sd
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -91,7 +91,7 @@ def module_names(sd: Networks) -> dict[str, tuple[str, str]]:
     second = getattr(sd, "text_encoder_2", None)
     models = [("unet", sd.unet), ("text_encoder", sd.text_encoder)] + ([("text_encoder_2", second)] if second else [])
     te_prefix = {"text_encoder": "lora_te1_" if second else "lora_te_", "text_encoder_2": "lora_te2_"}
-    original = _original_unet_names(sd)
+    original = original_unet_names(sd)
     for component, model in models:
         for path, module in model.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -111,7 +111,7 @@ def module_names(sd: Networks) -> dict[str, tuple[str, str]]:
     return names
 
 
-def _original_unet_names(sd: Networks) -> dict[str, str]:
+def original_unet_names(sd: Networks) -> dict[str, str]:
     """diffusers module path -> original-layout path of every U-Net layer, for SDXL models (empty otherwise)."""
     config = getattr(sd, "config", None)
     if config is None or not getattr(config, "is_sdxl", False):

@@ -69,6 +69,10 @@ class StableDiffusion:
         # entered around every sampling loop (the runtime's packed weights, for one)
         self.sampling_hooks: dict[str, Callable[[], AbstractContextManager]] = {}
         self.execution_device: torch.device | None = None  # where offloaded networks run (offload.py)
+        # how a second model that a request names (SDXL's refiner) is loaded: None reads the path as stored;
+        # the runtime sets its own loader (the same device, dtype and speed-ups), the server one that looks
+        # the name up in its model list
+        self.model_loader: Callable[[str], StableDiffusion] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, seed: int = 0, name: str = "random") -> "StableDiffusion":

@@ -246,6 +246,7 @@ class ModelRegistry:
         sd = load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, taesd=self.taesd,
                            fast_decode=self.fast_decode, **options)
         sd.name = entry.model_name
+        sd.model_loader = self.load_second  # a refiner that a request names: looked up in the list, by name
         sd.styles = self.styles
         sd.upscalers = self.upscalers
         if self.models_dir is not None:  # ControlNet models by name, as the A1111 extension finds them
@@ -259,6 +260,14 @@ class ModelRegistry:
             entry.sha256 = self._hashes[key]
         self._loaded[entry.path] = sd
         return sd
+
+    def load_second(self, name: str):
+        """A second model that a request names (SDXL's refiner), found in the list by name as ``find`` finds
+        it and loaded as models are; it stays with the model that asked for it (``sd.refiners``), outside
+        the list of loaded models, so loading it never unloads the first."""
+        entry = self.find(name)
+        options = {"variant": self.variant} if self.variant is not None and entry.path.is_dir() else {}
+        return load_pipeline(entry.path, self.device, self.dtype, runtime=self.runtime, **options)
 
     def select(self, entry: ModelEntry):
         sd = self.load(entry)

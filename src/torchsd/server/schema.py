@@ -278,7 +278,8 @@ def a1111_job(body: object, *, img2img: bool, config: ServerConfig, registry: Mo
         kwargs["eta"] = eta
     kwargs.update(_scheduler(body))
     fields = A1111Fields(body, img2img=img2img, width=width, height=height, error=RequestError,
-                         decode_image=lambda data, what: decode_image(data, what, config.max_image_pixels))
+                         decode_image=lambda data, what: decode_image(data, what, config.max_image_pixels),
+                         find_model=lambda name: registry.find(name).relpath)
     for feature in FEATURES:  # every feature reads its own A1111 fields
         kwargs.update(feature.from_a1111(fields))
     check_styles(registry, kwargs.get("styles", ()))

@@ -36,8 +36,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16" (autocast)
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
     checkpoint_every: int = 500
-    sample_every: int = 500
+    sample_every: int = 500  # 0: no sample grids
     log_every: int = 10
     resume: bool = False
     # frozen parts and starting points
@@ -64,7 +65,10 @@ class TrainConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        for name in ("steps", "batch_size", "grad_accum", "resolution", "checkpoint_every", "sample_every",
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be a number of steps, or 0 for no sample grids; "
+                             f"got {self.sample_every}")
+        for name in ("steps", "batch_size", "grad_accum", "resolution", "checkpoint_every",
                      "log_every", "dataset_size", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -84,6 +88,9 @@ class TrainConfig:
             raise ValueError(f"lr must be positive; got {self.lr}")
         if self.decoder_only and not self.vae:
             raise ValueError("--decoder-only fine-tunes an existing autoencoder: give it with --vae PATH")
+        if self.fsdp and self.task not in ("unet", "lora"):
+            raise ValueError(f"--fsdp shards a U-Net (tasks unet and lora); the {self.task} task trains with DDP: "
+                             f"drop --fsdp")
         if self.task == "lora" and not self.model:
             raise ValueError("LoRA training needs a base model: --model PATH")
         if self.task == "unet" and not self.model and not (self.vae and self.clip):

@@ -8,6 +8,7 @@ of left and right.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -38,14 +39,38 @@ def with_article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
+def square_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """Where ``square_crop`` cuts: the resized (width, height) and the crop's (left, top) in it."""
+    scale = size / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    return w, h, (w - size) // 2, (h - size) // 2
+
+
 def square_crop(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the short side to ``size`` and centre-crop: (3, size, size) in [-1, 1]."""
     image = image.convert("RGB")
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    w, h, left, top = square_crop_box(image.width, image.height, size)
     image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
     return pil_to_tensor(image.crop((left, top, left + size, top + size)))[0]
+
+
+Geometry = tuple[int, int, int, int]  # original (height, width), crop (top, left): SDXL's micro-conditioning
+
+
+def crop_geometry(width: int, height: int, size: int) -> Geometry:
+    """What SDXL is told of an image ``square_crop`` made (Podell et al. 2023, sec. 2.2): its size before
+    scaling, and the crop's top-left corner in the scaled image, as diffusers' and kohya's SDXL scripts do."""
+    _, _, left, top = square_crop_box(width, height, size)
+    return height, width, top, left
+
+
+def item_geometry(dataset: Dataset, index: int) -> Geometry | None:
+    """``crop_geometry`` of item ``index`` of any dataset built here; None for an item made at its size."""
+    if isinstance(dataset, ConcatDataset):
+        part = bisect.bisect_right(dataset.cumulative_sizes, index)
+        return item_geometry(dataset.datasets[part], index - (dataset.cumulative_sizes[part - 1] if part else 0))
+    geometry = getattr(dataset, "geometry", None)
+    return geometry(index) if geometry is not None else None
 
 
 # --- shapes ----------------------------------------------------------------------------------------
@@ -193,6 +218,10 @@ class FolderDataset(Dataset):
         with Image.open(path) as image:
             return square_crop(image, self.size), caption
 
+    def geometry(self, index: int) -> Geometry:
+        with Image.open(self.items[index]) as image:  # the header alone
+            return crop_geometry(image.width, image.height, self.size)
+
 
 class ManifestDataset(Dataset):
     """A JSONL (``{"image": path, "caption": text}`` per line) or CSV (columns image, caption) manifest;
@@ -218,6 +247,10 @@ class ManifestDataset(Dataset):
         path, caption = self.rows[index]
         with Image.open(path) as image:
             return square_crop(image, self.size), caption
+
+    def geometry(self, index: int) -> Geometry:
+        with Image.open(self.rows[index][0]) as image:
+            return crop_geometry(image.width, image.height, self.size)
 
 
 class TarShardDataset(Dataset):
@@ -247,6 +280,11 @@ class TarShardDataset(Dataset):
             caption = tar.extractfile(text_member).read().decode("utf-8").strip() if text_member else ""
         with Image.open(io.BytesIO(data)) as image:
             return square_crop(image, self.size), caption
+
+    def geometry(self, index: int) -> Geometry:
+        shard, image_member, _ = self.index[index]
+        with tarfile.open(shard) as tar, Image.open(io.BytesIO(tar.extractfile(image_member).read())) as image:
+            return crop_geometry(image.width, image.height, self.size)
 
 
 def build_dataset(spec: str, size: int, seed: int = 0, length: int = 20000) -> Dataset:

@@ -1,4 +1,5 @@
-"""PyTorch DDP through torchrun: NCCL on GPUs, gloo on CPUs. torchsd adds no engine of its own.
+"""PyTorch DDP or FSDP2 (``fully_shard``, with ``--fsdp``) through torchrun: NCCL on GPUs, gloo on CPUs.
+torchsd adds no engine of its own.
 
 Single machine:  torchrun --nproc_per_node 2 -m torchsd train unet ...
 Several machines (run on each, same --rdzv-endpoint):
@@ -92,3 +93,60 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)
+
+
+# --- FSDP2 ------------------------------------------------------------------------------------------------
+# Checkpoints hold full (unsharded) tensors in the layout a single process writes (the optimizer's state by
+# parameter index), so a run can be resumed with or without --fsdp and on any number of processes.
+
+def shard(model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+    """``fully_shard`` each unit (its weights gathered just for its own forward and backward), then the rest
+    with the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+
+
+def _full():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The sharded model's whole state dict on rank 0 (on the CPU); empty elsewhere. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full())
+
+
+def _optimizer_names(model: torch.nn.Module) -> list[str]:
+    """The optimizer's parameters by name, in the order the loop gave them (its indices)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's whole state on rank 0, keyed by parameter index as ``optimizer.state_dict()``; empty
+    elsewhere. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_full())
+    if not state:
+        return {}
+    index = {name: i for i, name in enumerate(_optimizer_names(model))}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``full_optimizer_state``'s layout (or a single process's) into a sharded model's optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _optimizer_names(model)
+    by_name = {"state": {names[int(i)]: value for i, value in state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

@@ -1,4 +1,4 @@
-"""The one training loop every task uses: data, DDP, AdamW with warm-up, accumulation, bf16 autocast,
+"""The one training loop every task uses: data, DDP or FSDP2, AdamW with warm-up, accumulation, bf16 autocast,
 EMA, atomic checkpoints with exact resumption, a progress bar, a metrics CSV and sample grids."""
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoints.io import atomic_path, remove_stale_temporaries
 from .config import TrainConfig, write_toml
-from .distributed import Distributed, DistributedBatchSampler, setup, teardown
+from .distributed import (
+    Distributed,
+    DistributedBatchSampler,
+    full_model_state,
+    full_optimizer_state,
+    load_full_optimizer_state,
+    setup,
+    shard,
+    teardown,
+)
 
 STATE_FILE = "state.pt"
 
@@ -93,23 +102,47 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     task = make_task(config, dist)
     model = task.model.to(dist.device)
     ema = EMA(model, config.ema_decay) if task.use_ema and config.ema_decay > 0 else None
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if config.resume else None
+    if state is not None:  # whole tensors: loaded before any sharding
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+    # FSDP2: each rank holds a shard of the weights, gradients, optimizer state (and EMA); rank 0 keeps a plain
+    # copy that the gathered weights are loaded into for samples, the evaluation and the export
+    fsdp = config.fsdp and dist.enabled
+    plain = copy.deepcopy(model) if fsdp and dist.is_main else None
+    if fsdp:
+        shard(model, task.shard_units(model))
+        if ema is not None:
+            shard(ema.model, task.shard_units(ema.model))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
 
     start = 0
-    if config.resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        if fsdp:
+            load_full_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
         task.load_extra_state(state["task"])
         _restore_rng(state["rng"])
         start = state["step"]
 
-    trained = DistributedDataParallel(model) if dist.enabled else model
+    def evaluation_model() -> nn.Module | None:
+        """The EMA (or the model) whole: under FSDP gathered by every rank into rank 0's plain copy, else None
+        on the other ranks."""
+        source = ema.model if ema is not None else model
+        if not fsdp:
+            return source
+        whole = full_model_state(source)
+        if plain is None:
+            return None
+        plain.load_state_dict(whole)
+        return plain
+
+    trained = DistributedDataParallel(model) if dist.enabled and not fsdp else model
     dataset = task.dataset()
     sampler = DistributedBatchSampler(len(dataset), config.batch_size, dist.rank, dist.world_size, config.seed,
                                       start, config.steps)
@@ -117,11 +150,16 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
     def checkpoint(step: int) -> None:
+        if fsdp:  # every rank takes part in gathering the whole tensors
+            weights, moments = full_model_state(model), full_optimizer_state(model, optimizer)
+            average = full_model_state(ema.model) if ema else {}
+        elif dist.is_main:
+            weights, moments = model.state_dict(), optimizer.state_dict()
+            average = ema.model.state_dict() if ema else {}
         if not dist.is_main:
             return
-        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "schedule": schedule.state_dict(), "ema": ema.model.state_dict() if ema else {},
-                 "task": task.extra_state(), "rng": _rng_state()}
+        state = {"step": step, "model": weights, "optimizer": moments, "schedule": schedule.state_dict(),
+                 "ema": average, "task": task.extra_state(), "rng": _rng_state()}
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)
 
@@ -135,7 +173,9 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         logs: dict[str, float] = {}
         for i, part in enumerate(micro):
             sync = i == len(micro) - 1
-            with autocast, (trained.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
+            if fsdp:
+                model.set_requires_gradient_sync(sync)  # FSDP's no_sync: reduce-scatter after the last part
+            with autocast, (trained.no_sync() if dist.enabled and not fsdp and not sync else contextlib.nullcontext()):
                 loss, logs = task.loss(trained, part, step)
                 (loss / len(micro)).backward()
         loss_value = loss.item()
@@ -158,17 +198,18 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 _log(metrics_file, row)
-        eval_model = ema.model if ema is not None else model
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step)
-        if dist.is_main and (step % config.sample_every == 0 or step == config.steps):
-            task.sample(eval_model, out / "samples" / f"step-{step:06d}.png")
+        if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
+            eval_model = evaluation_model()
+            if dist.is_main:
+                task.sample(eval_model, out / "samples" / f"step-{step:06d}.png")
     if bar is not None:
         bar.close()
     dist.barrier()
     results: dict[str, float] = {}
+    eval_model = evaluation_model()
     if dist.is_main:
-        eval_model = ema.model if ema is not None else model
         results = task.evaluate(eval_model)
         paths = task.export(eval_model, out)
         _log(out / "eval.csv", {"step": step, **results})
@@ -220,6 +261,12 @@ class Indexed(Dataset):
     def __getitem__(self, index: int):
         image, caption = self.dataset[index]
         return index, image, caption
+
+    def geometry(self, index: int):
+        """SDXL's micro-conditioning of the item (``data.item_geometry``): None where it was made at its size."""
+        from .data import item_geometry
+
+        return item_geometry(self.dataset, index)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

@@ -21,8 +21,9 @@ def draw(generators: list[torch.Generator], shape: tuple[int, ...], kind: str = 
 
 def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
                    generators: list[torch.Generator], prediction_type: PredictionType,
-                   min_snr_gamma: float) -> torch.Tensor:
-    """E_t,eps || target - unet(sqrt(ab) z0 + sqrt(1-ab) eps, t) ||^2, target eps or v."""
+                   min_snr_gamma: float, y: torch.Tensor | None = None) -> torch.Tensor:
+    """E_t,eps || target - unet(sqrt(ab) z0 + sqrt(1-ab) eps, t) ||^2, target eps or v. ``y``: SDXL's added
+    vector (pooled text and micro-conditioning)."""
     device = z0.device
     n_steps = len(alphas_cumprod)
     t = torch.stack([torch.randint(0, n_steps, (), generator=g) for g in generators]).to(device)
@@ -33,7 +34,7 @@ def denoising_loss(unet, z0: torch.Tensor, context: torch.Tensor, alphas_cumprod
         target = eps
     else:
         target = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z0
-    prediction = unet(z_t, t, context).float()
+    prediction = (unet(z_t, t, context) if y is None else unet(z_t, t, context, y)).float()
     per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
         snr = (alpha_bar / (1 - alpha_bar)).flatten()

@@ -3,6 +3,11 @@
 Latents are cached to disk once (the posterior's mean and std, so every step still samples fresh
 latents); captions are dropped to "" with probability ``caption_dropout`` so that the same network
 learns the unconditional prediction that classifier-free guidance needs.
+
+SDXL (a base model given with ``--model``): each caption through both text encoders as diffusers' SDXL
+training scripts encode it (one 77-token window, penultimate states side by side, bigG's projected pooled
+output), and the micro-conditioning from the data: each image's size before scaling and where it was cropped
+(``data.crop_geometry``, cached beside the latents), the training resolution as the target size.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from torch.utils.data import Dataset
 from ..checkpoints.io import load_state_dict, save_safetensors
 from ..config import ModelConfig, PredictionType, ScheduleConfig
 from ..diffusion.schedules import alphas_cumprod
-from ..models.unet import UNet
+from ..models.layers import ResnetBlock
+from ..models.unet import SpatialTransformer, UNet, added_vector
 from ..models.vae import DiagonalGaussian
 from ..pipeline import StableDiffusion
 from . import presets
@@ -26,6 +32,7 @@ from .distributed import Distributed
 from .loop import Indexed, save_grid
 from .losses import denoising_loss, draw, per_sample_generators
 
+MAX_CACHED_TEXT_BYTES = 4 << 30  # the in-memory text features start over beyond this (SDXL: 630 kB a caption)
 SAMPLE_PROMPTS = [
     "a red circle at the top left on a blue background", "a yellow square in the center on a black background",
     "a green triangle at the bottom right on a white background",
@@ -57,14 +64,44 @@ def frozen_parts(config: TrainConfig) -> StableDiffusion:
 
 
 class LatentDataset(Dataset):
-    def __init__(self, moments: torch.Tensor, captions: list[str]):
-        self.moments, self.captions = moments, captions
+    def __init__(self, moments: torch.Tensor, captions: list[str], geometry: torch.Tensor | None = None):
+        self.moments, self.captions, self._geometry = moments, captions, geometry
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int):
         return index, self.moments[index], self.captions[index]
+
+    def geometry(self, index: int):
+        if self._geometry is None:
+            raise ValueError("this latents cache was written without the images' sizes and crops that SDXL "
+                             "training needs: delete latents.safetensors in the output folder to write it again")
+        return tuple(self._geometry[index].tolist())
+
+
+def geometries(data: Dataset, indices: list[int], size: int) -> torch.Tensor:
+    """(len(indices), 4): original (height, width), crop (top, left) per item; (size, size, 0, 0) where the
+    item was made at its size."""
+    return torch.tensor([data.geometry(i) or (size, size, 0, 0) for i in indices], dtype=torch.float32)
+
+
+@torch.no_grad()
+def encode_captions_sdxl(text_encoders, tokenizer, captions: list[str], device: torch.device
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' SDXL training scripts' ``encode_prompt``: each caption in one window of ``max_length`` tokens
+    (truncated; no prompt syntax), padded as each encoder's config says; both encoders' penultimate states side
+    by side (B, T, 2048) and the last encoder's projected pooled output (B, 1280)."""
+    bodies = [tokenizer.encode(c)[: tokenizer.max_length - 2] for c in captions]
+    states, pooled = [], None
+    for i, encoder in enumerate(text_encoders):
+        pad = encoder.config.pad_token_id
+        ids = torch.tensor([[tokenizer.bos_token_id, *b, tokenizer.eos_token_id] + [pad] * (tokenizer.max_length - 2
+                           - len(b)) for b in bodies], device=device)
+        hidden, last = encoder.penultimate(ids, pooled=i == len(text_encoders) - 1)
+        states.append(hidden)
+        pooled = last if last is not None else pooled
+    return torch.cat(states, dim=-1), pooled
 
 
 @torch.no_grad()
@@ -81,11 +118,14 @@ def cache_latents(sd: StableDiffusion, config: TrainConfig, dist: Distributed) -
             posterior = sd.vae.encode(images)
             moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu())
             captions += [caption for _, _, caption in items]
-        save_safetensors({"moments": torch.cat(moments)}, path, metadata={"captions": json.dumps(captions)})
+        geometry = geometries(data, list(range(len(data))), config.resolution).to(torch.int32)
+        save_safetensors({"moments": torch.cat(moments), "geometry": geometry}, path,
+                         metadata={"captions": json.dumps(captions)})
     dist.barrier()
     from ..checkpoints.io import safetensors_metadata
 
-    return LatentDataset(load_state_dict(path)["moments"], json.loads(safetensors_metadata(path)["captions"]))
+    state = load_state_dict(path)
+    return LatentDataset(state["moments"], json.loads(safetensors_metadata(path)["captions"]), state.get("geometry"))
 
 
 class UNetTask:
@@ -97,8 +137,12 @@ class UNetTask:
         if config.prediction_type != self.sd.config.schedule.prediction_type.value and config.model:
             raise ValueError(f"--prediction-type {config.prediction_type} differs from the base model's "
                              f"{self.sd.config.schedule.prediction_type.value}")
+        if self.sd.config.family == "sdxl_refiner":
+            raise ValueError("training SDXL's refiner is not supported (its aesthetic-score conditioning has no "
+                             "source in the data); train an SDXL base model")
         self.sd.vae.to(dist.device)
-        self.sd.text_encoder.to(dist.device)
+        for encoder in self.sd.text_encoders:
+            encoder.to(dist.device)
         self.model = self.sd.unet.train().requires_grad_(True)
         self.model.enable_gradient_checkpointing(config.gradient_checkpointing)
         self.alphas_cumprod = alphas_cumprod(self.sd.config.schedule).float()
@@ -115,14 +159,32 @@ class UNetTask:
         return self._dataset
 
     @torch.no_grad()
-    def context(self, captions: list[str]) -> torch.Tensor:
+    def context(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text features of each caption (cached in memory): the context, and SDXL's pooled output."""
         missing = [c for c in dict.fromkeys(captions) if c not in self._contexts]
         if missing:
-            encoded = self.sd.text_encoder(self.sd.tokenizer(missing).to(self.dist.device))
-            self._contexts.update(zip(missing, encoded))
-            if len(self._contexts) > 50_000:
+            if self.sd.config.is_sdxl:
+                context, pooled = encode_captions_sdxl(self.sd.text_encoders, self.sd.tokenizer, missing,
+                                                       self.dist.device)
+            else:
+                context = self.sd.text_encoder(self.sd.tokenizer(missing).to(self.dist.device))
+                pooled = [None] * len(missing)
+            if len(self._contexts) + len(missing) > MAX_CACHED_TEXT_BYTES // context[0].nbytes:
                 self._contexts.clear()
-        return torch.stack([self._contexts[c] for c in captions])
+            self._contexts.update(zip(missing, zip(context, pooled)))
+        contexts, pooled = zip(*(self._contexts[c] for c in captions))
+        return torch.stack(contexts), None if pooled[0] is None else torch.stack(pooled)
+
+    def added_vector(self, pooled: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """SDXL's y: the pooled text beside original size, crop top-left (the item's) and target size."""
+        size = self.config.resolution
+        numbers = torch.cat([geometries(self.dataset(), indices, size), torch.tensor([[size, size]] * len(indices))],
+                            dim=1)
+        return added_vector(pooled.float(), numbers.to(pooled.device), self.sd.config.unet.micro_condition_dim)
+
+    def shard_units(self, model) -> list[torch.nn.Module]:
+        """What ``--fsdp`` shards one by one (then the rest with the root): every ResBlock and transformer."""
+        return [m for m in model.modules() if isinstance(m, (ResnetBlock, SpatialTransformer))]
 
     @torch.no_grad()
     def latents(self, data: torch.Tensor, generators) -> torch.Tensor:
@@ -140,8 +202,10 @@ class UNetTask:
         z0 = self.latents(data, generators)
         drop = draw(generators, (), kind="rand") < self.config.caption_dropout
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        loss = denoising_loss(model, z0, self.context(captions), self.alphas_cumprod, generators,
-                              self.prediction_type, self.config.min_snr_gamma)
+        context, pooled = self.context(captions)
+        y = None if pooled is None else self.added_vector(pooled, list(indices))
+        loss = denoising_loss(model, z0, context, self.alphas_cumprod, generators, self.prediction_type,
+                              self.config.min_snr_gamma, y=y)
         return loss, {}
 
     def after_step(self, step):
@@ -152,7 +216,7 @@ class UNetTask:
         import copy
 
         return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, self.sd.text_encoder,
-                               self.sd.tokenizer, name=self.sd.name)
+                               self.sd.tokenizer, name=self.sd.name, text_encoder_2=self.sd.text_encoder_2)
 
     def sample(self, model, path: Path) -> None:
         sd = self.pipeline(model)

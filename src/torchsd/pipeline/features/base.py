@@ -71,12 +71,14 @@ class Run:
 class A1111Fields:
     """Typed readers for an AUTOMATIC1111 JSON body: clients send nulls, ints as floats and so on.
     ``image(name)`` decodes a base64 image within the server's limits; ``width``/``height`` are the
-    request's; ``img2img`` tells the endpoint."""
+    request's; ``img2img`` tells the endpoint. ``find_model(name)``: the server's name for a model of its
+    list that a field names (the refiner), raising when there is none; None where there is no list."""
 
     def __init__(self, body: dict, *, img2img: bool, width: int | None, height: int | None,
-                 decode_image: Callable[[object, str], Any], error: type[ValueError] = ValueError):
+                 decode_image: Callable[[object, str], Any], error: type[ValueError] = ValueError,
+                 find_model: Callable[[str], str] | None = None):
         self.body, self.img2img, self.width, self.height = body, img2img, width, height
-        self.decode_image, self.error = decode_image, error
+        self.decode_image, self.error, self.find_model = decode_image, error, find_model
 
     def get(self, name: str, default=None):
         value = self.body.get(name)

@@ -19,7 +19,7 @@ from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion,
 
 @dataclass(frozen=True)
 class RefinerOptions:
-    refiner_checkpoint: str | None = None  # a model path (the server: a model name from its list)
+    refiner_checkpoint: str | None = None  # a model path (the server: a name from its model list)
     refiner_switch_at: float = 0.8  # the fraction of the steps the first model takes
 
 
@@ -53,10 +53,13 @@ class Refiner(Feature):
         from ..model import StableDiffusion as Pipeline  # imported on use: the pipeline imports the features
 
         loaded = sd.__dict__.setdefault("refiners", {})
-        path = request.refiner_checkpoint
-        if path not in loaded:
-            loaded[path] = Pipeline.from_checkpoint(path, device=sd.device, dtype=sd.dtype)
-        return loaded[path]
+        name = request.refiner_checkpoint
+        if name not in loaded:
+            if sd.model_loader is not None:  # the runtime's (same device, dtype, speed-ups) or the server's
+                loaded[name] = sd.model_loader(name)
+            else:
+                loaded[name] = Pipeline.from_checkpoint(name, device=sd.device, dtype=sd.dtype)
+        return loaded[name]
 
     def after_sampling(self, latents: torch.Tensor, sd: StableDiffusion, request: GenerationRequest, run: Run,
                        *, progress: bool = False, callback=None) -> torch.Tensor:
@@ -102,12 +105,14 @@ class Refiner(Feature):
         return ("refiner_switch_at",)  # a client's JSON never names a file for the server to open
 
     def from_a1111(self, fields: A1111Fields) -> dict:
-        if fields.str("refiner_checkpoint"):
-            # resolving the name against the server's model list is still to do; a path is never taken from
-            # a request
-            raise fields.error("refiner_checkpoint is not supported by this server yet; run the refiner through "
-                               "img2img with the refiner selected")
-        return {}
-
+        name = fields.str("refiner_checkpoint")
+        if not name or name.strip().lower() == "none":  # A1111's page sends "None" for no refiner
+            return {}
+        if fields.find_model is None:  # a path is never taken from a request
+            raise fields.error("refiner_checkpoint names a model from the server's list (/sdapi/v1/sd-models); "
+                               "this endpoint has no model list")
+        # the server's own name for it (a title from its list, never a path); unknown names are refused there
+        return {"refiner_checkpoint": fields.find_model(name),
+                "refiner_switch_at": fields.float("refiner_switch_at", RefinerOptions.refiner_switch_at)}
 
 REFINER = Refiner()

@@ -30,6 +30,7 @@ async function init() {
       const label = families[m.family] ? `${m.title} — ${families[m.family]}` : m.title;
       $("model").add(new Option(label, m.title, false, m.title === options.sd_model_checkpoint));
     }
+    for (const m of models) $("refiner").add(new Option(m.title, m.title));  // a second model for the last steps
     for (const s of samplers) $("sampler").add(new Option(s.name, s.name));
     for (const s of styles) {
       const option = new Option(s.name, s.name);
@@ -56,6 +57,8 @@ $("model").addEventListener("change", async () => {
   $("generate").disabled = true;
   try {
     await api("/sdapi/v1/options", { sd_model_checkpoint: title });
+    const info = await api("/info");  // the new model's own size (SDXL: 1024)
+    if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
     $("model-status").textContent = "";
     showError(null);
   } catch (err) { showError(err); $("model-status").textContent = "failed"; }
@@ -141,6 +144,9 @@ function payload() {
   if ($("hires").checked && $("init-box").hidden) {  // as in A1111, hires fix belongs to text to image
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: number("hr-scale"),
                           hr_second_pass_steps: number("hr-steps"), denoising_strength: number("hr-strength") });
+  }
+  if ($("refiner").value) {
+    Object.assign(body, { refiner_checkpoint: $("refiner").value, refiner_switch_at: number("refiner-switch") });
   }
   if (!$("init-box").hidden) {
     body.init_images = [$("init-canvas").toDataURL("image/png")];
