@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 BUNDLED_MODEL = "torchsd-shapes.safetensors"
 BUNDLED_CLIP = "torchsd-shapes-clip.safetensors"  # the joint CLIP whose text tower the bundled model uses
+BUNDLED_CONTROLNET = "torchsd-shapes-controlnet.safetensors"  # its ControlNet: the shape's mask as control
 
 
 def bundled_model_path() -> Path:
@@ -25,6 +26,10 @@ def bundled_model_path() -> Path:
 
 def bundled_clip_path() -> Path:
     return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_CLIP)))
+
+
+def bundled_controlnet_path() -> Path:
+    return Path(str(resources.files("torchsd.assets").joinpath(BUNDLED_CONTROLNET)))
 
 
 def bundled_clip(text_encoder) -> "CLIP":

@@ -123,6 +123,17 @@ def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.d
     return net.eval().requires_grad_(False)
 
 
+def save_controlnet(net, path: str | Path, *, dtype: torch.dtype | None = None,
+                    metadata: dict[str, str] | None = None) -> None:
+    """A ControlNet as one ``.safetensors`` file in diffusers' ControlNetModel key layout (what
+    ``load_controlnet`` and diffusers' single-file readers take); ``dtype``: e.g. torch.float16 to halve it."""
+    from .diffusers import to_diffusers_keys
+    from .io import save_safetensors
+
+    state = {k: (v if dtype is None else v.to(dtype)) for k, v in net.state_dict().items()}
+    save_safetensors(to_diffusers_keys(state, "unet"), path, metadata=metadata)
+
+
 def find_controlnets(folders: list[Path]) -> dict[str, Path]:
     """Control models by name (file stem or folder name) in ``folders``: single files and diffusers folders
     (ControlNets, T2I- and IP-Adapters; an IP-Adapter's ``image_encoder/`` is not a model of its own)."""

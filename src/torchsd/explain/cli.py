@@ -30,6 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     p.add_argument("--snapshots", type=int, default=6, help="how many sampler steps to decode and show")
     p.add_argument("--train-steps", type=int, default=2000, help="with --toy: optimiser steps")
+    p.add_argument("--control", type=Path, default=None, metavar="IMAGE",
+                   help="a ControlNet unit's control image (used as given): adds a figure of its residuals per level")
+    p.add_argument("--control-model", default=None, metavar="FILE",
+                   help="with --control: the ControlNet file or folder (bundled: the bundled model's)")
+    p.add_argument("--control-weight", type=float, default=1.0)
     add_model_arguments(p)
     p.set_defaults(handler=run)
 
@@ -47,10 +52,17 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_report_path(args.out or Path("explain.png"))
     width, height = args.size if args.size else (None, None)
+    control = ()
+    if args.control is not None or args.control_model is not None:
+        from ..pipeline.features.control import ControlUnit
+
+        if args.control is None or args.control_model is None:
+            raise ValueError("a control unit needs both --control IMAGE and --control-model FILE")
+        control = (ControlUnit(image=args.control, model=args.control_model, weight=args.control_weight),)
     request = GenerationRequest(  # validated before the (slow) model load
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=width, height=height, steps=args.steps,
         guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed, init_image=args.image,
-        strength=args.strength)
+        strength=args.strength, control=control)
     if args.snapshots < 1:
         raise ValueError(f"--snapshots must be at least 1; got {args.snapshots}")
     sd = load_from_args(args)

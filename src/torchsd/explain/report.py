@@ -190,6 +190,52 @@ def guidance_section(e: Explanation) -> Section:
     return Section("guidance", "Classifier-free guidance: with and without the prompt", caption, figure)
 
 
+def control_section(e: Explanation) -> Section | None:
+    """The ControlNet residuals per skip connection and middle block: their size per step and where they act."""
+    record = e.control
+    if record is None:
+        return None
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(record.maps):
+        by_size.setdefault(tuple(m.shape), []).append(i)
+    sizes = sorted(by_size, key=lambda hw: -hw[0] * hw[1])
+    figure = _new_figure(2, 2.6)
+    grid = figure.add_gridspec(2, max(len(sizes), 2))
+    ax = figure.add_subplot(grid[0, : max(len(sizes), 2) // 2])
+    overall = record.means.mean(dim=0)  # (residuals,) over the calls
+    x = np.arange(len(record.labels))
+    ax.bar(x, overall.numpy(), color=["#e8773a" if label == "mid" else "#3a7be8" for label in record.labels])
+    ax.set_xticks(x, [f"{label}\n{record.maps[i].shape[1]}×{record.maps[i].shape[0]}"
+                      for i, label in enumerate(record.labels)], fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("mean |residual|", fontsize=9)
+    ax.set_title("per skip connection and the middle block, over all steps", fontsize=9)
+    ax = figure.add_subplot(grid[0, max(len(sizes), 2) // 2:])
+    im = ax.imshow(record.means.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(x, record.labels, fontsize=7, rotation=45, ha="right")
+    ax.set_yticks(range(len(record.timesteps)), [f"t={t:.0f}" for t in record.timesteps], fontsize=6)
+    ax.set_title("mean |residual| at each U-Net call (top: first)", fontsize=9)
+    figure.colorbar(im, ax=ax, shrink=0.8)
+    gray = _rgb(e.image).mean(axis=2)
+    H, W = gray.shape
+    for j, size in enumerate(sizes):
+        members = by_size[size]
+        level_map = torch.stack([record.maps[i] for i in members]).mean(dim=0)
+        up = F.interpolate(level_map[None, None], size=(H, W), mode="nearest")[0, 0]
+        ax = figure.add_subplot(grid[1, j])
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(up.numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=float(up.max()) or 1.0)
+        names = ", ".join(record.labels[i] for i in members)
+        ax.set_title(f"{size[1]}×{size[0]}: {textwrap.shorten(names, 48)}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    units = ", ".join(f"{u.model_name} (weight {u.weight:g})" for u in getattr(e.request, "control", ()) or ())
+    caption = (f"ControlNet{': ' + units if units else ''}. A ControlNet is a copy of the U-Net's encoder that also "
+               f"reads the control image; through zero-initialised 1×1 convolutions it adds a residual to each of "
+               f"the U-Net's skip connections and to its middle block's output. Top: the mean |residual| (over "
+               f"channels and positions, the prompt's row) per skip connection, and per U-Net call. Bottom: where "
+               f"they act, per resolution (mean over channels, calls and the skips of that size).")
+    return Section("control", "ControlNet: the residuals added to the U-Net, level by level", caption, figure)
+
+
 def decoder_section(e: Explanation) -> Section:
     latents = e.latents
     C = latents.shape[0]
@@ -206,7 +252,7 @@ def decoder_section(e: Explanation) -> Section:
 
 def explanation_sections(e: Explanation) -> list[Section]:
     sections = [autoencoder_section(e), forward_section(e), denoising_section(e), attention_section(e),
-                guidance_section(e), decoder_section(e)]
+                control_section(e), guidance_section(e), decoder_section(e)]
     return [s for s in sections if s is not None]
 
 

@@ -5,6 +5,8 @@ Nothing here re-implements a stage. The run is ``StableDiffusion.run``; what it 
   - ``observer``: each guided denoiser call (x0 of the conditional and unconditional halves),
   - ``watch_cross_attention``: the ``observer`` slot of every cross-attention layer of the U-Net,
     which then also computes its softmax(Q K^T / sqrt(d)) (SDPA never materialises it),
+  - ``watch_control_residuals``: a forward pre-hook on the U-Net that sees the ControlNet residuals each
+    call receives (the units' scaled sum, as the U-Net adds them to its skips and middle block),
 and the stages the run is made of (``encode_image``, ``decode_latents``, ``schedules.q_sample``).
 """
 
@@ -58,6 +60,54 @@ def watch_cross_attention(unet: UNet, record: Callable[[str, torch.Tensor, int, 
             layer.observer = None
 
 
+@contextmanager
+def watch_control_residuals(unet: UNet, record: Callable[[float, list[torch.Tensor], torch.Tensor], None]
+                            ) -> Iterator[None]:
+    """Inside the block, every U-Net call that receives ControlNet residuals hands ``record`` its timestep,
+    ``down_residuals`` (one per skip connection) and ``mid_residual``. The hook is removed on exit."""
+    def hook(module, args, kwargs) -> None:
+        if kwargs.get("down_residuals") is not None:
+            timesteps = args[1] if len(args) > 1 else kwargs["timesteps"]
+            record(float(torch.as_tensor(timesteps).flatten()[0]), kwargs["down_residuals"], kwargs["mid_residual"])
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def skip_labels(unet: UNet) -> list[str]:
+    """A name per skip connection, in the order the U-Net makes them: the input conv, then per level its
+    res blocks and (all but the last level) its downsampler."""
+    c = unet.config
+    labels = ["conv_in"]
+    for level in range(len(c.channel_mult)):
+        labels += [f"level {level} res {j}" for j in range(c.num_res_blocks)]
+        if level < len(c.channel_mult) - 1:
+            labels.append(f"level {level} down")
+    return labels
+
+
+@dataclass
+class ControlRecord:
+    """The ControlNet residuals the U-Net received, on the prompt's (conditional) row."""
+
+    labels: list[str]  # one per residual: the skips' (``skip_labels``), then "mid"
+    timesteps: list[float]  # one per U-Net call that received residuals
+    means: torch.Tensor  # (calls, residuals): mean |residual| over channels and positions
+    maps: list[torch.Tensor]  # per residual, (h, w): mean |residual| over channels and calls
+
+    def level_means(self) -> dict[str, float]:
+        """Mean |residual| per down level (its skips together, weighted by their sizes) and for the middle
+        block, over all calls."""
+        out: dict[str, list[float]] = {}
+        for label, m in zip(self.labels, self.maps):
+            key = "mid" if label == "mid" else ("level 0" if label == "conv_in" else " ".join(label.split()[:2]))
+            out.setdefault(key, []).extend(m.flatten().tolist())
+        return {k: sum(v) / len(v) for k, v in out.items()}
+
+
 @dataclass
 class NoisedLatent:
     timestep: int
@@ -98,6 +148,7 @@ class Explanation:
     attention_layers: dict[tuple[int, int], list[str]]  # (H, W) -> the attn2 layers working at that size
     image: torch.Tensor  # (3, H, W) the final decode in [-1, 1]
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded latents, by a name the report uses
+    control: ControlRecord | None = None  # with ControlNet units: the residuals the U-Net received
 
     @property
     def latents(self) -> torch.Tensor:
@@ -148,7 +199,13 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
         if layer not in attention_layers.setdefault((H, W), []):
             attention_layers[(H, W)].append(layer)
 
-    with watch_cross_attention(sd.unet, on_attention):
+    control_calls: list[tuple[float, list[torch.Tensor]]] = []
+
+    def on_control(timestep: float, down: list[torch.Tensor], mid: torch.Tensor) -> None:
+        # the last row is the prompt's (with guidance the rows are [uncond, cond]; shared rows: one)
+        control_calls.append((timestep, [r[-1].float().abs().mean(dim=0).cpu() for r in [*down, mid]]))
+
+    with watch_cross_attention(sd.unet, on_attention), watch_control_residuals(sd.unet, on_control):
         result = sd.run(request, callback=on_step, observer=on_guidance)
 
     # sigmas of the levels visited, to put each x back on the U-Net's scale z = x / sqrt(1 + sigma^2)
@@ -182,9 +239,19 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
         guidance=guidance,
         attention={size: total / attention_calls[size] for size, total in attention_sum.items()},
         attention_layers=attention_layers,
-        image=pil_to_tensor(result.images[0])[0])
+        image=pil_to_tensor(result.images[0])[0],
+        control=_control_record(sd.unet, control_calls))
     _decode_snapshots(sd, explanation, snapshots)
     return explanation
+
+
+def _control_record(unet: UNet, calls: list[tuple[float, list[torch.Tensor]]]) -> ControlRecord | None:
+    if not calls:
+        return None
+    maps = [torch.stack([residuals[i] for _, residuals in calls]) for i in range(len(calls[0][1]))]  # (calls, h, w)
+    return ControlRecord(labels=skip_labels(unet) + ["mid"], timesteps=[t for t, _ in calls],
+                         means=torch.stack([m.mean(dim=(1, 2)) for m in maps], dim=1),
+                         maps=[m.mean(dim=0) for m in maps])
 
 
 def snapshot_indices(total: int, snapshots: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""``torchsd train vae|clip|unet|lora``: flags come from ``TrainConfig``'s fields."""
+"""``torchsd train vae|clip|unet|lora|controlnet``: flags come from ``TrainConfig``'s fields."""
 
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ def make_task(config, dist):
     if config.task == "unet":
         from .unet_task import UNetTask
         return UNetTask(config, dist)
+    if config.task == "controlnet":
+        from .controlnet_task import ControlNetTask
+        return ControlNetTask(config, dist)
     from .lora import LoRATask
     return LoRATask(config, dist)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a VAE, CLIP, U-Net or LoRA (torchrun for several processes)",
+    p = subparsers.add_parser("train", help="train a VAE, CLIP, U-Net, LoRA or ControlNet (torchrun for several "
+                                            "processes)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("task", choices=TASKS)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")

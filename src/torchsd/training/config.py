@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import get_type_hints
 
-TASKS = ("vae", "clip", "unet", "lora")
+TASKS = ("vae", "clip", "unet", "lora", "controlnet")
 PRESETS = ("bundled", "tiny")
 
 
@@ -42,7 +42,9 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     # frozen parts and starting points
-    model: str = ""  # a pipeline (folder or single file): its VAE and text encoder (unet, lora); LoRA's base
+    # a pipeline (folder or single file, "bundled": the bundled model): its VAE and text encoder (unet, lora),
+    # LoRA's base, the model a ControlNet steers
+    model: str = ""
     vae: str = ""  # a VAE trained by `torchsd train vae` (for unet from scratch)
     clip: str = ""  # a CLIP trained by `torchsd train clip` (for unet from scratch)
     # U-Net
@@ -59,6 +61,8 @@ class TrainConfig:
     # LoRA
     lora_rank: int = 4
     lora_alpha: float = 4.0
+    # ControlNet
+    position_noise: float = 0.0  # shapes: the fraction of captions naming a random cell (the control decides where)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction'; got {self.prediction_type!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1); got {self.caption_dropout}")
+        if not 0 <= self.position_noise <= 1:
+            raise ValueError(f"position_noise must be in [0, 1]; got {self.position_noise}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}")
         if not 0 <= self.decay_steps <= self.steps:
@@ -93,6 +99,9 @@ class TrainConfig:
                              f"drop --fsdp")
         if self.task == "lora" and not self.model:
             raise ValueError("LoRA training needs a base model: --model PATH")
+        if self.task == "controlnet" and not self.model:
+            raise ValueError("ControlNet training needs the model it steers: --model PATH (bundled: the bundled "
+                             "model)")
         if self.task == "unet" and not self.model and not (self.vae and self.clip):
             raise ValueError("U-Net training needs a frozen VAE and text encoder: --model PIPELINE, or "
                              "--vae VAE.safetensors --clip CLIP.safetensors from `torchsd train vae|clip`")

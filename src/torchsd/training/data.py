@@ -93,19 +93,20 @@ def random_shape_spec(rng: random.Random) -> ShapeSpec:
     return ShapeSpec(rng.choice(SHAPES), color, rng.choice(POSITIONS), background)
 
 
-def render_shape(spec: ShapeSpec, size: int = 64, rng: random.Random | None = None) -> Image.Image:
-    """Draw at 4x and downsample, for smooth edges. Small seeded jitter in size and placement."""
+def render_shape(spec: ShapeSpec, size: int = 64, rng: random.Random | None = None, mask: bool = False) -> Image.Image:
+    """Draw at 4x and downsample, for smooth edges. Small seeded jitter in size and placement. ``mask``: the
+    shape white on black instead of in its colours (the same jitter for the same ``rng`` state)."""
     rng = rng or random.Random(0)
     scale = 4
     S = size * scale
-    image = Image.new("RGB", (S, S), COLORS[spec.background])
+    image = Image.new("RGB", (S, S), (0, 0, 0) if mask else COLORS[spec.background])
     draw = ImageDraw.Draw(image)
     row, col = divmod(POSITIONS.index(spec.position), 3)
     cell = S / 3
     radius = cell * rng.uniform(0.30, 0.38)
     cx = cell * (col + 0.5) + rng.uniform(-0.06, 0.06) * cell
     cy = cell * (row + 0.5) + rng.uniform(-0.06, 0.06) * cell
-    fill = COLORS[spec.color]
+    fill = (255, 255, 255) if mask else COLORS[spec.color]
     if spec.shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
     elif spec.shape == "square":
@@ -133,6 +134,24 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         spec, rng = self.spec(index)
         return pil_to_tensor(render_shape(spec, self.size, rng))[0], spec.caption
+
+    def mask(self, index: int) -> Image.Image:
+        """Item ``index``'s shape, white on black: the control image of a ControlNet trained on shapes."""
+        spec, rng = self.spec(index)
+        return render_shape(spec, self.size, rng, mask=True)
+
+
+_POSITION_PHRASES = ["in the center" if p == "center" else f"at the {p}" for p in POSITIONS]
+
+
+def reposition_caption(caption: str, rng: random.Random) -> str:
+    """A shapes caption with its grid cell replaced by a random other one ("at the top left" -> "at the
+    center right"); other captions unchanged."""
+    for phrase in _POSITION_PHRASES:
+        if f" {phrase} " in caption:
+            other = rng.choice([p for p in _POSITION_PHRASES if p != phrase])
+            return caption.replace(f" {phrase} ", f" {other} ", 1)
+    return caption
 
 
 # --- emoji -----------------------------------------------------------------------------------------
@@ -312,6 +331,71 @@ def build_dataset(spec: str, size: int, seed: int = 0, length: int = 20000) -> D
         return ManifestDataset(path, size)
     raise ValueError(f"unknown dataset {spec!r}: use shapes, emoji, shapes+emoji, a folder of images with .txt "
                      f"captions, a .jsonl/.csv manifest, or .tar shards")
+
+
+# --- control images (ControlNet training) -----------------------------------------------------------
+
+def control_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) in [0, 1], as a ControlNet reads its hint (the pipeline's ``hint_tensor``)."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class ShapeMasks(Dataset):
+    """The masks of ``ShapesDataset(size, length, seed)``, item for item."""
+
+    def __init__(self, shapes: ShapesDataset, hint_size: int):
+        self.shapes, self.hint_size = shapes, hint_size
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return control_tensor(self.shapes.mask(index), self.hint_size)
+
+
+class ManifestControls(Dataset):
+    """The ``control`` (or diffusers' ``conditioning_image``) column of a JSONL/CSV manifest, row for row."""
+
+    def __init__(self, manifest: Path, hint_size: int):
+        if manifest.suffix == ".csv":
+            with open(manifest, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.paths = []
+        for i, row in enumerate(rows):
+            name = row.get("control") or row.get("conditioning_image")
+            if not name:
+                raise ValueError(f"{manifest}: entry {i + 1} has no 'control' (or 'conditioning_image') field: "
+                                 f"ControlNet training needs a control image per item")
+            self.paths.append(manifest.parent / name)
+        self.hint_size = hint_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            return control_tensor(image, self.hint_size)
+
+
+def build_control_dataset(spec: str, size: int, hint_size: int, seed: int = 0, length: int = 20000) -> Dataset:
+    """The control images of ``build_dataset(spec, size, seed, length)``, item for item: for ``shapes`` the
+    shape's mask, for a manifest its ``control`` column; ``hint_size`` pixels square."""
+    if spec == "shapes":
+        return ShapeMasks(ShapesDataset(size, length=length, seed=seed), hint_size)
+    path = Path(spec)
+    if path.is_file() and path.suffix in (".jsonl", ".csv", ".json"):
+        return ManifestControls(path, hint_size)
+    raise ValueError(f"ControlNet training needs paired data: 'shapes' (the shape's mask is the control image) or "
+                     f"a .jsonl/.csv manifest with image, control and caption fields; got {spec!r}")
 
 
 def collate(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:

@@ -40,7 +40,7 @@ class Task(Protocol):
     model: nn.Module  # the trainable module (wrapped in DDP by the loop)
     use_ema: bool
 
-    def dataset(self) -> Dataset: ...  # items: (index, image or latent, caption)
+    def dataset(self) -> Dataset: ...  # items: (index, image or latent, [control image,] caption)
     def loss(self, model: nn.Module, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
     def sample(self, model: nn.Module, path: Path) -> None: ...  # write a sample grid PNG
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
@@ -146,7 +146,7 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     dataset = task.dataset()
     sampler = DistributedBatchSampler(len(dataset), config.batch_size, dist.rank, dist.world_size, config.seed,
                                       start, config.steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
     def checkpoint(step: int) -> None:
@@ -219,17 +219,17 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
     return results
 
 
-def _collate(items):
-    indices, data, captions = zip(*items)
-    return list(indices), torch.stack(data), list(captions)
+def collate(items):
+    """(index, tensor, ..., caption) items -> (indices, stacked tensor, ..., captions)."""
+    indices, *tensors, captions = zip(*items)
+    return (list(indices), *(torch.stack(t) for t in tensors), list(captions))
 
 
 def _split(batch, parts: int):
-    indices, data, captions = batch
     if parts == 1:
         return [batch]
-    size = math.ceil(len(indices) / parts)
-    return [(indices[i:i + size], data[i:i + size], captions[i:i + size]) for i in range(0, len(indices), size)]
+    size = math.ceil(len(batch[0]) / parts)
+    return [tuple(part[i:i + size] for part in batch) for i in range(0, len(batch[0]), size)]
 
 
 def _progress(total: int, start: int):
@@ -249,7 +249,8 @@ def _log(path: Path, row: dict) -> None:
 
 
 class Indexed(Dataset):
-    """(index, image, caption) items, so per-sample randomness can be keyed by the index."""
+    """(index, image, caption) items (or (index, image, control, caption)), so per-sample randomness can be keyed
+    by the index."""
 
     def __init__(self, dataset: Dataset, limit: int | None = None):
         self.dataset = dataset
@@ -259,8 +260,7 @@ class Indexed(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
-        image, caption = self.dataset[index]
-        return index, image, caption
+        return (index, *self.dataset[index])
 
     def geometry(self, index: int):
         """SDXL's micro-conditioning of the item (``data.item_geometry``): None where it was made at its size."""

@@ -48,6 +48,8 @@ def frozen_parts(config: TrainConfig) -> StableDiffusion:
     """The pipeline whose VAE and text encoder stay frozen (and whose U-Net is replaced or fine-tuned)."""
     from ..checkpoints.components import load_clip, load_vae
 
+    if config.model == "bundled":  # the model that ships with torchsd, in float32 for training
+        return StableDiffusion.from_checkpoint(None, dtype=torch.float32)
     if config.model:
         return StableDiffusion.from_checkpoint(config.model)
     vae, clip = load_vae(config.vae), load_clip(config.clip)

@@ -40,6 +40,7 @@ from ...diffusion.control import ControlInput, ControlledDenoiser, soft_scales
 from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion
 from .control_detect import MODULES, detect, module_name
 
+BUNDLED = "bundled"  # --control-model bundled: the ControlNet that ships with the bundled model
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 HIRES_OPTIONS = ("Both", "Low res only", "High res only")
@@ -169,6 +170,13 @@ class ControlModels:
         path = Path(model)
         if path.exists():
             return path
+        if str(model) == BUNDLED:
+            from ...checkpoints import bundled_controlnet_path
+
+            if not bundled_controlnet_path().is_file():
+                raise ValueError(f"the bundled ControlNet {bundled_controlnet_path()} is missing from this "
+                                 f"installation; reinstall torchsd or give a ControlNet file")
+            return bundled_controlnet_path()
         name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(model))  # A1111 lists models as "name [hash]"
         found = self.names()
         if name in found:
@@ -306,7 +314,8 @@ class Control(Feature):
                                 "belongs to the n-th unit)")
         group.add_argument("--control-model", dest="control_models", action="append", default=[],
                            metavar="FILE_OR_NAME",
-                           help="ControlNet file, diffusers folder, or name in --control-dir")
+                           help="ControlNet file, diffusers folder, or name in --control-dir; 'bundled': the "
+                                "bundled model's (its control image: a shape's mask, white on black)")
         group.add_argument("--control-weight", dest="control_weights", action="append", default=[], type=float)
         group.add_argument("--control-start", dest="control_starts", action="append", default=[], type=float,
                            help="fraction of the steps where the unit starts (default 0)")

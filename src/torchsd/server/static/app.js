@@ -51,6 +51,52 @@ async function init() {
 
 $("hires").addEventListener("change", () => { $("hires-box").hidden = !$("hires").checked; });
 
+// --- ControlNet: one unit, sent as the AUTOMATIC1111 extension's alwayson_scripts.controlnet.args ---------
+let controlImage = null;  // the chosen file as a data URL
+
+async function initControl() {
+  try {
+    const [models, modules] = await Promise.all([api("/controlnet/model_list"), api("/controlnet/module_list")]);
+    for (const name of models.model_list) $("control-model").add(new Option(name, name));
+    for (const name of modules.module_list) $("control-module").add(new Option(name, name));
+    $("no-control").hidden = models.model_list.length > 0;
+    $("control").disabled = models.model_list.length === 0;
+  } catch (err) { showError(err); }
+}
+
+$("control").addEventListener("change", () => { $("control-box").hidden = !$("control").checked; });
+$("control-file").addEventListener("change", () => {
+  const file = $("control-file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    controlImage = reader.result;
+    $("control-image").src = controlImage;
+    $("control-image").hidden = false;
+    $("control-map").hidden = true;
+  };
+  reader.readAsDataURL(file);
+});
+$("control-preview").addEventListener("click", async () => {
+  if (!controlImage) { showError("choose a control image first"); return; }
+  try {
+    const result = await api("/controlnet/detect", { controlnet_module: $("control-module").value,
+                                                    controlnet_input_images: [controlImage.split(",")[1]] });
+    $("control-map").src = "data:image/png;base64," + result.images[0];
+    $("control-map").hidden = false;
+    showError(null);
+  } catch (err) { showError(err); }
+});
+
+function controlUnit() {
+  // the fields webuiapi's ControlNetUnit.to_dict() sends; -1 thresholds: the preprocessor's defaults
+  return { enabled: true, image: controlImage.split(",")[1], module: $("control-module").value,
+           model: $("control-model").value, weight: Number($("control-weight").value),
+           guidance_start: Number($("control-start").value), guidance_end: Number($("control-end").value),
+           control_mode: Number($("control-mode").value), resize_mode: "Crop and Resize",
+           threshold_a: -1, threshold_b: -1, pixel_perfect: false };
+}
+
 $("model").addEventListener("change", async () => {
   const title = $("model").value;
   $("model-status").textContent = "loading…";
@@ -148,6 +194,10 @@ function payload() {
   if ($("refiner").value) {
     Object.assign(body, { refiner_checkpoint: $("refiner").value, refiner_switch_at: number("refiner-switch") });
   }
+  if ($("control").checked) {
+    if (!controlImage) throw new Error("ControlNet: choose a control image (or untick ControlNet)");
+    body.alwayson_scripts = { controlnet: { args: [controlUnit()] } };
+  }
   if (!$("init-box").hidden) {
     body.init_images = [$("init-canvas").toDataURL("image/png")];
     body.denoising_strength = number("strength");
@@ -194,7 +244,8 @@ $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   if (running) return;
   showError(null);
-  const body = payload();
+  let body;
+  try { body = payload(); } catch (err) { showError(err); return; }
   const route = body.init_images ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img";
   running = true;
   $("generate").disabled = true;
@@ -224,3 +275,4 @@ $("form").addEventListener("submit", async (event) => {
 $("interrupt").addEventListener("click", () => api("/sdapi/v1/interrupt", {}).catch(showError));
 
 init();
+initControl();
