@@ -101,7 +101,7 @@ def test_controlnet_run_lowers_the_loss_changes_only_the_controlnet_and_saves_a_
     from torchsd.training.cli import make_task
     from torchsd.training.distributed import setup
 
-    config = small_config(tmp_path, "controlnet", steps=40, model=str(tiny_model), caption_dropout=0.5,
+    config = small_config(tmp_path, "controlnet", steps=80, model=str(tiny_model), caption_dropout=0.5,
                           position_noise=0.3, lr=1e-3)
     task = make_task(config, setup("cpu"))
     assert not any(p.requires_grad for p in task.unet.parameters())
@@ -121,7 +121,7 @@ def test_controlnet_run_lowers_the_loss_changes_only_the_controlnet_and_saves_a_
         captions = [reposition_caption(c, random.Random(config.seed * 7919 + 5 * 104_729 + i)) if m else c
                     for c, m, i in zip(batch[3], moved.tolist(), batch[0])]
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        plain = float(denoising_loss(task.unet, z0, task.context(captions), task.alphas_cumprod, generators,
+        plain = float(denoising_loss(task.unet, z0, task.context(captions)[0], task.alphas_cumprod, generators,
                                      task.prediction_type, config.min_snr_gamma))
     assert controlled == pytest.approx(plain, rel=1e-6)
 

@@ -59,6 +59,8 @@ def hint_widths(sd: StableDiffusion) -> tuple[int, ...]:
 class ControlNetTask(UNetTask):
     def __init__(self, config: TrainConfig, dist: Distributed):
         super().__init__(config, dist)
+        if self.sd.config.is_sdxl:
+            raise ValueError("train controlnet: SDXL ControlNets are not supported yet; give an SD 1.x/2.x model")
         self.unet = self.sd.unet.float().to(dist.device).eval().requires_grad_(False)
         self.model = ControlNet.from_unet(self.unet, hint_widths=hint_widths(self.sd)).float().train()
         self._controls = build_control_dataset(config.data, config.resolution, config.resolution, config.seed,
@@ -83,7 +85,8 @@ class ControlNetTask(UNetTask):
             down, mid = model(z_t, t, context, hint)
             return self.unet(z_t, t, context, down_residuals=down, mid_residual=mid)
 
-        loss = denoising_loss(controlled_unet, z0, self.context(captions), self.alphas_cumprod, generators,
+        context, _ = self.context(captions)  # no pooled vector: SD 1.x/2.x U-Nets take none
+        loss = denoising_loss(controlled_unet, z0, context, self.alphas_cumprod, generators,
                               self.prediction_type, self.config.min_snr_gamma)
         return loss, {}
 
