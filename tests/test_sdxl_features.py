@@ -1,6 +1,7 @@
 """SDXL beside the features that reach into the U-Net: DeepCache and ToMe (against the DeepCache and tomesd
-packages on diffusers' SDXL networks), IP-Adapter (U-Net and whole run against diffusers), and control units,
-which are refused with their reason (SD 1.x/2.x ControlNets and adapters do not fit SDXL's U-Net)."""
+packages on diffusers' SDXL networks), IP-Adapter (U-Net and whole run against diffusers), and an SD 1.x
+ControlNet, which is refused with its reason (it does not fit SDXL's U-Net; SDXL ControlNets:
+tests/test_sdxl_control.py)."""
 
 from __future__ import annotations
 
@@ -174,8 +175,14 @@ def test_sdxl_run_with_ip_adapter_matches_diffusers_pipeline(sd, folder, tmp_pat
 
 # --- control ---------------------------------------------------------------------------------------------------
 
-def test_control_units_on_sdxl_are_refused_with_the_reason(sd):
-    image = Image.new("RGB", (32, 32))
-    unit = torchsd.ControlUnit(image=image, model="control_v11p_sd15_canny")
-    with pytest.raises(ValueError, match="SD 1.x/2.x models only.*SDXL"):
+def test_an_sd1_controlnet_on_sdxl_is_refused_with_the_reason(sd, tmp_path):
+    """SDXL ControlNets run (tests/test_sdxl_control.py); one made for SD 1.x does not fit SDXL's U-Net."""
+    from reference import random_pipeline
+    from torchsd.checkpoints.controlnet import save_controlnet
+    from torchsd.models.controlnet import ControlNet
+
+    sd1 = random_pipeline("sd1")
+    save_controlnet(ControlNet.from_unet(sd1.unet, hint_widths=(16, 32)), tmp_path / "cn_sd1.safetensors")
+    unit = torchsd.ControlUnit(image=Image.new("RGB", (32, 32)), model=tmp_path / "cn_sd1.safetensors")
+    with pytest.raises(ValueError, match=r"an SD 1\.x\S* ControlNet .*does not fit this SDXL model"):
         sd.generate(PROMPT, steps=2, width=32, height=32, control=[unit])

@@ -6,9 +6,12 @@
   ControlNet 1.0 files hold a whole SD model beside it: only the ``control_model.`` part is read);
 - diffusers' ControlNetModel: a folder (``config.json`` + weights) or its weights file alone.
 
-The ControlNet's U-Net part must match the model it steers (an SD 1.x ControlNet on an SD 1.x model);
-the hint encoder's widths are read from the weights. Stability's "Control-LoRA" files (low-rank deltas
-of the U-Net's encoder) are refused by name.
+The ControlNet's U-Net part must match the model it steers (an SD 1.x ControlNet on an SD 1.x model, an
+SDXL one on an SDXL base): its text-context width, channels and added embedding (SDXL's ``add_embedding``,
+diffusers' ``addition_embed_type="text_time"``) are checked against the model's, with a message naming both
+families. The hint encoder's widths and each level's transformer depth (SDXL's "mid" and "small" ControlNets
+have fewer transformer blocks than the U-Net) are read from the weights. Stability's "Control-LoRA" files
+(low-rank deltas of the U-Net's encoder) are refused by name.
 """
 
 from __future__ import annotations
@@ -67,6 +70,44 @@ def hint_config(state: dict[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
     return first.shape[1], tuple(widths)
 
 
+def family_of(context_dim: int, added: bool) -> str:
+    """A family's name for messages, from a U-Net's context width and whether it has SDXL's added embedding."""
+    if added:
+        return "SDXL"
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(context_dim, "SD 1.x/2.x")
+
+
+def check_fits(state: dict[str, torch.Tensor], c: UNetConfig, source: object) -> None:
+    """Refuse, saying which family each is, a ControlNet (torchsd names) whose U-Net part cannot steer a U-Net
+    with config ``c``: another text-context width, base width or added embedding."""
+    to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
+    context = int(to_k.shape[1]) if to_k is not None else c.context_dim
+    channels = int(state["conv_in.weight"].shape[0])
+    added = state.get("add_embedding.linear_1.weight")
+    added_dim = 0 if added is None else int(added.shape[1])
+    if (context, channels, added_dim) == (c.context_dim, c.model_channels, c.added_embed_dim):
+        return
+    ours, theirs = family_of(context, added is not None), family_of(c.context_dim, bool(c.added_embed_dim))
+    raise CheckpointError(
+        f"{source}: an {ours} ControlNet ({context}-wide text context, {channels} channels"
+        f"{f', added vector of {added_dim}' if added_dim else ', no added vector'}) does not fit this {theirs} "
+        f"model ({c.context_dim}-wide context, {c.model_channels} channels"
+        f"{f', added vector of {c.added_embed_dim}' if c.added_embed_dim else ', no added vector'}): a ControlNet "
+        f"only steers the model family it was trained for; use an {theirs} ControlNet")
+
+
+def transformer_depths(state: dict[str, torch.Tensor], c: UNetConfig) -> dict:
+    """The transformer blocks per level and in the middle, counted in the weights (where there are any)."""
+    def count(prefix: str) -> int:
+        found = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        return 1 + max(found) if found else 0
+
+    depths = tuple(count(f"down_blocks.{level}.attentions.0.transformer_blocks.") or d
+                   for level, d in enumerate(c.transformer_depth))
+    mid = count("mid_block.attentions.0.transformer_blocks.") or c.mid_transformer_depth
+    return {"transformer_depth": depths, "mid_transformer_depth": mid}
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_weights(path) if path.is_dir() else load_state_dict(path)
 
@@ -107,9 +148,11 @@ def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.d
     from ..models.controlnet import ControlNet, ControlNetConfig
 
     state, config = read_controlnet_state(path, unet_config, tensors)
+    check_fits(state, unet_config, path)
     hint_channels, widths = hint_config(state)
     # an SD 1.5 ControlNet reads the 4 latent channels also beside an inpainting model's 9-channel U-Net
-    unet_config = dataclasses.replace(unet_config, in_channels=state["conv_in.weight"].shape[1])
+    unet_config = dataclasses.replace(unet_config, in_channels=state["conv_in.weight"].shape[1],
+                                      **transformer_depths(state, unet_config))
     net_config = ControlNetConfig(unet_config, hint_channels, widths,
                                   global_pool=bool(config.get("global_pool_conditions", False)))
     with torch.device("meta"):
@@ -118,7 +161,8 @@ def load_controlnet(path: str | Path, unet_config: UNetConfig, *, dtype: torch.d
         check_state(net, state, str(path))
     except CheckpointError as err:
         raise CheckpointError(f"{err}. A ControlNet only fits the model family it was trained for (an SD 1.5 "
-                              f"ControlNet on an SD 1.x model, an SD 2.1 one on SD 2.x)") from None
+                              f"ControlNet on an SD 1.x model, an SD 2.1 one on SD 2.x, an SDXL one on an SDXL "
+                              f"base)") from None
     net.load_state_dict({k: v.to(device, dtype) for k, v in state.items()}, assign=True)
     return net.eval().requires_grad_(False)
 

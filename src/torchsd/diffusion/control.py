@@ -1,9 +1,9 @@
 """ControlNet residuals inside the denoiser: ``ControlledDenoiser`` wraps a ``ModelDenoiser`` so that every
-U-Net call first runs each active ControlNet on the same scaled latents, timestep and context, and hands the
-summed, scaled residuals to the U-Net. T2I-Adapters ride along: their features (per down level, computed once
-from the hint) are handed over at the steps where they act. Because the residuals are computed per call, every
-sampler (Heun's second evaluation, DPM2's midpoints, a hires pass's own sigmas) sees control at the level it
-evaluates.
+U-Net call first runs each active ControlNet on the same scaled latents, timestep and context (and SDXL's added
+vector y), and hands the summed, scaled residuals to the U-Net. T2I-Adapters ride along: their features (per
+down level, computed once from the hint) are handed over at the steps where they act. Because the residuals
+are computed per call, every sampler (Heun's second evaluation, DPM2's midpoints, a hires pass's own sigmas)
+sees control at the level it evaluates.
 
 Which units act at a call is decided from sigma: the call belongs to step i of the loop when
 sigmas[i] >= sigma > sigmas[i+1], and a unit acts on step i of n unless i/n < start or (i+1)/n > end
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoisers import ModelDenoiser, sigma_per_image
+from .denoisers import ModelDenoiser, sigma_per_image, unpack
 
 SOFT_FACTOR = 0.825  # lllyasviel's guess-mode decay per level: 0.825**12 < 0.01 < 0.826**12
 
@@ -90,8 +90,9 @@ class ControlledDenoiser:
         active = [u for u in self.units if u.acts_on(step, steps)]
         if not active:
             return self.model(x, sigma, context, concat, **unet_inputs)
+        text, y = unpack(context)  # SDXL: a Condition whose added vector y the ControlNet reads too
         c_in = (1.0 / (sigma ** 2 + 1).sqrt())[:, None, None, None]
-        z = (x * c_in).to(context.dtype)
+        z = (x * c_in).to(text.dtype)
         t = self.model.timestep(sigma) if any(not u.is_adapter for u in active) else None
         down: list[torch.Tensor] | None = None
         mid: torch.Tensor | None = None
@@ -106,7 +107,7 @@ class ControlledDenoiser:
             net_input = z
             if concat is not None and unit.net.config.unet.in_channels > z.shape[1]:  # an inpainting ControlNet
                 net_input = torch.cat([z, concat.to(z.dtype)], dim=1)
-            unit_down, unit_mid = unit.net(net_input, t, context, unit.hint)
+            unit_down, unit_mid = unit.net(net_input, t, text, unit.hint, **({} if y is None else {"y": y}))
             residuals = [r * s for r, s in zip([*unit_down, unit_mid], unit.scales, strict=True)]
             if unit.cond_only and uncond_rows:
                 residuals = [_zero_rows(r, context.shape[0], uncond_rows) for r in residuals]

@@ -10,6 +10,9 @@ ControlNet change nothing, which is why training can start from the U-Net's weig
 Module names follow diffusers' ControlNetModel (``controlnet_cond_embedding``, ``controlnet_down_blocks``,
 ``controlnet_mid_block``), so the U-Net's key rules map it; ``checkpoints/controlnet.py`` maps the
 original layout (``input_hint_block``, ``zero_convs``, ``middle_block_out``).
+
+An SDXL ControlNet copies the U-Net's added embedding too (``add_embedding``: pooled text and
+micro-conditioning, diffusers' ``addition_embed_type="text_time"``) and takes the same added vector ``y``.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .layers import Downsample, ResnetBlock, repeat_rows, timestep_embedding
-from .unet import Level, MidBlock, SpatialTransformer, UNet
+from .layers import Downsample, ResnetBlock, repeat_rows
+from .unet import Level, MidBlock, SpatialTransformer, UNet, added_embedding, embed_inputs
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ControlNet(nn.Module):
         self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
         self.time_embedding.add_module("act", nn.SiLU())
         self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
+        self.add_embedding = added_embedding(c.added_embed_dim, temb)  # SDXL's (diffusers' "text_time")
         self.controlnet_cond_embedding = HintEncoder(config.hint_channels, config.hint_widths, c.model_channels)
 
         skip_widths = [c.model_channels]
@@ -122,20 +126,19 @@ class ControlNet(nn.Module):
         """A fresh ControlNet: the U-Net's encoder weights, a random hint encoder, zero convolutions."""
         net = cls(ControlNetConfig(unet.config, hint_channels, hint_widths))
         copied = {k: v for k, v in unet.state_dict().items()
-                  if k.split(".")[0] in ("conv_in", "time_embedding", "down_blocks", "mid_block")}
+                  if k.split(".")[0] in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")}
         missing, unexpected = net.load_state_dict(copied, strict=False)
         assert not unexpected and all(k.startswith("controlnet_") for k in missing), (missing, unexpected)
         return net.to(next(unet.parameters()).dtype)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                hint: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+                hint: torch.Tensor, *, y: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x: (B, C, h, w) latents; context: (k*B, T, W) as UNet.forward takes it; hint: (B or 1, 3, 8h, 8w)
-        in [0, 1]. Returns the residuals for the U-Net's skips (each with B or k*B rows, as the skip it
+        in [0, 1]; y: SDXL's added vector (k*B rows, as UNet.forward's), required by an SDXL ControlNet and
+        refused by others. Returns the residuals for the U-Net's skips (each with B or k*B rows, as the skip it
         is added to) and for its middle output, unscaled."""
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embedding(timestep_embedding(timesteps, self.config.unet.model_channels).to(x.dtype))
+        x, emb = embed_inputs(self.time_embedding, self.add_embedding, self.config.unet.model_channels, x,
+                              timesteps, y)
 
         hint = self.controlnet_cond_embedding(hint.to(x.dtype))
         h = self.conv_in(x) + repeat_rows(hint, x.shape[0])  # one hint may serve every latent

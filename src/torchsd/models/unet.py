@@ -191,6 +191,35 @@ def added_vector(pooled: torch.Tensor, micro_conditions: torch.Tensor, dim: int)
     return torch.cat([pooled.float(), features], dim=-1).to(pooled.dtype)
 
 
+def embed_inputs(time_embedding: nn.Module, add_embedding: nn.Module | None, model_channels: int, x: torch.Tensor,
+                 timesteps: torch.Tensor | float, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``UNet.embed`` for any network with its ``time_embedding`` and ``add_embedding`` (a ControlNet's too)."""
+    if (y is None) != (add_embedding is None):
+        raise ValueError("this network takes the added vector y (pooled text + micro-conditioning)" if y is None
+                         else "this network has no added embedding: pass y=None")
+    timesteps = torch.as_tensor(timesteps, device=x.device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(x.shape[0])
+    if y is not None and y.shape[0] != x.shape[0]:
+        x, timesteps = repeat_rows(x, y.shape[0]), repeat_rows(timesteps, y.shape[0])
+    t_emb = timestep_embedding(timesteps, model_channels).to(x.dtype)
+    emb = time_embedding(t_emb)  # (B, 4*model_channels)
+    if y is not None:
+        emb = emb + add_embedding(y.to(emb.dtype))
+    return x, emb
+
+
+def added_embedding(added_embed_dim: int, temb: int) -> nn.Sequential | None:
+    """SDXL's MLP from the added vector y to the time embedding's width (None where the config has none)."""
+    if not added_embed_dim:
+        return None
+    mlp = nn.Sequential()
+    mlp.add_module("linear_1", nn.Linear(added_embed_dim, temb))
+    mlp.add_module("act", nn.SiLU())
+    mlp.add_module("linear_2", nn.Linear(temb, temb))
+    return mlp
+
+
 class UNet(nn.Module):
     accepts_several_contexts = True  # see forward
 
@@ -214,13 +243,8 @@ class UNet(nn.Module):
         self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
         self.time_embedding.add_module("act", nn.SiLU())
         self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
-        if c.added_embed_dim:  # SDXL: the pooled text and the micro-conditioning, added to the time embedding
-            self.add_embedding = nn.Sequential()
-            self.add_embedding.add_module("linear_1", nn.Linear(c.added_embed_dim, temb))
-            self.add_embedding.add_module("act", nn.SiLU())
-            self.add_embedding.add_module("linear_2", nn.Linear(temb, temb))
-        else:
-            self.add_embedding = None
+        # SDXL: the pooled text and the micro-conditioning, added to the time embedding
+        self.add_embedding = added_embedding(c.added_embed_dim, temb)
 
         # Down path; remember the width of every activation that is kept as a skip connection.
         skip_widths = [c.model_channels]
@@ -269,19 +293,7 @@ class UNet(nn.Module):
         """The latents and the embedding every ResBlock reads: the timestep's, plus for SDXL-like configs the
         added vector ``y``'s. Where y has more rows than x (its own per context: cond and uncond pooled
         vectors), the embedding differs per context, so the latents are repeated to y's rows from the start."""
-        if (y is None) != (self.add_embedding is None):
-            raise ValueError("this U-Net takes the added vector y (pooled text + micro-conditioning)" if y is None
-                             else "this U-Net has no added embedding: pass y=None")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        if y is not None and y.shape[0] != x.shape[0]:
-            x, timesteps = repeat_rows(x, y.shape[0]), repeat_rows(timesteps, y.shape[0])
-        t_emb = timestep_embedding(timesteps, self.config.model_channels).to(x.dtype)
-        emb = self.time_embedding(t_emb)  # (B, 4*model_channels)
-        if y is not None:
-            emb = emb + self.add_embedding(y.to(emb.dtype))
-        return x, emb
+        return embed_inputs(self.time_embedding, self.add_embedding, self.config.model_channels, x, timesteps, y)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 y: torch.Tensor | None = None, *,

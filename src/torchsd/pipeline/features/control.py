@@ -207,14 +207,28 @@ def control_models(sd: StableDiffusion) -> ControlModels:
     return _MODELS[sd]
 
 
-def _check_family(sd: StableDiffusion) -> None:
-    """ControlNets and T2I-Adapters for SD 1.x/2.x only: SDXL's U-Net has other widths and levels, a wider
-    context and the added vector, so its control models are others (not supported yet)."""
-    if sd.config.is_sdxl:
-        raise ValueError(f"ControlNet units and T2I-Adapters work with SD 1.x/2.x models only: {sd.name} is an "
-                         f"SDXL model ({sd.config.family}), which SD 1.x/2.x ControlNets and adapters do not fit "
-                         "and SDXL ControlNets are not supported yet; remove the control units or choose an "
-                         "SD 1.x/2.x model")
+def _check_fits(sd: StableDiffusion, net: torch.nn.Module, unit: ControlUnit) -> None:
+    """A control model that cannot steer ``sd``'s U-Net, refused with both families named: a ControlNet made for
+    another U-Net (an SD 1.x one on SDXL, an SDXL base's on the refiner), or a T2I-Adapter on SDXL (SDXL's
+    adapters have another layout, not supported)."""
+    if not hasattr(net, "controlnet_down_blocks"):
+        if sd.config.is_sdxl:
+            raise ValueError(f"control unit {unit.model_name!r} is a T2I-Adapter, and T2I-Adapters work with SD "
+                             f"1.x/2.x models only: {sd.name} is an SDXL model ({sd.config.family}), and SDXL "
+                             "T2I-Adapters are not supported; use an SDXL ControlNet or an SD 1.x/2.x model")
+        return
+    from ...checkpoints.controlnet import family_of
+
+    ours, theirs = net.config.unet, sd.config.unet
+    fields = ("context_dim", "model_channels", "channel_mult", "num_res_blocks", "added_embed_dim")
+    if all(getattr(ours, f) == getattr(theirs, f) for f in fields):
+        return
+    made_for = family_of(ours.context_dim, bool(ours.added_embed_dim))
+    model = family_of(theirs.context_dim, bool(theirs.added_embed_dim))
+    raise ValueError(f"ControlNet {unit.model_name!r} was made for an {made_for} U-Net ({ours.context_dim}-wide "
+                     f"context, {ours.model_channels} channels) and does not fit {sd.name}, an {model} model "
+                     f"({sd.config.family}: {theirs.context_dim}-wide context, {theirs.model_channels} channels); "
+                     f"use a ControlNet made for this model's family")
 
 
 # --- the feature -------------------------------------------------------------------------------------------------
@@ -243,17 +257,19 @@ class Control(Feature):
         return bool(options.control)
 
     def prepare(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> None:
-        _check_family(sd)
         models = control_models(sd)
-        run.state[self.name] = [models.load(sd, u.model) for u in request.options(self).control]  # fail early
+        units = request.options(self).control
+        run.state[self.name] = [models.load(sd, u.model) for u in units]  # fail early
+        for unit, net in zip(units, run.state[self.name]):
+            _check_fits(sd, net, unit)
 
     def wrap_model(self, model, sd: StableDiffusion, request: GenerationRequest, run: Run, sigmas: torch.Tensor):
-        _check_family(sd)  # also the model of a second loop (SDXL's refiner after an SD 1.x base)
         units = request.options(self).control
         nets = run.state[self.name]
         inputs = []
         hires_pass = run.hires_steps is not None  # set while the hires pass samples
         for unit, net in zip(units, nets):
+            _check_fits(sd, net, unit)  # also the model of a second loop (SDXL's refiner after the base)
             if unit.hires_option == HIRES_OPTIONS[2 if hires_pass else 1]:  # this pass is the other one
                 continue
             # the hint's size is the latents' times the hint encoder's downscale (8, as the VAE's): the image's
