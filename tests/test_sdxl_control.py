@@ -196,3 +196,22 @@ def test_final_latents_match_diffusers(saved, case):
     assert max_rel_error(ours.latents, theirs) < 1e-3
     assert max_rel_error(plain.latents, theirs) > 1e-2  # the control changed the result
     assert 'ControlNet 0: "Module: none, Model: cn' in ours.infotexts[0]
+
+
+def test_modes_samplers_hires_run_and_the_refiner_is_refused(saved, tmp_path):
+    import dataclasses
+
+    pipe = torchsd.load_pipeline(saved / "model", dtype=torch.float32)
+    unit = ControlUnit(image=hint_image(1, 48), model=saved / "cn", module="canny")
+    base = dict(steps=3, width=32, height=32, seed=1)
+    results = {mode: pipe.generate(PROMPT, NEGATIVE, control=[dataclasses.replace(unit, control_mode=mode)],
+                                   **base).latents for mode in ("balanced", "prompt", "control")}
+    assert max_rel_error(results["prompt"], results["balanced"]) > 1e-3
+    assert max_rel_error(results["control"], results["prompt"]) > 1e-3
+    assert torch.isfinite(pipe.generate(PROMPT, NEGATIVE, sampler="euler_a", control=[unit], **base).latents).all()
+    hires = pipe.generate(PROMPT, hires=True, hires_scale=1.5, hires_steps=2, control=[unit], **base)
+    assert hires.images[0].size == (48, 48)
+    random_sdxl("sdxl_refiner").save(tmp_path / "refiner")
+    with pytest.raises(ValueError, match="made for an SDXL U-Net .*does not fit"):
+        pipe.generate(PROMPT, control=[unit], refiner_checkpoint=str(tmp_path / "refiner"), refiner_switch_at=0.5,
+                      **base)
