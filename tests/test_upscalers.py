@@ -132,6 +132,12 @@ def test_large_images_go_tile_by_tile_close_to_whole():
 
 
 def test_unknown_files_and_names_are_refused(tmp_path):
+    # SwinIR's layout (A1111's SwinIR_4x), named as such rather than as an unknown file
+    torch.save({"params_ema": {"conv_first.weight": torch.zeros(180, 3, 3, 3),
+                               "layers.0.residual_group.blocks.0.attn.relative_position_bias_table": torch.zeros(2)}},
+               tmp_path / "SwinIR_4x.pth")
+    with pytest.raises(CheckpointError, match="SwinIR_4x.pth: a SwinIR file: torchsd reads the ESRGAN family only"):
+        load_upscaler(tmp_path / "SwinIR_4x.pth")
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="not an upscaler torchsd reads"):
         load_upscaler(tmp_path / "odd.pth")

@@ -101,6 +101,10 @@ def load_upscaler(path: str | Path) -> nn.Module:
             return _rrdb(state)
         if "body.0.weight" in state and "body.1.weight" in state and state["body.1.weight"].ndim == 1:
             return _compact(state)
+        if any(".residual_group." in k for k in state):  # SwinIR's (and Swin2SR's) transformer groups
+            raise CheckpointError("a SwinIR file: torchsd reads the ESRGAN family only (ESRGAN, Real-ESRGAN and "
+                                  "SRVGGNetCompact files such as 4x-UltraSharp or R-ESRGAN 4x+); SwinIR is not "
+                                  "supported yet")
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     raise CheckpointError(f"{path}: not an upscaler torchsd reads: expected ESRGAN keys (model.0.weight, "
