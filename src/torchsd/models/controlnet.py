@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .layers import Downsample, ResnetBlock, repeat_rows
-from .unet import Level, MidBlock, SpatialTransformer, UNet, added_embedding, embed_inputs
+from .layers import repeat_rows
+from .unet import UNet, add_down_path, add_stem, embed_inputs
 
 
 @dataclass(frozen=True)
@@ -80,41 +80,12 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         c = config.unet
-        widths = [c.model_channels * m for m in c.channel_mult]
-        temb = c.time_embed_dim
-
-        def res(cin: int, cout: int) -> ResnetBlock:
-            return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_groups, eps=1e-5)
-
-        def transformer(width: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.context_dim, c.heads_at(width), depth, c.norm_groups,
-                                      c.use_linear_projection)
-
-        # the U-Net's encoder, built as UNet.__init__ builds it (same names, so from_unet copies by key)
-        self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
-        self.time_embedding = nn.Sequential()
-        self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
-        self.time_embedding.add_module("act", nn.SiLU())
-        self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
-        self.add_embedding = added_embedding(c.added_embed_dim, temb)  # SDXL's (diffusers' "text_time")
+        # the U-Net's stem, encoder and middle block, built by the U-Net's own code (same names: from_unet
+        # copies by key)
+        add_stem(self, c)
         self.controlnet_cond_embedding = HintEncoder(config.hint_channels, config.hint_widths, c.model_channels)
-
-        skip_widths = [c.model_channels]
-        self.down_blocks = nn.ModuleList()
-        cin = c.model_channels
-        for level, width in enumerate(widths):
-            last = level == len(widths) - 1
-            resnets, attns = [], []
-            for _ in range(c.num_res_blocks):
-                resnets.append(res(cin, width))
-                if c.attention_levels[level]:
-                    attns.append(transformer(width, c.transformer_depth[level]))
-                cin = width
-                skip_widths.append(width)
-            if not last:
-                skip_widths.append(width)
-            self.down_blocks.append(Level(resnets, attns, None if last else Downsample(width), "downsamplers"))
-        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin, c.mid_transformer_depth))
+        skip_widths = add_down_path(self, c)
+        cin = c.model_channels * c.channel_mult[-1]
 
         # one zero conv per U-Net skip connection, and one for the middle block
         self.controlnet_down_blocks = nn.ModuleList(zero(nn.Conv2d(w, w, 1)) for w in skip_widths)

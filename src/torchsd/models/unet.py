@@ -220,6 +220,55 @@ def added_embedding(added_embed_dim: int, temb: int) -> nn.Sequential | None:
     return mlp
 
 
+def block_builders(c: UNetConfig):
+    """The ResBlock and transformer constructors of a U-Net config: (in, out) -> block, (width, depth) -> block."""
+    def res(cin: int, cout: int) -> ResnetBlock:
+        return ResnetBlock(cin, cout, temb_channels=c.time_embed_dim, groups=c.norm_groups, eps=1e-5)
+
+    def transformer(width: int, depth: int) -> SpatialTransformer:
+        return SpatialTransformer(width, c.context_dim, c.heads_at(width), depth, c.norm_groups,
+                                  c.use_linear_projection)
+
+    return res, transformer
+
+
+def add_stem(net: nn.Module, c: UNetConfig) -> None:
+    """``conv_in``, the time embedding MLP and SDXL's added embedding, under the names the U-Net's weights use
+    (its ControlNet copy gets the same, so ``ControlNet.from_unet`` copies by key)."""
+    temb = c.time_embed_dim
+    net.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
+    net.time_embedding = nn.Sequential()
+    net.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
+    net.time_embedding.add_module("act", nn.SiLU())
+    net.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
+    # SDXL: the pooled text and the micro-conditioning, added to the time embedding
+    net.add_embedding = added_embedding(c.added_embed_dim, temb)
+
+
+def add_down_path(net: nn.Module, c: UNetConfig) -> list[int]:
+    """``down_blocks`` and ``mid_block`` (the U-Net's and its ControlNet's); returns the width of every
+    activation the down path keeps as a skip connection, in order."""
+    res, transformer = block_builders(c)
+    widths = [c.model_channels * m for m in c.channel_mult]
+    skip_widths = [c.model_channels]
+    net.down_blocks = nn.ModuleList()
+    cin = c.model_channels
+    for level, width in enumerate(widths):
+        last = level == len(widths) - 1
+        resnets, attns = [], []
+        for _ in range(c.num_res_blocks):
+            resnets.append(res(cin, width))
+            if c.attention_levels[level]:
+                attns.append(transformer(width, c.transformer_depth[level]))
+            cin = width
+            skip_widths.append(width)
+        if not last:
+            skip_widths.append(width)
+        net.down_blocks.append(Level(resnets, attns, None if last else Downsample(width), "downsamplers"))
+    net.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin, c.mid_transformer_depth))
+    return skip_widths
+
+
 class UNet(nn.Module):
     accepts_several_contexts = True  # see forward
 
@@ -229,42 +278,10 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False
         c = config
         widths = [c.model_channels * m for m in c.channel_mult]
-        temb = c.time_embed_dim
-
-        def res(cin: int, cout: int) -> ResnetBlock:
-            return ResnetBlock(cin, cout, temb_channels=temb, groups=c.norm_groups, eps=1e-5)
-
-        def transformer(width: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(width, c.context_dim, c.heads_at(width), depth, c.norm_groups,
-                                      c.use_linear_projection)
-
-        self.conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
-        self.time_embedding = nn.Sequential()
-        self.time_embedding.add_module("linear_1", nn.Linear(c.model_channels, temb))
-        self.time_embedding.add_module("act", nn.SiLU())
-        self.time_embedding.add_module("linear_2", nn.Linear(temb, temb))
-        # SDXL: the pooled text and the micro-conditioning, added to the time embedding
-        self.add_embedding = added_embedding(c.added_embed_dim, temb)
-
-        # Down path; remember the width of every activation that is kept as a skip connection.
-        skip_widths = [c.model_channels]
-        self.down_blocks = nn.ModuleList()
-        cin = c.model_channels
-        for level, width in enumerate(widths):
-            last = level == len(widths) - 1
-            resnets, attns = [], []
-            for _ in range(c.num_res_blocks):
-                resnets.append(res(cin, width))
-                if c.attention_levels[level]:
-                    attns.append(transformer(width, c.transformer_depth[level]))
-                cin = width
-                skip_widths.append(width)
-            down = None if last else Downsample(width)
-            if not last:
-                skip_widths.append(width)
-            self.down_blocks.append(Level(resnets, attns, down, "downsamplers"))
-
-        self.mid_block = MidBlock([res(cin, cin), res(cin, cin)], transformer(cin, c.mid_transformer_depth))
+        add_stem(self, c)
+        skip_widths = add_down_path(self, c)  # the width of every activation kept as a skip connection
+        res, transformer = block_builders(c)
+        cin = widths[-1]
 
         self.up_blocks = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
