@@ -29,7 +29,7 @@ from torch import nn
 from ..models.quantized import QuantizedLinear
 from . import bfl, flux, mmdit, sd3_original
 from .io import CheckpointError, load_state_dict, safetensors_metadata
-from .lora import _peft_alpha, _peft_configs
+from .lora import _peft_pairs as peft_layers
 from .original_layout import Layout, swap_halves
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
@@ -57,21 +57,12 @@ def _kohya_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 
 def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    configs = _peft_configs(metadata)
+    """PEFT/diffusers pairs, read (with their alphas and rsLoRA) by the SD LoRA reader."""
     pairs = {}
-    for key in state:
-        if ".lora_A." not in key or not key.endswith(".weight"):
-            continue
-        name = key.split(".lora_A.")[0]
-        down, up = state[key], state.get(key.replace(".lora_A.", ".lora_B."))
-        if up is None:
-            raise CheckpointError(f"LoRA layer {name}: lora_A without lora_B; the file is incomplete")
-        rank = down.shape[0]
-        component, _, module = name.partition(".")
-        config = configs.get(component, {})
-        alpha = float(state[name + ".alpha"]) if name + ".alpha" in state else _peft_alpha(config, module, rank)
-        scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-        pairs[name] = (down, up, scale)
+    for name, (update, scale, magnitude) in peft_layers(state, metadata).items():
+        if magnitude is not None:
+            raise CheckpointError(f"LoRA layer {name}: DoRA is not supported on SD 3 / FLUX.1 transformers")
+        pairs[name] = (update.down, update.up, scale)
     return pairs
 
 
