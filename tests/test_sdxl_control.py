@@ -12,8 +12,9 @@ from PIL import Image
 import torchsd
 from reference import max_rel_error, random_pipeline
 from sdxl_reference import diffusers_unet_of, random_sdxl
+from test_controlnet import diffusers_controlnet
+from test_controlnet import random_controlnet as perturbed_controlnet
 from torchsd.checkpoints.controlnet import load_controlnet, save_controlnet
-from torchsd.checkpoints.diffusers import to_diffusers_keys
 from torchsd.models.controlnet import ControlNet
 from torchsd.models.unet import added_vector
 from torchsd.pipeline.features.control import ControlUnit
@@ -22,23 +23,9 @@ PROMPT, NEGATIVE = "a red circle at the top left on a blue background", "blurry,
 TOL = 1e-4
 
 
-def random_controlnet(sd, seed: int = 3, hint_widths=(16, 32)) -> ControlNet:
-    """from_unet, then every weight perturbed (zero convolutions at zero would hide a wrong wiring). The hint
-    encoder downscales by 2, as the tiny VAE does."""
-    net = ControlNet.from_unet(sd.unet, hint_widths=hint_widths)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return net.eval()
-
-
-def diffusers_controlnet(net: ControlNet, unet_reference):
-    from diffusers import ControlNetModel
-
-    ref = ControlNetModel.from_unet(unet_reference, conditioning_embedding_out_channels=net.config.hint_widths)
-    ref.load_state_dict(to_diffusers_keys(net.state_dict(), "unet"), strict=True)
-    return ref.eval()
+def random_controlnet(sd, seed: int = 3) -> ControlNet:
+    """test_controlnet's perturbed from_unet copy; the hint encoder downscales by 2, as the tiny VAE does."""
+    return perturbed_controlnet(sd, seed, hint_widths=(16, 32))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import test_samplers_parity as parity
-from reference import diffusers_unet, max_rel_error, random_pipeline
+from reference import max_rel_error, random_pipeline
 from torchsd.config import ScheduleConfig
 from torchsd.diffusion.denoisers import classifier_free_guidance
 from torchsd.diffusion.samplers import get_sampler, resolve_sampler, sampler_options
@@ -33,18 +33,7 @@ CASES = [
 parity.VP_SPACE.add("TCDScheduler")  # TCD's samples are z = x / sqrt(1 + sigma^2), as LCM's
 
 
-@pytest.fixture(scope="module")
-def models():
-    built = {}
-
-    def get(prediction: str):
-        if prediction not in built:
-            sd = random_pipeline("sd1", prediction)
-            context = torch.cat([sd.encode_prompt([""]), sd.encode_prompt(["a red circle at the top left"])])
-            built[prediction] = sd, diffusers_unet(sd), context
-        return built[prediction]
-
-    return get
+models = parity.models  # the same module-scoped fixture: (our pipeline, diffusers' U-Net, context) per prediction
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
