@@ -229,10 +229,25 @@ def adapter_from_original(tensors: dict[str, torch.Tensor], source: object) -> d
     return out
 
 
+def adapter_layout(path: Path, downscale: int, latent_downscale: int) -> str:
+    """``full_adapter`` (SD 1.x/2.x) or ``full_adapter_xl`` (SDXL): a diffusers folder's config.json says; a
+    single file's weights do not (the two have the same keys), but its unshuffle factor does: the VAE's for
+    SD 1.x/2.x, twice the VAE's for SDXL (16: its first feature has the size of SDXL's second level)."""
+    config_file = path / "config.json" if path.is_dir() else path.with_suffix(".json")
+    if config_file.is_file():
+        layout = json.loads(config_file.read_text()).get("adapter_type", "full_adapter")
+        if layout not in ("full_adapter", "full_adapter_xl"):
+            raise CheckpointError(f"{path}: a T2I-Adapter of type {layout!r}; torchsd reads the full adapters "
+                                  f"(adapter_type full_adapter for SD 1.x/2.x, full_adapter_xl for SDXL)")
+        return layout
+    return "full_adapter_xl" if downscale == 2 * latent_downscale else "full_adapter"
+
+
 def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 tensors: dict[str, torch.Tensor] | None = None):
-    """A T2I-Adapter ("full adapter", SD 1.x/2.x): diffusers' folder or file (``adapter.`` keys) or TencentARC's
-    original file. The config is read from the weights' shapes."""
+                 tensors: dict[str, torch.Tensor] | None = None, latent_downscale: int = 8):
+    """A T2I-Adapter ("full adapter", SD 1.x/2.x, or "full adapter XL", SDXL): diffusers' folder or file
+    (``adapter.`` keys) or TencentARC's original file. The config is read from the weights' shapes, the layout
+    as ``adapter_layout`` says (``latent_downscale``: the VAE's factor of the model it will steer)."""
     from ..models.adapter import AdapterConfig, T2IAdapter
 
     path = Path(path)
@@ -249,7 +264,8 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     unshuffled = state["conv_in.weight"].shape[1]
     hint_channels = 1 if unshuffled % 3 else 3  # the sketch adapter reads one channel: 64 = 1 * 8**2
     downscale = round((unshuffled / hint_channels) ** 0.5)
-    config = AdapterConfig(hint_channels, widths, blocks, downscale)
+    config = AdapterConfig(hint_channels, widths, blocks, downscale,
+                           layout=adapter_layout(path, downscale, latent_downscale))
     with torch.device("meta"):
         adapter = T2IAdapter(config)
     check_state(adapter, state, str(path))
@@ -258,10 +274,11 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device
 
 
 def load_control_model(path: str | Path, unet_config: UNetConfig, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu"):
-    """A ControlNet or a T2I-Adapter, whichever the file holds."""
+                       device: str | torch.device = "cpu", latent_downscale: int = 8):
+    """A ControlNet or a T2I-Adapter, whichever the file holds (``latent_downscale``: the VAE's factor, which
+    tells an SDXL adapter's single file from an SD 1.x/2.x one's: ``adapter_layout``)."""
     path = Path(path)
     tensors = read_tensors(path)  # once: a ControlNet file is 1.4 GB
     if is_adapter(tensors) and not any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in tensors):
-        return load_adapter(path, dtype=dtype, device=device, tensors=tensors)
+        return load_adapter(path, dtype=dtype, device=device, tensors=tensors, latent_downscale=latent_downscale)
     return load_controlnet(path, unet_config, dtype=dtype, device=device, tensors=tensors)
