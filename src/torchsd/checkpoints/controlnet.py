@@ -1,7 +1,8 @@
 """ControlNet files, as they are found:
 
 - lllyasviel's original layout (``control_v11p_sd15_canny.pth``, ``.safetensors``): the ldm U-Net's encoder
-  names (``input_blocks``, ``middle_block``, ``time_embed``) plus ``input_hint_block.{0,2,…,14}``,
+  names (``input_blocks``, ``middle_block``, ``time_embed``, for SDXL's shapes also ``label_emb``, as sgm's U-Net
+  and ComfyUI name it; diffusers' single-file reader does not read that one) plus ``input_hint_block.{0,2,…,14}``,
   ``zero_convs.{i}.0`` and ``middle_block_out.0``, with or without a ``control_model.`` prefix (the first
   ControlNet 1.0 files hold a whole SD model beside it: only the ``control_model.`` part is read);
 - diffusers' ControlNetModel: a folder (``config.json`` + weights) or its weights file alone.
@@ -56,6 +57,8 @@ def from_original(tensors: dict[str, torch.Tensor], c: UNetConfig, source: objec
     hint_convs = len({k.split(".")[1] for k in tensors if k.startswith("input_hint_block.")})
     if hint_convs < 2:
         raise CheckpointError(f"{source}: no input_hint_block convolutions: not a ControlNet in the original layout")
+    if "input_blocks.0.0.weight" in tensors:  # the names below follow c: another family's would not map
+        _check_family(tensors, "input_blocks.0.0.weight", "label_emb.0.0.weight", c, source)
     diffusers = rename(tensors, original_blocks(c, hint_convs), to_diffusers=True, what=str(source))
     return from_diffusers_keys(diffusers, "unet")
 
@@ -80,10 +83,17 @@ def family_of(context_dim: int, added: bool) -> str:
 def check_fits(state: dict[str, torch.Tensor], c: UNetConfig, source: object) -> None:
     """Refuse, saying which family each is, a ControlNet (torchsd names) whose U-Net part cannot steer a U-Net
     with config ``c``: another text-context width, base width or added embedding."""
+    _check_family(state, "conv_in.weight", "add_embedding.linear_1.weight", c, source)
+
+
+def _check_family(state: dict[str, torch.Tensor], conv_in: str, added_key: str, c: UNetConfig, source: object
+                  ) -> None:
+    """check_fits on the names of either layout: ``conv_in`` and ``added_key`` name the first conv's and the added
+    embedding's first weights."""
     to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
     context = int(to_k.shape[1]) if to_k is not None else c.context_dim
-    channels = int(state["conv_in.weight"].shape[0])
-    added = state.get("add_embedding.linear_1.weight")
+    channels = int(state[conv_in].shape[0])
+    added = state.get(added_key)
     added_dim = 0 if added is None else int(added.shape[1])
     if (context, channels, added_dim) == (c.context_dim, c.model_channels, c.added_embed_dim):
         return
