@@ -61,6 +61,12 @@ class FlowPipelineConfig:
         return self.vae.downscale_factor * self.patch_size
 
     @property
+    def is_inpainting(self) -> bool:
+        """Inpainting runs on the base model (the mask pins the kept latents); SD 3 / FLUX.1 models with mask
+        input channels (FLUX.1 Fill) are not read."""
+        return False
+
+    @property
     def guidance_embedded(self) -> bool:
         return isinstance(self.transformer, FluxConfig) and self.transformer.guidance_embeds
 
