@@ -202,11 +202,12 @@ def flow_sigmas_below_one(config: FlowScheduleConfig, steps: int, image_seq_len:
 
 @contextmanager
 def flow_loras(pipe, request: GenerationRequest, run: Run) -> Iterator[None]:
-    """The request's LoRAs (``loras=`` and ``<lora:name:w>`` tags) on the transformer for the run (the
-    text-encoder part of a LoRA is not applied); restored afterwards (``checkpoints/flow_lora.py``)."""
-    wanted = list(request.loras)
+    """The request's LoRAs (``loras=`` and ``<lora:name:te:unet>`` tags) on the transformer and the text
+    encoders for the run, each part at its scale (A1111's tag: text encoders first); restored afterwards
+    (``checkpoints/flow_lora.py``). A part for an encoder this model runs without (SD 3's T5) is skipped, warned."""
+    wanted = [(source, scale, scale) for source, scale in request.loras]
     for text in (request.prompt, request.negative_prompt):
-        wanted += [(tag.name, tag.unet_scale) for tag in extract_extra_networks(text)[1]]
+        wanted += [(tag.name, tag.text_encoder_scale, tag.unet_scale) for tag in extract_extra_networks(text)[1]]
     run.state[LORA.name] = []
     if not wanted:
         yield
@@ -214,12 +215,23 @@ def flow_loras(pipe, request: GenerationRequest, run: Run) -> Iterator[None]:
     from ..checkpoints.flow_lora import load_lora, loras_applied
 
     loaded = []
-    for source, scale in wanted:
+    for source, text_scale, transformer_scale in wanted:
         path = pipe.loras.resolve(source)
-        loaded.append((load_lora(path, pipe.family, pipe.config.transformer), scale))
+        lora = load_lora(path, pipe.family, pipe.config.transformer, pipe.text_encoders)
+        if lora.text_encoder_keys:
+            import warnings
+
+            warnings.warn(f"{path.name}: {len(lora.text_encoder_keys)} LoRA weights are for a text encoder this "
+                          f"model runs without (first: {lora.text_encoder_keys[0]}); they are not applied",
+                          stacklevel=2)
+        loaded.append((lora, text_scale, transformer_scale))
         # what the LoRA feature's infotext reads: name and file
         run.state[LORA.name].append(SimpleNamespace(lora=SimpleNamespace(name=path.stem, path=path)))
-    with loras_applied(pipe.transformer, loaded):
+    with ExitStack() as stack:
+        stack.enter_context(loras_applied(pipe.transformer, [(lora, scale) for lora, _, scale in loaded]))
+        for name, encoder in pipe.text_encoders.items():
+            if encoder is not None:
+                stack.enter_context(loras_applied(encoder, [(lora, scale) for lora, scale, _ in loaded], name))
         yield
 
 
