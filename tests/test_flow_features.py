@@ -231,6 +231,10 @@ def test_cli_inpaint_and_hires_from_the_infotext(folders, pipes, tmp_path):
     expected = pipes["dev"].generate("a red chair", init_image=picture(), mask=box_mask(), mask_blur=0,
                                      mask_invert=True, steps=3, seed=2, distilled_cfg_scale=2.5)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "inpainted.png")), np.asarray(expected.images[0]))
+    assert main(["outpaint", str(tmp_path / "in.png"), "a red chair", "--steps", "2", "--seed", "1", "--pad", "0",
+                 "--left", "8", "--mask-blur", "0", "-o", str(tmp_path / "wide.png"), *model]) == 0
+    wide = np.asarray(Image.open(tmp_path / "wide.png"))
+    assert wide.shape == (32, 40, 3) and np.array_equal(wide[:, 8:], np.asarray(picture()))
     assert main(["generate", "a horse", "--steps", "2", "--size", "32x32", "--seed", "5", "--hires",
                  "--hires-scale", "1.5", "--hires-strength", "0.5", "-o", str(tmp_path / "a.png"), *model]) == 0
     assert main(["generate", "--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"), *model]) == 0

@@ -168,6 +168,23 @@ def test_t5_part_is_skipped_with_a_warning_where_the_model_has_no_t5(work, tmp_p
     assert not torch.equal(with_lora.latents, run_ours(pipe, "sd3").latents)  # bigG's part is applied
 
 
+def test_every_layout_names_the_same_text_encoder_layers(folders):
+    """SD 3's bigG in kohya's, diffusers' (with and without transformers 4's text_model.) and ComfyUI's names."""
+    from torchsd.checkpoints.flow_lora import read_lora
+
+    pipe = ours(folders["sd3"])
+    down, up = torch.randn(2, 128), torch.randn(96, 2)
+    found = set()
+    for name in ("lora_te2_text_model_encoder_layers_1_mlp_fc1", "text_encoder_2.text_model.encoder.layers.1.mlp.fc1",
+                 "text_encoder_2.encoder.layers.1.mlp.fc1", "text_encoders.clip_g.transformer.text_model.encoder."
+                 "layers.1.mlp.fc1"):
+        kind = ("lora_down", "lora_up") if name.startswith(("lora_te", "text_encoders")) else ("lora_A", "lora_B")
+        state = {f"{name}.{kind[0]}.weight": down, f"{name}.{kind[1]}.weight": up}
+        (update,) = read_lora(state, "sd3", pipe.config.transformer, text_encoders=pipe.text_encoders).text_updates
+        found.add((update.component, update.module, update.scale))
+    assert found == {("clip_g", "text.layers.1.mlp.fc1", 1.0)}
+
+
 def test_text_encoder_lora_for_another_model_is_refused(folders, tmp_path):
     from safetensors.torch import save_file
 
