@@ -4,6 +4,8 @@ text-to-image:  prompt -> CLIP-L, (OpenCLIP-bigG), T5 -> context (B, tokens, 409
                 noise at t = 1 -> sampler(denoise = transformer's velocity as x0, guidance) -> latents
                 -> z = latents / scaling + shift -> VAE decoder -> image
 image-to-image: image -> VAE -> (z - shift) * scaling -> (1 - t) x0 + t noise at the level strength picks
+                (inpainting: x0 pinned to the image's latents outside the mask; hires fix: a second such pass
+                on the upscaled first one)
 
 Why one class for both families rather than an SD3Pipeline and a FluxPipeline: everything but the prompt
 encoding and two transformer inputs is the same (16-channel VAE with shift and scale, flow schedule,
@@ -59,6 +61,12 @@ class FlowPipelineConfig:
     def multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's downscaling times the 2x2 patches."""
         return self.vae.downscale_factor * self.patch_size
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Inpainting runs on the base model (the mask pins the kept latents); SD 3 / FLUX.1 models with mask
+        input channels (FLUX.1 Fill) are not read."""
+        return False
 
     @property
     def guidance_embedded(self) -> bool:
@@ -164,7 +172,8 @@ class FlowPipeline:
     # --- the whole run ------------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
                  callback: Callable[[Step], None] | None = None, **options) -> GenerationResult:
-        """Text-to-image, or image-to-image with ``init_image`` and ``strength``. Without a sampler named,
+        """Text-to-image, or image-to-image with ``init_image`` and ``strength`` (inpainting with ``mask``; hires
+        fix with ``hires=True``). Without a sampler named,
         Euler (diffusers' FlowMatchEulerDiscreteScheduler). See ``GenerationRequest``."""
         if not isinstance(prompt, GenerationRequest):
             options.setdefault("sampler", "euler")

@@ -73,5 +73,14 @@ class Flow(Feature):
         # Forge's field name; "flow_shift" by our own
         return {"distilled_cfg_scale": fields.float("distilled_cfg_scale"), "flow_shift": fields.float("flow_shift")}
 
+    def a1111_unused(self, sd: StableDiffusion, request: GenerationRequest) -> dict:
+        # Forge's clients send distilled_cfg_scale (3.5) with every request, whatever the model; Forge reads it
+        # only where the model embeds guidance. A value typed in Python or on the command line is refused there
+        # instead: it would change nothing, and the user meant it to
+        embedded = getattr(sd.config, "guidance_embedded", False)
+        if request.options(self).distilled_cfg_scale is not None and not embedded:
+            return {"distilled_cfg_scale": None}
+        return {}
+
 
 FLOW = Flow()
