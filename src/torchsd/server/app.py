@@ -22,6 +22,9 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
+from ..diffusion.samplers import get_sampler
+from ..pipeline import flow_run
+from ..pipeline.flow_model import FlowPipeline
 from .config import ServerConfig
 from .registry import ModelNotFound, ModelRegistry
 from .schema import PayloadTooLarge, RequestError
@@ -181,6 +184,20 @@ class BodyLimit:
 
 # --- the application ---------------------------------------------------------------------------------------------
 
+def model_info(family: str | None, sd) -> dict:
+    """/info's part about the loaded model, for the web page's model-dependent controls: its family, whether it
+    takes FLUX.1-dev's distilled CFG (embedded guidance: FLUX.1-dev has it, schnell not; read from the loaded
+    model, which knows, rather than guessed from file names), and for flow models (SD 3 / FLUX.1) the samplers
+    and features their run accepts (None: all of them). /sdapi/v1/samplers stays A1111's full list."""
+    if sd is None:  # not in memory (the server loads its model at start and on a switch, so rarely)
+        return {"family": family, "guidance_embedded": None, "samplers": None, "features": None}
+    flow = isinstance(sd, FlowPipeline)
+    samplers = [get_sampler(name).label for name in (*flow_run.FLOW_SAMPLERS, *flow_run.SAME_AS)]
+    return {"family": family, "guidance_embedded": bool(getattr(sd.config, "guidance_embedded", False)),
+            "samplers": samplers if flow else None,
+            "features": [feature.name for feature in flow_run.SUPPORTED_FEATURES] if flow else None}
+
+
 def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, preload: bool = True) -> FastAPI:
     """The app; ``preload`` loads the default model now, so a broken model fails at start, not at first use."""
     from . import a1111, controlnet, openai_api
@@ -209,10 +226,11 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None, *, p
 
     @app.get("/info")
     def info():
-        """What the web page needs: the current model and its native size, and this server's limits."""
+        """What the web page needs: the current model, its native size and what it runs, and this server's limits."""
         sd = registry.loaded(registry.current)
         return {"version": __version__, "model": registry.current.title,
                 "sample_size": sd.config.sample_size if sd is not None else None,
+                **model_info(registry.current.family, sd),
                 "inpainting": True,
                 "limits": {"max_side": config.max_side, "max_steps": config.max_steps,
                            "max_images": config.max_images, "queue_size": config.queue_size}}
