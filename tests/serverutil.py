@@ -50,6 +50,22 @@ def build_models_dir(root: Path) -> Path:
     return models
 
 
+def build_flow_models_dir(work: Path, *, schnell: bool = False) -> Path:
+    """tiny-sd/ (SD 1), flux-dev/ and sd35/ (tiny SD 3.5 and FLUX.1-dev diffusers folders written by diffusers),
+    a FLUX.1 LoRA for flux-dev's weights, and with ``schnell`` flux-schnell/ (no guidance embedding)."""
+    import flow_reference as ref  # diffusers: imported only by the tests that build flow models
+
+    models = work / "models"
+    save_tiny(models / "tiny-sd", seed=0)
+    with one_thread():
+        ref.saved(ref.flux_pipeline(work), models / "flux-dev")
+        ref.saved(ref.sd3_pipeline(work), models / "sd35")
+        ref.save_lora(ref.flux_pipeline(work), models / "Lora", "flux_style.safetensors")  # for flux-dev's weights
+        if schnell:
+            ref.saved(ref.flux_pipeline(work, dev=False, seed=5), models / "flux-schnell")
+    return models
+
+
 def tiny_compact_upscaler(seed: int, features: int = 8, convs: int = 1, scale: int = 4) -> dict:
     """Random weights in Real-ESRGAN's SRVGGNetCompact layout (body.0 conv, body.1 PReLU, …, last conv to
     3·scale² channels), written from the layout itself rather than from torchsd's module."""

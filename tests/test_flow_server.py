@@ -16,21 +16,13 @@ import torch
 import webuiapi
 from PIL import Image
 
-import flow_reference as ref
 import torchsd
-from serverutil import KEY, Server, one_thread, save_tiny
+from serverutil import KEY, Server, build_flow_models_dir, one_thread
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    work = tmp_path_factory.mktemp("flow_server")
-    models = work / "models"
-    save_tiny(models / "tiny-sd", seed=0)
-    with one_thread():
-        ref.saved(ref.flux_pipeline(work), models / "flux-dev")
-        ref.saved(ref.sd3_pipeline(work), models / "sd35")
-        ref.save_lora(ref.flux_pipeline(work), models / "Lora", "flux_style.safetensors")  # for flux-dev's weights
-    return models
+    return build_flow_models_dir(tmp_path_factory.mktemp("flow_server"))
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +159,23 @@ def test_distilled_cfg_scale_is_ignored_where_the_model_has_no_embedded_guidance
             infotexts[model] = json.loads(response.json()["info"])["infotexts"][0]
     assert "Distilled CFG" not in infotexts["tiny-sd"] and "Distilled CFG" not in infotexts["sd35"]
     assert "Distilled CFG Scale: 2," in infotexts["flux-dev"]
+
+
+def test_info_tells_the_page_what_the_loaded_model_runs(server):
+    """/info (the web page's): the family, FLUX.1-dev's embedded guidance, and a flow model's samplers (each one
+    runs) and features; None for a U-Net model, which runs them all."""
+    seen = {}
+    with server.client() as client:
+        for model in ("flux-dev", "sd35", "tiny-sd"):
+            client.post("/sdapi/v1/options", json={"sd_model_checkpoint": model})
+            seen[model] = client.get("/info").json()
+        for name in seen["flux-dev"]["samplers"]:
+            response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 1,
+                                                              "sampler_name": name, "override_settings":
+                                                              {"sd_model_checkpoint": "flux-dev"}})
+            assert response.status_code == 200, (name, response.text)
+    assert [(i["family"], i["guidance_embedded"]) for i in seen.values()] == [("flux", True), ("sd3", False),
+                                                                              ("sd1", False)]
+    assert set(seen["flux-dev"]["samplers"]) == {"Euler", "Heun", "DPM++ 2M", "UniPC", "DDIM"}
+    assert "tiling" not in seen["sd35"]["features"] and {"img2img", "inpaint", "hires"} <= set(seen["sd35"]["features"])
+    assert seen["tiny-sd"]["samplers"] is None and seen["tiny-sd"]["features"] is None
