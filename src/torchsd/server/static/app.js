@@ -19,15 +19,19 @@ async function api(path, body) {
 
 function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
 
+const FAMILIES = { sd1: "SD 1", sd2: "SD 2", sdxl: "SDXL", sd3: "SD 3", flux: "FLUX.1" };
+let model = {};  // /info's word on the loaded model: family, guidance_embedded, samplers and features (null: all)
+let controlModels = false;  // whether the server has ControlNet models at all
+const runs = (feature) => !model.features || model.features.includes(feature);
+
 // --- start-up: model list, samplers, the model's native size ---------------------------------------------
 async function init() {
   try {
     const [info, models, options, samplers, styles, latentModes, upscalers] = await Promise.all([
       api("/info"), api("/sdapi/v1/sd-models"), api("/sdapi/v1/options"), api("/sdapi/v1/samplers"),
       api("/sdapi/v1/prompt-styles"), api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
-    const families = { sd1: "SD 1", sd2: "SD 2", sdxl: "SDXL", sd3: "SD 3", flux: "FLUX.1" };
     for (const m of models) {
-      const label = families[m.family] ? `${m.title} — ${families[m.family]}` : m.title;
+      const label = FAMILIES[m.family] ? `${m.title} — ${FAMILIES[m.family]}` : m.title;
       $("model").add(new Option(label, m.title, false, m.title === options.sd_model_checkpoint));
     }
     for (const m of models) $("refiner").add(new Option(m.title, m.title));  // a second model for the last steps
@@ -46,7 +50,38 @@ async function init() {
     if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
     $("steps").max = info.limits.max_steps;
     $("batch").max = info.limits.max_images;
+    applyModel(info);
   } catch (err) { showError(err); }
+}
+
+// --- the controls that depend on the model: flow models' fields shown, what their run refuses disabled --------
+function applyModel(info) {
+  model = info;
+  const flow = info.family === "sd3" || info.family === "flux";
+  // hidden fields are disabled too: not sent, and not checked by the browser's form validation
+  for (const [box, input, shown] of [["distilled-box", "distilled-cfg", Boolean(info.guidance_embedded)],
+                                     ["shift-box", "shift", flow]]) {
+    $(box).hidden = !shown;
+    $(input).disabled = !shown;
+  }
+  // samplers that add fresh noise do not run on flow models: greyed out rather than removed, so that the
+  // list keeps its order and comes back whole for the next U-Net model
+  for (const option of $("sampler").options) {
+    option.disabled = Boolean(info.samplers) && !info.samplers.includes(option.value);
+  }
+  const chosen = $("sampler").selectedOptions[0];
+  if (chosen && chosen.disabled) $("sampler").value = info.samplers[0];  // the first one that runs: Euler
+  $("tiling").disabled = !runs("tiling");
+  $("refiner-box").disabled = !runs("refiner");
+  $("control").disabled = !controlModels || !runs("control");
+  $("control-box").hidden = !$("control").checked || $("control").disabled;
+  // say why, once, under the fields: a disabled control shows no tooltip
+  const refused = [["tiling", "tiling"], ["refiner", "refiner"], ["control", "ControlNet"]]
+    .filter(([feature]) => !runs(feature)).map(([, name]) => name);
+  const none = refused.length > 1 ? `${refused.slice(0, -1).join(", ")} or ${refused.at(-1)}` : refused[0];
+  $("model-note").hidden = !info.samplers;
+  $("model-note").textContent = !info.samplers ? "" : `${FAMILIES[info.family] || "Flow"} models: samplers ` +
+    `${info.samplers.join(", ")} only (flow matching: none that adds fresh noise)${none ? `; no ${none}` : ""}.`;
 }
 
 $("hires").addEventListener("change", () => { $("hires-box").hidden = !$("hires").checked; });
@@ -60,7 +95,8 @@ async function initControl() {
     for (const name of models.model_list) $("control-model").add(new Option(name, name));
     for (const name of modules.module_list) $("control-module").add(new Option(name, name));
     $("no-control").hidden = models.model_list.length > 0;
-    $("control").disabled = models.model_list.length === 0;
+    controlModels = models.model_list.length > 0;
+    $("control").disabled = !controlModels || !runs("control");
   } catch (err) { showError(err); }
 }
 
@@ -103,8 +139,9 @@ $("model").addEventListener("change", async () => {
   $("generate").disabled = true;
   try {
     await api("/sdapi/v1/options", { sd_model_checkpoint: title });
-    const info = await api("/info");  // the new model's own size (SDXL: 1024)
+    const info = await api("/info");  // the new model's own size (SDXL: 1024) and what it runs
     if (info.sample_size) { $("width").value = info.sample_size; $("height").value = info.sample_size; }
+    applyModel(info);
     $("model-status").textContent = "";
     showError(null);
   } catch (err) { showError(err); $("model-status").textContent = "failed"; }
@@ -185,16 +222,19 @@ function payload() {
     prompt: $("prompt").value, negative_prompt: $("negative").value, sampler_name: $("sampler").value,
     steps: number("steps"), cfg_scale: number("cfg"), seed: number("seed"), width: number("width"),
     height: number("height"), batch_size: number("batch"), n_iter: 1,
-    styles: [...$("styles").selectedOptions].map((o) => o.value), tiling: $("tiling").checked,
+    styles: [...$("styles").selectedOptions].map((o) => o.value), tiling: $("tiling").checked && !$("tiling").disabled,
   };
+  // FLUX.1-dev's distilled CFG (Forge's field) and the flow shift: only where shown; an empty shift: the model's
+  if (!$("distilled-cfg").disabled) body.distilled_cfg_scale = number("distilled-cfg");
+  if (!$("shift").disabled && $("shift").value !== "") body.flow_shift = number("shift");
   if ($("hires").checked && $("init-box").hidden) {  // as in A1111, hires fix belongs to text to image
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: number("hr-scale"),
                           hr_second_pass_steps: number("hr-steps"), denoising_strength: number("hr-strength") });
   }
-  if ($("refiner").value) {
+  if ($("refiner").value && !$("refiner-box").disabled) {
     Object.assign(body, { refiner_checkpoint: $("refiner").value, refiner_switch_at: number("refiner-switch") });
   }
-  if ($("control").checked) {
+  if ($("control").checked && !$("control").disabled) {
     if (!controlImage) throw new Error("ControlNet: choose a control image (or untick ControlNet)");
     body.alwayson_scripts = { controlnet: { args: [controlUnit()] } };
   }
