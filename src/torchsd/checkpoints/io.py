@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,17 +26,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
-def load_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or pickled checkpoint file, flat, nothing executed."""
+def load_state_dict(path: str | Path, *, device: str = "cpu", keep: Callable[[str], bool] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or pickled checkpoint file, flat, nothing executed. ``keep``: only the
+    names it accepts (a .safetensors file then reads nothing else: one part of an all-in-one file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     if path.suffix == ".safetensors":
-        return _load_safetensors(path, device)
+        return _load_safetensors(path, device, keep)
     if path.suffix in PICKLE_SUFFIXES:
-        return _load_pickle(path, device)
+        tensors = _load_pickle(path, device)
+        return tensors if keep is None else {k: v for k, v in tensors.items() if keep(k)}
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or "
                           f"one of {', '.join(PICKLE_SUFFIXES)}")
 
@@ -149,12 +152,15 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _load_safetensors(path: Path, device: str, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device=device)
+        if keep is None:
+            return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
 

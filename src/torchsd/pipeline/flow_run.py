@@ -188,8 +188,9 @@ def encode_prompts(pipe, request: GenerationRequest, run: Run, prompts: list[str
     """(context, pooled) of each prompt, ``<lora:…>`` tags taken out; the negatives only where guided."""
     run.prompts = [extract_extra_networks(p)[0] for p in prompts]
     run.negative_prompts = [extract_extra_networks(p)[0] for p in negative_prompts]
-    run.cond = pipe.encode_prompts(run.prompts)
-    run.uncond = pipe.encode_prompts(run.negative_prompts) if guided(request) else None
+    with pipe.text_encoding():  # one read of freed encoders for both, dropped again before the transformer runs
+        run.cond = pipe.encode_prompts(run.prompts)
+        run.uncond = pipe.encode_prompts(run.negative_prompts) if guided(request) else None
 
 
 def guided(request: GenerationRequest) -> bool:
