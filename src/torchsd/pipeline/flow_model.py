@@ -244,11 +244,11 @@ class FlowPipeline:
     @torch.no_grad()
     def run(self, request: GenerationRequest, *, progress: bool = False,
             callback: Callable[[Step], None] | None = None, observer=None) -> GenerationResult:
+        """``callback`` sees every sampler ``Step``; ``observer`` sees (t, x0_cond, x0_uncond) at every
+        classifier-free-guided transformer call."""
         from .flow_run import run
 
-        if observer is not None:
-            raise ValueError("the guidance observer is for the U-Net models; flow models do not report it")
-        return run(self, request, progress=progress, callback=callback)
+        return run(self, request, progress=progress, callback=callback, observer=observer)
 
     def infotext(self, request: GenerationRequest, seed: int, width: int, height: int) -> str:
         from .flow_run import infotext

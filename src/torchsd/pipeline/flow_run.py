@@ -29,7 +29,15 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import FlowScheduleConfig
-from ..diffusion.flow import FlowDenoiser, flow_as_ve, flow_guidance, flow_noise, flow_sigmas, ve_sigmas_of_flow
+from ..diffusion.flow import (
+    FlowDenoiser,
+    SkipLayerGuidance,
+    flow_as_ve,
+    flow_guidance,
+    flow_noise,
+    flow_sigmas,
+    ve_sigmas_of_flow,
+)
 from ..diffusion.samplers import Step, get_sampler, sampler_options
 from ..diffusion.schedulers import get_scheduler
 from ..text.prompts import extract_extra_networks
@@ -50,7 +58,7 @@ SUPPORTED_FEATURES = (STYLES, IMG2IMG, VARIATION, LORA, FLOW)
 
 
 def run(pipe, request: GenerationRequest, *, progress: bool = False,
-        callback: Callable[[Step], None] | None = None) -> GenerationResult:
+        callback: Callable[[Step], None] | None = None, observer=None) -> GenerationResult:
     request = resolve(pipe, request)  # 1.
     state = plan(pipe, request)
     with flow_loras(pipe, request, state):
@@ -61,7 +69,8 @@ def run(pipe, request: GenerationRequest, *, progress: bool = False,
         x = start_latents(pipe, request, state)  # 3.
         latents = x
         if len(state.sigmas) > 1:  # image-to-image at strength 0 keeps the image
-            latents = sample(pipe, request, state, x, progress=progress, callback=callback)  # 4.-5.
+            latents = sample(pipe, request, state, x, progress=progress, callback=callback,  # 4.-5.
+                             observer=observer)
         images = decode(pipe, latents)  # 6.
     return finish(pipe, request, state, latents, images)  # 7.
 
@@ -99,6 +108,7 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
                          f"(use guidance_scale for classifier-free guidance)")
     if pipe.family == "flux" and not request.negative_prompt and request.guidance_scale != 1.0:
         changes["guidance_scale"] = 1.0
+    check_skip_layers(pipe, request.replace(**changes) if changes else request)
     side = pipe.config.multiple
     for axis in ("width", "height"):
         value = getattr(request, axis)
@@ -107,6 +117,24 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
             raise ValueError(f"{axis} {value}: {pipe.config.label} images are multiples of {side} pixels (the VAE's "
                              f"{pipe.config.vae.downscale_factor}x times 2x2 patches) — try {lower} or {upper}")
     return request.replace(**changes) if changes else request
+
+
+def check_skip_layers(pipe, request: GenerationRequest) -> None:
+    """Skip-layer guidance: SD 3's joint blocks, on top of classifier-free guidance."""
+    layers = request.options(FLOW).skip_guidance_layers
+    if not layers:
+        return
+    if pipe.family != "sd3":
+        raise ValueError(f"skip-layer guidance (skip_guidance_layers) is SD 3.5's; {pipe.config.label} has no "
+                         f"classifier-free guidance to add it to: drop it")
+    blocks = pipe.config.transformer.num_layers
+    if max(layers) >= blocks:
+        raise ValueError(f"skip_guidance_layers {list(layers)}: {pipe.config.label} has joint blocks 0 to "
+                         f"{blocks - 1} (SD 3.5 Medium's SLG: 7, 8, 9)")
+    if not guided(request):
+        raise ValueError(f"skip-layer guidance adds to classifier-free guidance, which runs only with a guidance "
+                         f"scale above 1; got {request.guidance_scale} (SD 3.5: 4.5; drop skip_guidance_layers for "
+                         f"a Turbo model)")
 
 
 def flow_schedule(pipe, request: GenerationRequest) -> FlowScheduleConfig:
@@ -216,18 +244,26 @@ def start_latents(pipe, request: GenerationRequest, run: Run) -> torch.Tensor:
 
 # --- 4.-5. the denoiser and the sampler loop -----------------------------------------------------------------------
 
-def build_denoiser(pipe, request: GenerationRequest, run: Run):
+def build_denoiser(pipe, request: GenerationRequest, run: Run, observer=None):
+    """The transformer's velocity as x0, guided: classifier-free guidance (``observer`` sees its halves), SD 3.5's
+    skip-layer guidance over this loop's levels, FLUX.1-dev's embedded guidance."""
     extras = {}
     if pipe.config.guidance_embedded:
         extras["guidance"] = torch.tensor([request.options(FLOW).distilled_cfg_scale], device=pipe.device)
+    options = request.options(FLOW)
+    skip_layers = SkipLayerGuidance(
+        options.skip_guidance_layers, options.skip_layer_guidance_scale, options.skip_layer_guidance_start,
+        options.skip_layer_guidance_stop, tuple(run.sigmas.tolist())) if options.skip_guidance_layers else None
     model = FlowDenoiser(pipe.transformer, pipe.config.schedule)
-    return flow_guidance(model, run.cond, run.uncond, request.guidance_scale, **extras)
+    return flow_guidance(model, run.cond, run.uncond, request.guidance_scale, skip_layers=skip_layers,
+                         observer=observer, **extras)
 
 
 def sample(pipe, request: GenerationRequest, run: Run, x: torch.Tensor, *, progress: bool = False,
-           callback: Callable[[Step], None] | None = None) -> torch.Tensor:
-    """The sampler loop from ``x`` at ``run.sigmas[0]``; returns the latents the transformer sees at t = 0."""
-    denoise = build_denoiser(pipe, request, run)
+           callback: Callable[[Step], None] | None = None, observer=None) -> torch.Tensor:
+    """The sampler loop from ``x`` at ``run.sigmas[0]``; returns the latents the transformer sees at t = 0.
+    ``observer`` sees (t, x0_cond, x0_uncond) at every guided call (``torchsd explain``)."""
+    denoise = build_denoiser(pipe, request, run, observer)
     levels = run.sigmas.to("cpu", torch.float64)
     if FLOW_SAMPLERS[run.spec.name] == "ve":  # y = x_t / (1 - t) = x0 + sigma eps, sigma = t / (1 - t)
         denoise, x = flow_as_ve(denoise), x / (1 - levels[0].item())
