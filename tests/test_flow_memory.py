@@ -151,11 +151,16 @@ def test_a_part_of_an_all_in_one_file_is_read_by_itself(tmp_path):
 
     from torchsd.checkpoints.quantized import read_quantized
 
-    tensors = {"model.diffusion_model.x": torch.ones(2), "text_encoders.t5xxl.transformer.shared.weight":
-               torch.full((3, 4), 2.0).to(torch.float8_e4m3fn), "text_encoders.clip_l.transformer.y": torch.zeros(1)}
+    t5 = "text_encoders.t5xxl.transformer."
+    tensors = {"model.diffusion_model.x": torch.ones(2), t5 + "shared.weight": torch.full((3, 4), 2.0).to(
+               torch.float8_e4m3fn), t5 + "shared.scale_weight": torch.tensor(0.1), t5 + "final_layer_norm.weight":
+               torch.full((4,), 1.5, dtype=torch.float16), "text_encoders.clip_l.transformer.y": torch.zeros(1)}
     save_file(tensors, str(tmp_path / "all.safetensors"))
-    part = read_quantized(tmp_path / "all.safetensors", keep=lambda k: k.startswith("text_encoders.t5xxl."))
-    assert list(part) == ["text_encoders.t5xxl.transformer.shared.weight"]
-    assert torch.equal(part["text_encoders.t5xxl.transformer.shared.weight"].dequantize(), torch.full((3, 4), 2.0))
+    part = read_quantized(tmp_path / "all.safetensors", keep=lambda k: k.startswith(t5), dtype=torch.bfloat16)
+    assert sorted(part) == [t5 + "final_layer_norm.weight", t5 + "shared.weight"]
+    # the fp8 weight stays fp8 with its float32 scale; the fp16 one is read into bf16
+    assert torch.equal(part[t5 + "shared.weight"].dequantize(), torch.full((3, 4), 0.2))
+    assert part[t5 + "shared.weight"].scale.dtype == torch.float32
+    assert part[t5 + "final_layer_norm.weight"].dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match="no such file"):
         read_quantized(tmp_path / "missing.safetensors", keep=lambda k: True)

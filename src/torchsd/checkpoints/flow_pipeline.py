@@ -271,8 +271,8 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    return read_weights(folder, variant if variant is not None and has_variant(folder, variant) else None)
+def _weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return read_weights(folder, variant if variant is not None and has_variant(folder, variant) else None, dtype)
 
 
 def _present(folder: Path, index: dict, name: str) -> bool:
@@ -320,7 +320,7 @@ def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, va
                                                     tokenizer.bos_token_id, tokenizer.eos_token_id)
 
         def build() -> nn.Module:
-            state = _weights(folder / name, variant)
+            state = _weights(folder / name, variant, dtype)
             if not projection:
                 state.pop(TEXT_PROJECTION, None)
             return build_clip(state, text_config, projection, f"{folder} ({name})", dtype)
@@ -340,8 +340,8 @@ def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, va
     tokenizers["t5"] = None
     if _present(folder, index, t5_name) and t5 != "none":
         t5_config = t5_config_from_transformers(_json(folder / t5_name / "config.json"))
-        sources["t5"] = lambda: build_t5(_weights(folder / t5_name, variant), t5_config, f"{folder} ({t5_name})",
-                                         dtype)
+        sources["t5"] = lambda: build_t5(_weights(folder / t5_name, variant, dtype), t5_config,
+                                         f"{folder} ({t5_name})", dtype)
         tokenizers["t5"] = T5Tokenizer(folder / t5_name.replace("text_encoder", "tokenizer"), max_length)
     elif family == "flux":
         raise CheckpointError(f"{folder}: FLUX.1 needs its T5 encoder ({t5_name}/ and tokenizer_2/)")
@@ -475,7 +475,7 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
 
     path = Path(path)
     file_names = tensor_names(path)
-    tensors = read_quantized(path, keep=lambda k: not k.startswith(tuple(TEXT_PREFIXES.values())))
+    tensors = read_quantized(path, keep=lambda k: not k.startswith(tuple(TEXT_PREFIXES.values())), dtype=dtype)
     found = detect(tensors, path)
     family, parts = found.family, {"model": str(path)}
     _check_t5(t5, family, path)
@@ -495,8 +495,8 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
     text_tensors: dict[str, tuple[Callable[[], Mapping], str]] = {}
     for role, prefix in TEXT_PREFIXES.items():
         if any(n.startswith(prefix) for n in file_names):
-            text_tensors[role] = ((lambda prefix=prefix: _strip(read_quantized(path, keep=lambda k: k.startswith(
-                prefix)), prefix)), f"{path} ({prefix[:-1]})")
+            text_tensors[role] = ((lambda prefix=prefix: _strip(read_quantized(
+                path, keep=lambda k: k.startswith(prefix), dtype=dtype), prefix)), f"{path} ({prefix[:-1]})")
     vae_module = None
     if any(p + "decoder.conv_in.weight" in tensors for p in VAE_PREFIXES):
         vae_module = _read_vae(path, family, dtype, tensors)
@@ -540,7 +540,7 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
         if len(t5s) > 1:
             raise CheckpointError(f"several T5 encoders found ({', '.join(map(str, t5s))}); name one with "
                                   f"--text-encoder (text_encoders=)")
-        text_tensors["t5"] = (lambda: read_quantized(t5s[0]), str(t5s[0]))  # an fp8 T5 stays fp8
+        text_tensors["t5"] = (lambda: read_quantized(t5s[0], dtype=dtype), str(t5s[0]))  # an fp8 T5 stays fp8
     wanted = ["clip_l", "clip_g"] if family == "sd3" else ["clip_l"]
     missing_clips = [r for r in wanted if r not in text_tensors]
     if missing_clips:
@@ -554,7 +554,7 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
         else:
             roles = {}
         for role, file in roles.items():
-            text_tensors[role] = ((lambda file=file: read_quantized(file)), str(file))
+            text_tensors[role] = ((lambda file=file: read_quantized(file, dtype=dtype)), str(file))
     still = [r for r in wanted if r not in text_tensors]
     if still:
         names = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "OpenCLIP-bigG (clip_g.safetensors)"}
