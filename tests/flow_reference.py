@@ -126,3 +126,39 @@ def flux_pipeline(work: Path, *, dev: bool = True, seed: int = 0):
 def saved(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder)
     return folder
+
+
+# --- LoRAs, written by diffusers' own writer ------------------------------------------------------------------------
+
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+TRANSFORMER_TARGETS = ["to_q", "to_k", "to_v", "proj_out", "ff.net.2"]
+
+
+def random_adapter(model, targets, seed: int, rank: int = 4, alpha: float = 8.0):
+    """PEFT LoRA layers injected into ``model`` (diffusers' or transformers'), lora_B not zero: the config."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    peft.inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=gen) * 0.1)
+    return config
+
+
+def save_lora(pipe, folder: Path, name: str = "pytorch_lora_weights.safetensors", seed: int = 0) -> Path:
+    """Random LoRAs on ``pipe``'s transformer and CLIP text encoders (CLIP-L; SD 3's bigG too), written by the
+    pipeline class's own ``save_lora_weights``; ``pipe`` keeps them injected."""
+    from peft.utils import get_peft_model_state_dict
+
+    components = ["transformer", "text_encoder"] + (["text_encoder_2"] if hasattr(pipe, "text_encoder_3") else [])
+    kwargs = {}
+    for i, component in enumerate(components):
+        model = getattr(pipe, component)
+        config = random_adapter(model, TRANSFORMER_TARGETS if component == "transformer" else CLIP_TARGETS, seed + i)
+        kwargs[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        kwargs[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    type(pipe).save_lora_weights(folder, weight_name=name, **kwargs)
+    return folder / name

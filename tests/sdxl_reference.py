@@ -116,11 +116,20 @@ def diffusers_xl_pipeline(sd, folder, scheduler=None):
         force_zeros_for_empty_prompt=False)
 
 
-def random_sdxl(family: str = "sdxl", seed: int = 0):
-    """A tiny SDXL StableDiffusion with every parameter perturbed."""
+def random_sdxl(family: str = "sdxl", seed: int = 0, levels: int = 2):
+    """A tiny SDXL StableDiffusion with every parameter perturbed. ``levels=3``: SDXL's three levels (no attention
+    at the first, 32, 64, 128 channels), where the tiny config has two; SDXL's T2I-Adapters need them."""
+    import dataclasses
+
     from torchsd.pipeline import StableDiffusion
 
-    sd = StableDiffusion.from_config(ModelConfig.tiny(family), seed=seed)
+    config = ModelConfig.tiny(family)
+    if levels == 3:
+        config = dataclasses.replace(config, unet=dataclasses.replace(
+            config.unet, channel_mult=(1, 2, 4), attention_levels=(False, True, True), transformer_depth=(1, 1, 2)))
+    elif levels != 2:
+        raise ValueError("random_sdxl: levels is 2 (the tiny config) or 3")
+    sd = StableDiffusion.from_config(config, seed=seed)
     for i, model in enumerate(sd.networks):
         perturb(model, seed + 10 * i)
     return sd

@@ -1,5 +1,6 @@
 """ControlNet files: lllyasviel's original layout (.pth / .safetensors, with or without ``control_model.``)
-and diffusers' (folder and single file) load to the same weights; diffusers' own converter agrees."""
+and diffusers' (folder and single file) load to the same weights; diffusers' own converter agrees. An SDXL
+ControlNet in the original layout loads too, where diffusers' single-file reader cannot read it."""
 
 import re
 
@@ -43,6 +44,7 @@ def write_original(diffusers_state: dict, layers_per_block: int) -> dict:
         k = re.sub(r"^controlnet_cond_embedding\.conv_out\.", "input_hint_block.14.", k)
         k = re.sub(r"^controlnet_down_blocks\.(\d+)\.", r"zero_convs.\1.0.", k)
         k = re.sub(r"^controlnet_mid_block\.", "middle_block_out.0.", k)
+        k = re.sub(r"^add_embedding\.linear_([12])\.", lambda m: f"label_emb.0.{2 * int(m[1]) - 2}.", k)  # SDXL
         k = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0\.conv\.",
                    lambda m: f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.", k)
         k = re.sub(r"^down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.",
@@ -112,3 +114,29 @@ def test_wrong_family_and_control_lora_are_refused(sd, net, tmp_path):
     save_file({"foo": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(tmp_path / "other.safetensors", sd.config.unet)
+
+
+def test_sdxl_original_layout_loads_where_diffusers_cannot(tmp_path):
+    """The cldm layout with SDXL's added embedding (``label_emb``, as sgm's U-Net names it; ComfyUI reads such
+    files). diffusers' converter maps every key but ``label_emb``, and its single-file loader takes the file for
+    an SD 1.5 ControlNet: there is no from_single_file to compare with (docs/controlnet.md)."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, infer_diffusers_model_type
+
+    from sdxl_reference import random_sdxl
+
+    xl = random_sdxl("sdxl")
+    net = random_controlnet(xl)  # the real hint encoder's widths: its last conv is input_hint_block.14
+    original = write_original(to_diffusers_keys(net.state_dict(), "unet"), xl.config.unet.num_res_blocks)
+    assert {"label_emb.0.0.weight", "label_emb.0.2.bias"} <= original.keys()
+    prefixed = {"control_model." + k: v.contiguous() for k, v in original.items()}
+    save_file(prefixed, tmp_path / "controlnet_xl.safetensors")
+    loaded = load_controlnet(tmp_path / "controlnet_xl.safetensors", xl.config.unet)
+    assert loaded.state_dict().keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+    reference = from_diffusers_keys(convert_controlnet_checkpoint(original, {"layers_per_block": 2}), "unet")
+    assert net.state_dict().keys() - reference.keys() == {f"add_embedding.linear_{n}.{p}" for n in (1, 2)
+                                                          for p in ("weight", "bias")}
+    assert all(torch.equal(reference[k], net.state_dict()[k]) for k in reference)
+    assert infer_diffusers_model_type(prefixed) == "controlnet"  # diffusers' SD 1.5 ControlNet config
+    with pytest.raises(CheckpointError, match="does not fit this SD 1"):
+        load_controlnet(tmp_path / "controlnet_xl.safetensors", random_pipeline("sd1").config.unet)

@@ -114,3 +114,31 @@ def test_ip_adapter_unit_gives_the_python_image(api, models_dir):
     ours, theirs = (np.asarray(im, dtype=np.int16) for im in (result.images[0], expected.images[0]))
     assert np.abs(ours - theirs).max() <= 1
     assert result.images[0].info["parameters"] == expected.infotexts[0]
+
+
+def test_the_bundled_controlnet_is_listed_with_the_bundled_model(models_dir):
+    """``bundled`` is in /controlnet/model_list while the bundled model is the current one (its ControlNet fits no
+    other U-Net), and a unit naming it gives the Python image."""
+    from test_bundled_control import mask
+
+    instance = Server(models_dir, "--dtype", "fp32")  # no --model: the bundled model
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=instance.port, sampler="DDIM", steps=3, username="user",
+                                password=KEY)
+        assert api.controlnet_model_list() == ["bundled", "ip-adapter_tiny", "tiny-cn"]
+        unit = webuiapi.ControlNetUnit(image=mask(), model="bundled", resize_mode="Just Resize")
+        prompt = "a red square at the top left on a blue background"
+        result = api.txt2img(prompt=prompt, width=64, height=64, seed=3, cfg_scale=7.0, controlnet_units=[unit],
+                             alwayson_scripts={})
+        api.util_set_model("tiny-a")
+        assert api.controlnet_model_list() == ["ip-adapter_tiny", "tiny-cn"]
+    finally:
+        instance.stop()
+    local = load_pipeline(None, "cpu", torch.float32)
+    with one_thread():
+        expected = local.run(GenerationRequest(
+            prompt, width=64, height=64, steps=3, sampler="ddim", eta=1.0, guidance_scale=7.0, seed=3,
+            control=(ControlUnit(image=mask(), model="bundled", resize_mode="Just Resize"),)))
+    ours, theirs = (np.asarray(im, dtype=np.int16) for im in (result.images[0], expected.images[0]))
+    assert np.abs(ours - theirs).max() <= 1
+    assert 'ControlNet 0: "Module: none, Model: bundled, Weight: 1' in result.info["infotexts"][0]

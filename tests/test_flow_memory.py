@@ -164,3 +164,15 @@ def test_a_part_of_an_all_in_one_file_is_read_by_itself(tmp_path):
     assert part[t5 + "final_layer_norm.weight"].dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match="no such file"):
         read_quantized(tmp_path / "missing.safetensors", keep=lambda k: True)
+
+
+def test_text_encoder_loras_reach_freed_encoders_and_keep_their_own_encodings(folders, tmp_path):
+    """A LoRA with a CLIP-L part (diffusers' save_lora_weights) on a pipeline that frees its encoders: the part is
+    applied to the encoder read again for the prompt, and an encoding made under it is not reused without it."""
+    lora = ref.save_lora(ref.flux_pipeline(tmp_path), tmp_path / "lora")  # the same weights as the dev folder
+    kept, freed = load(folders["dev"], free=False), load(folders["dev"])
+    runs = [{"loras": [(lora, 1.0)]}, {}, {"loras": [(lora, 0.5)]}, {"loras": [(lora, 0.5)], "seed": 4}]
+    for options in runs:
+        mine = freed.generate("a horse", **{**RUN, **options})
+        assert freed.text_encoders == {}
+        assert torch.equal(mine.latents, kept.generate("a horse", **{**RUN, **options}).latents), options

@@ -140,7 +140,7 @@ def test_ddim_runs_as_euler_and_the_infotext_says_so(folders):
     ({"sampler": "DPM++ 2M SDE"}, "does not run on flow-matching models"),
     ({"scheduler": "karras"}, "schedule type"),
     ({"distilled_cfg_scale": 3.0}, "FLUX.1-dev's embedded guidance"),
-    ({"hires": True}, "hires is not available for SD 3 / 3.5"),
+    ({"tiling": True}, "tiling is not available for SD 3 / 3.5"),
 ])
 def test_bad_requests_say_what_works(folders, options, message):
     pipe = ours(folders["sd3"])

@@ -1,10 +1,13 @@
 """The real server serving SD 3 and FLUX.1 models beside an SD 1 model, driven by the real clients (webuiapi,
 openai): the model list tells the families, sd_model_checkpoint switches between them, txt2img/img2img and
 the OpenAI images endpoint give the in-process pipeline's images, and a sampler flow models do not run is
-refused with the ones that do."""
+refused with the ones that do; inpainting, hires fix and LoRA tags reach flow models as the A1111 fields say;
+Forge's distilled_cfg_scale, which its clients send with every request, is ignored where a model has no
+embedded guidance."""
 
 import base64
 import io
+import json
 
 import numpy as np
 import openai
@@ -26,6 +29,7 @@ def models(tmp_path_factory):
     with one_thread():
         ref.saved(ref.flux_pipeline(work), models / "flux-dev")
         ref.saved(ref.sd3_pipeline(work), models / "sd35")
+        ref.save_lora(ref.flux_pipeline(work), models / "Lora", "flux_style.safetensors")  # for flux-dev's weights
     return models
 
 
@@ -100,6 +104,69 @@ def test_flow_model_refuses_a_noise_adding_sampler_with_the_ones_that_work(serve
         back = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 1,
                                                       "sampler_name": "Euler a"})
         assert back.status_code == 200
+
+
+def box_mask():
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 4, 24, 20))
+    return mask
+
+
+def test_flux_inpainting_through_webuiapi(api, models):
+    """img2img with a mask, inverted, unblurred, masked content "fill" (A1111's 0, webuiapi's default): the
+    in-process inpainting run."""
+    api.util_set_model("flux-dev")
+    init = Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype(np.uint8)).convert("RGB")
+    result = api.img2img(images=[init], mask_image=box_mask(), inpainting_mask_invert=1, mask_blur=0, inpainting_fill=0,
+                         prompt="a house", width=32, height=32, denoising_strength=0.8, seed=7, steps=3)
+    with one_thread():
+        expected = local(models, "flux-dev").generate("a house", width=32, height=32, steps=3, seed=7,
+                                                      init_image=init, mask=box_mask(), mask_invert=True, mask_blur=0,
+                                                      inpainting_fill="fill", strength=0.8)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    inside = np.asarray(box_mask()) > 0  # inverted: the box is kept
+    assert np.array_equal(pixels(result.images[0])[inside], pixels(init)[inside])
+    assert "Mask blur: 0" in result.images[0].info["parameters"]
+
+
+def test_sd3_hires_fix_through_webuiapi(api, models):
+    api.util_set_model("sd35")
+    result = api.txt2img(prompt="a tower", width=32, height=32, seed=3, steps=3, cfg_scale=4.0, enable_hr=True,
+                         hr_scale=2, hr_upscaler="Latent", denoising_strength=0.6)
+    with one_thread():
+        expected = local(models, "sd35").generate("a tower", width=32, height=32, steps=3, seed=3, guidance_scale=4.0,
+                                                  hires=True, hires_scale=2, hires_strength=0.6)
+    assert result.images[0].size == (64, 64)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    assert "Hires upscale: 2" in result.images[0].info["parameters"]
+
+
+def test_lora_tag_on_flux_through_webuiapi(api, models):
+    api.util_set_model("flux-dev")
+    prompt = "an astronaut <lora:flux_style:0.8>"
+    result = api.txt2img(prompt=prompt, width=32, height=32, seed=5, steps=2)
+    with one_thread():
+        pipe = local(models, "flux-dev")
+        plain = pipe.generate("an astronaut ", width=32, height=32, steps=2, seed=5)
+        pipe.loras.add_dir(models / "Lora")
+        expected = pipe.generate(prompt, width=32, height=32, steps=2, seed=5)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    assert np.abs(pixels(result.images[0]) - pixels(plain.images[0])).max() > 10
+    assert "Lora hashes: \"flux_style: " in result.images[0].info["parameters"]
+
+
+def test_distilled_cfg_scale_is_ignored_where_the_model_has_no_embedded_guidance(server):
+    """Forge's clients send distilled_cfg_scale with every request (webuiapi does not; a raw request here)."""
+    body = {"prompt": "x", "steps": 1, "seed": 2, "sampler_name": "Euler", "distilled_cfg_scale": 2.0}
+    with server.client() as client:
+        infotexts = {}
+        for model, size in (("tiny-sd", 64), ("sd35", 32), ("flux-dev", 32)):
+            response = client.post("/sdapi/v1/txt2img", json={**body, "width": size, "height": size,
+                                                              "override_settings": {"sd_model_checkpoint": model}})
+            assert response.status_code == 200, response.text
+            infotexts[model] = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Distilled CFG" not in infotexts["tiny-sd"] and "Distilled CFG" not in infotexts["sd35"]
+    assert "Distilled CFG Scale: 2," in infotexts["flux-dev"]
 
 
 def test_sd3_skip_layer_guidance_through_the_a1111_api(server, models):

@@ -18,16 +18,27 @@ from torchsd.pipeline.infotext import parse_infotext, read_png_infotext
 
 @pytest.fixture(scope="module")
 def xl_models(tmp_path_factory):
-    """models/sd15/ (a diffusers folder), models/xl.safetensors (Stability's SDXL layout, no metadata) and
-    models/sub/refiner/ (an SDXL refiner's diffusers folder)."""
+    """models/sd15/ (a diffusers folder), models/xl.safetensors (Stability's SDXL layout, no metadata),
+    models/sub/refiner/ (an SDXL refiner's diffusers folder) and models/ControlNet/xl-adapter/ (an SDXL
+    T2I-Adapter, diffusers' save_pretrained)."""
     from safetensors.torch import save_file
+
+    from test_t2i_adapter import diffusers_adapter, random_adapter
 
     models = tmp_path_factory.mktemp("xl-server") / "models"
     save_tiny(models / "sd15", seed=0)
     with one_thread():
-        save_file(original_sdxl_file(random_sdxl("sdxl", seed=2)), str(models / "xl.safetensors"))
+        xl = random_sdxl("sdxl", seed=2)
+        save_file(original_sdxl_file(xl), str(models / "xl.safetensors"))
         random_sdxl("sdxl_refiner", seed=6).save(models / "sub" / "refiner")
+        diffusers_adapter(random_adapter(xl)).save_pretrained(models / "ControlNet" / "xl-adapter")
     return models
+
+
+def hint() -> Image.Image:
+    image = Image.new("RGB", (32, 32))
+    image.paste((255, 255, 255), (16, 16, 30, 30))
+    return image
 
 
 def test_cli_generate_from_and_convert(xl_models, tmp_path):
@@ -45,6 +56,25 @@ def test_cli_generate_from_and_convert(xl_models, tmp_path):
     assert main(["convert", str(xl_models / "xl.safetensors"), str(tmp_path / "xl-folder")]) == 0
     folder = torchsd.load_pipeline(tmp_path / "xl-folder", dtype=torch.float32)
     assert folder.config.family == "sdxl" and folder.text_encoder_2 is not None
+
+
+def test_cli_t2i_adapter_infotext_and_from(xl_models, tmp_path):
+    """An SDXL T2I-Adapter by name in --control-dir, its unit in the infotext, and --from reading it back."""
+    hint().save(tmp_path / "hint.png")
+    common = ["--model", str(xl_models / "xl.safetensors"), "--dtype", "fp32", "--control-dir",
+              str(xl_models / "ControlNet"), "--control", str(tmp_path / "hint.png")]
+    assert main(["generate", "a cat", "--steps", "3", "--seed", "5", "--size", "32x32", "--control-model",
+                 "xl-adapter", "--control-weight", "0.8", "--control-mode", "control", "--control-end", "0.7",
+                 "--output", str(tmp_path / "a.png"), *common]) == 0
+    info = read_png_infotext(tmp_path / "a.png")
+    assert ('ControlNet 0: "Module: none, Model: xl-adapter, Weight: 0.8, Resize Mode: Crop and Resize, '
+            'Guidance Start: 0, Guidance End: 0.7, Control Mode: ControlNet is more important"') in info
+    assert main(["generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"), *common]) == 0
+    assert read_png_infotext(tmp_path / "b.png") == info
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    assert main(["generate", "a cat", "--steps", "3", "--seed", "5", "--size", "32x32", "--output",
+                 str(tmp_path / "c.png"), *common[:4]]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "c.png")))
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +142,33 @@ def test_webuiapi_txt2img_with_a_refiner(xl_server, xl_models):
     # A1111's page sends "None" for no refiner
     none = api.custom_post("txt2img", baseurl=True, payload={**body, "refiner_checkpoint": "None"})
     assert np.abs(np.asarray(none.image, dtype=np.int16) - np.asarray(plain.images[0], dtype=np.int16)).max() <= 1
+
+
+def test_webuiapi_t2i_adapter_unit(xl_server, xl_models):
+    """An SDXL T2I-Adapter as a ControlNet unit of the real webuiapi client gives the image of the same request
+    made from Python."""
+    from torchsd.pipeline.features.control import ControlUnit, control_models
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=xl_server.port, sampler="DDIM", steps=3, username="user",
+                            password=KEY)
+    assert "xl-adapter" in api.controlnet_model_list()
+    api.util_set_model("xl")
+    try:
+        unit = webuiapi.ControlNetUnit(image=hint(), model="xl-adapter", weight=0.8, guidance_end=0.7,
+                                       resize_mode="Just Resize")
+        result = api.txt2img(prompt="a cat", seed=4, width=32, height=32, cfg_scale=5, controlnet_units=[unit],
+                             alwayson_scripts={})
+    finally:
+        api.util_set_model("sd15")
+    local = torchsd.load_pipeline(xl_models / "xl.safetensors", dtype=torch.float32)
+    control_models(local).add_dir(xl_models / "ControlNet")
+    with one_thread():
+        run = dict(steps=3, sampler="DDIM", seed=4, width=32, height=32, guidance_scale=5.0, eta=1.0)
+        expected = local.generate("a cat", **run, control=[ControlUnit(
+            image=hint(), model="xl-adapter", weight=0.8, guidance_end=0.7, resize_mode="Just Resize")])
+        plain = local.generate("a cat", **run)
+    ours = np.asarray(result.image, dtype=np.int16)
+    assert np.abs(ours - np.asarray(expected.images[0], dtype=np.int16)).max() <= 1
+    assert np.abs(ours - np.asarray(plain.images[0], dtype=np.int16)).max() > 1  # the adapter acted
+    assert result.info["infotexts"][0] == expected.infotexts[0]
+    assert 'ControlNet 0: "Module: none, Model: xl-adapter, Weight: 0.8' in expected.infotexts[0]

@@ -148,3 +148,69 @@ def test_controlnet_run_lowers_the_loss_changes_only_the_controlnet_and_saves_a_
     mask = Image.new("RGB", (32, 32))
     result = sd.generate("a red circle", steps=2, seed=0, control=[ControlUnit(image=mask, model=path)])
     assert result.images[0].size == (32, 32)
+
+
+def test_sdxl_controlnet_reads_pooled_text_and_micro_conditioning_learns_and_steers_sdxl(tmp_path):
+    """On a tiny SDXL base: the ControlNet and the U-Net get the same added vector y (bigG's pooled text beside
+    the micro-conditioning), the loss falls, and the exported ControlNet steers an SDXL run."""
+    import torchsd
+    from sdxl_reference import random_sdxl
+    from torchsd.checkpoints.controlnet import load_controlnet
+    from torchsd.models.unet import added_vector
+    from torchsd.pipeline.features.control import ControlUnit
+    from torchsd.training.cli import make_task
+    from torchsd.training.distributed import setup
+    from torchsd.training.loop import collate
+    from torchsd.training.losses import denoising_loss, draw, per_sample_generators
+
+    random_sdxl("sdxl", seed=2).save(tmp_path / "xl")
+    config = small_config(tmp_path, "controlnet", steps=30, model=str(tmp_path / "xl"), caption_dropout=0.5,
+                          dataset_size=32, lr=1e-3, sample_every=0)  # (sampling: the SD 1.x test's)
+    task = make_task(config, setup("cpu"))
+    assert task.model.add_embedding is not None and not any(p.requires_grad for p in task.unet.parameters())
+    batch = collate([task.dataset()[i] for i in range(8)])
+    seen = {}
+    hooks = [net.register_forward_pre_hook(lambda m, args, kwargs, n=name: seen.setdefault(n, (args, kwargs)),
+                                           with_kwargs=True) for name, net in (("cn", task.model), ("unet", task.unet))]
+    try:
+        with torch.no_grad():
+            controlled = float(task.loss(task.model, batch, step=5)[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    y, unet_y = seen["cn"][1]["y"], seen["unet"][0][3]
+    c = task.sd.config.unet
+    assert y.shape == (8, c.added_embed_dim) and torch.equal(y, unet_y)
+    # y = pooled text beside (original size, crop top-left, target size): shapes are drawn at 32x32, uncropped
+    pooled = y[:, :c.pooled_dim]
+    numbers = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 8)
+    assert torch.equal(y, added_vector(pooled, numbers, c.micro_condition_dim))
+    generators = per_sample_generators(config.seed, 5, batch[0])
+    z0 = task.latents(batch[1], generators)  # the draws task.loss makes: latents, then caption dropout
+    drop = draw(generators, (), kind="rand") < config.caption_dropout
+    captions = ["" if d else caption for caption, d in zip(batch[3], drop.tolist())]
+    assert 0 < drop.sum() < 8  # both kinds of rows in the batch, each with its own pooled text
+    assert torch.allclose(pooled, task.context(captions)[1].float())
+    with torch.no_grad():  # a fresh ControlNet adds nothing: the U-Net's own loss, with the same y
+        plain = float(denoising_loss(task.unet, z0, task.context(captions)[0],
+                                     task.alphas_cumprod, generators, task.prediction_type, config.min_snr_gamma,
+                                     y=y))
+    assert controlled == pytest.approx(plain, rel=1e-6)
+
+    before = fixed_loss(task)
+    run_task(config)
+    state = torch.load(Path(config.output) / "state.pt", weights_only=True)["model"]
+    after = fixed_loss(make_task(config, setup("cpu")), state)
+    print(f"fixed-noise loss {before:.4f} -> {after:.4f}")
+    assert after < 0.97 * before, (before, after)
+
+    path = Path(config.output) / "controlnet.safetensors"
+    net = load_controlnet(path, task.unet.config)
+    assert net.add_embedding is not None and all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    sd = torchsd.load_pipeline(tmp_path / "xl", dtype=torch.float32)
+    mask = Image.new("RGB", (32, 32))
+    mask.paste((255, 255, 255), (16, 16, 30, 30))
+    run = dict(steps=3, seed=0, width=32, height=32, guidance_scale=5.0)
+    steered = sd.generate("a red circle", control=[ControlUnit(image=mask, model=path)], **run).latents
+    plain_run = sd.generate("a red circle", **run).latents
+    assert (steered - plain_run).abs().max() > 1e-3 * plain_run.abs().max()

@@ -292,3 +292,19 @@ def test_lr_warms_up_holds_then_decays_to_zero_at_the_last_step():
     assert lr_factor(TrainConfig(task="vae", steps=100, warmup_steps=10), 99) == 1.0  # no decay: constant
     with pytest.raises(ValueError, match="decay_steps must be between 0 and steps"):
         TrainConfig(task="vae", steps=100, decay_steps=101)
+
+
+def test_clip_fine_tune_starts_from_the_given_clip(tmp_path, frozen_parts):
+    """`train clip --clip FILE` fine-tunes that CLIP (the task starts from its weights), and refuses
+    a resolution its image tower does not read."""
+    config = small_config(tmp_path, "clip", steps=1, clip=str(frozen_parts / "clip.safetensors"))
+    from torchsd.training.cli import make_task
+    from torchsd.training.distributed import setup
+
+    task = make_task(config, setup("cpu"))
+    given = load_clip(frozen_parts / "clip.safetensors").state_dict()
+    assert all(torch.equal(v.float(), given[k].float()) for k, v in task.model.clip.state_dict().items())
+    assert all(p.requires_grad for p in task.model.parameters())
+    with pytest.raises(ValueError, match="train at --resolution 32"):
+        make_task(small_config(tmp_path, "clip", steps=1, clip=str(frozen_parts / "clip.safetensors"),
+                               resolution=64), setup("cpu"))

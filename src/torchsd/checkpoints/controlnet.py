@@ -1,7 +1,8 @@
 """ControlNet files, as they are found:
 
 - lllyasviel's original layout (``control_v11p_sd15_canny.pth``, ``.safetensors``): the ldm U-Net's encoder
-  names (``input_blocks``, ``middle_block``, ``time_embed``) plus ``input_hint_block.{0,2,…,14}``,
+  names (``input_blocks``, ``middle_block``, ``time_embed``, for SDXL's shapes also ``label_emb``, as sgm's U-Net
+  and ComfyUI name it; diffusers' single-file reader does not read that one) plus ``input_hint_block.{0,2,…,14}``,
   ``zero_convs.{i}.0`` and ``middle_block_out.0``, with or without a ``control_model.`` prefix (the first
   ControlNet 1.0 files hold a whole SD model beside it: only the ``control_model.`` part is read);
 - diffusers' ControlNetModel: a folder (``config.json`` + weights) or its weights file alone.
@@ -56,6 +57,8 @@ def from_original(tensors: dict[str, torch.Tensor], c: UNetConfig, source: objec
     hint_convs = len({k.split(".")[1] for k in tensors if k.startswith("input_hint_block.")})
     if hint_convs < 2:
         raise CheckpointError(f"{source}: no input_hint_block convolutions: not a ControlNet in the original layout")
+    if "input_blocks.0.0.weight" in tensors:  # the names below follow c: another family's would not map
+        _check_family(tensors, "input_blocks.0.0.weight", "label_emb.0.0.weight", c, source)
     diffusers = rename(tensors, original_blocks(c, hint_convs), to_diffusers=True, what=str(source))
     return from_diffusers_keys(diffusers, "unet")
 
@@ -80,10 +83,17 @@ def family_of(context_dim: int, added: bool) -> str:
 def check_fits(state: dict[str, torch.Tensor], c: UNetConfig, source: object) -> None:
     """Refuse, saying which family each is, a ControlNet (torchsd names) whose U-Net part cannot steer a U-Net
     with config ``c``: another text-context width, base width or added embedding."""
+    _check_family(state, "conv_in.weight", "add_embedding.linear_1.weight", c, source)
+
+
+def _check_family(state: dict[str, torch.Tensor], conv_in: str, added_key: str, c: UNetConfig, source: object
+                  ) -> None:
+    """check_fits on the names of either layout: ``conv_in`` and ``added_key`` name the first conv's and the added
+    embedding's first weights."""
     to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
     context = int(to_k.shape[1]) if to_k is not None else c.context_dim
-    channels = int(state["conv_in.weight"].shape[0])
-    added = state.get("add_embedding.linear_1.weight")
+    channels = int(state[conv_in].shape[0])
+    added = state.get(added_key)
     added_dim = 0 if added is None else int(added.shape[1])
     if (context, channels, added_dim) == (c.context_dim, c.model_channels, c.added_embed_dim):
         return
@@ -229,10 +239,25 @@ def adapter_from_original(tensors: dict[str, torch.Tensor], source: object) -> d
     return out
 
 
+def adapter_layout(path: Path, downscale: int, latent_downscale: int) -> str:
+    """``full_adapter`` (SD 1.x/2.x) or ``full_adapter_xl`` (SDXL): a diffusers folder's config.json says; a
+    single file's weights do not (the two have the same keys), but its unshuffle factor does: the VAE's for
+    SD 1.x/2.x, twice the VAE's for SDXL (16: its first feature has the size of SDXL's second level)."""
+    config_file = path / "config.json" if path.is_dir() else path.with_suffix(".json")
+    if config_file.is_file():
+        layout = json.loads(config_file.read_text()).get("adapter_type", "full_adapter")
+        if layout not in ("full_adapter", "full_adapter_xl"):
+            raise CheckpointError(f"{path}: a T2I-Adapter of type {layout!r}; torchsd reads the full adapters "
+                                  f"(adapter_type full_adapter for SD 1.x/2.x, full_adapter_xl for SDXL)")
+        return layout
+    return "full_adapter_xl" if downscale == 2 * latent_downscale else "full_adapter"
+
+
 def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 tensors: dict[str, torch.Tensor] | None = None):
-    """A T2I-Adapter ("full adapter", SD 1.x/2.x): diffusers' folder or file (``adapter.`` keys) or TencentARC's
-    original file. The config is read from the weights' shapes."""
+                 tensors: dict[str, torch.Tensor] | None = None, latent_downscale: int = 8):
+    """A T2I-Adapter ("full adapter", SD 1.x/2.x, or "full adapter XL", SDXL): diffusers' folder or file
+    (``adapter.`` keys) or TencentARC's original file. The config is read from the weights' shapes, the layout
+    as ``adapter_layout`` says (``latent_downscale``: the VAE's factor of the model it will steer)."""
     from ..models.adapter import AdapterConfig, T2IAdapter
 
     path = Path(path)
@@ -249,7 +274,8 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     unshuffled = state["conv_in.weight"].shape[1]
     hint_channels = 1 if unshuffled % 3 else 3  # the sketch adapter reads one channel: 64 = 1 * 8**2
     downscale = round((unshuffled / hint_channels) ** 0.5)
-    config = AdapterConfig(hint_channels, widths, blocks, downscale)
+    config = AdapterConfig(hint_channels, widths, blocks, downscale,
+                           layout=adapter_layout(path, downscale, latent_downscale))
     with torch.device("meta"):
         adapter = T2IAdapter(config)
     check_state(adapter, state, str(path))
@@ -258,10 +284,11 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype = torch.float32, device
 
 
 def load_control_model(path: str | Path, unet_config: UNetConfig, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu"):
-    """A ControlNet or a T2I-Adapter, whichever the file holds."""
+                       device: str | torch.device = "cpu", latent_downscale: int = 8):
+    """A ControlNet or a T2I-Adapter, whichever the file holds (``latent_downscale``: the VAE's factor, which
+    tells an SDXL adapter's single file from an SD 1.x/2.x one's: ``adapter_layout``)."""
     path = Path(path)
     tensors = read_tensors(path)  # once: a ControlNet file is 1.4 GB
     if is_adapter(tensors) and not any("input_hint_block" in k or "controlnet_cond_embedding" in k for k in tensors):
-        return load_adapter(path, dtype=dtype, device=device, tensors=tensors)
+        return load_adapter(path, dtype=dtype, device=device, tensors=tensors, latent_downscale=latent_downscale)
     return load_controlnet(path, unet_config, dtype=dtype, device=device, tensors=tensors)

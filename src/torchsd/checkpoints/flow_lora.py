@@ -13,8 +13,19 @@ A LoRA on a fused original tensor (qkv, linear1) is one low-rank update of the s
 split by rows over torchsd's q, k, v (and MLP in) and the down matrix shared, which is exact. Updates are merged
 into float weights (no per-step cost). Weights kept quantized get the LoRA as a side path, x·downᵀ·upᵀ·scale
 added to the layer's output: merging would need the whole layer in float for good, undoing the quantization.
-Text-encoder entries (``lora_te1_``, ``text_encoder.``) are listed, not applied (that belongs to the text
-encoders' loader)."""
+
+The text-encoder part, read when the pipeline's encoders are given, names transformers' modules of each encoder:
+
+- kohya (sd-scripts' lora_flux / lora_sd3): ``lora_te1_`` CLIP-L, ``lora_te2_`` OpenCLIP-bigG (SD 3),
+  ``lora_te3_`` T5-XXL, then the module with ``_`` (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``,
+  ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``);
+- diffusers / PEFT (``save_lora_weights``): the pipeline's component, ``text_encoder.`` (CLIP-L),
+  ``text_encoder_2.`` (bigG for SD 3, T5 for FLUX.1), ``text_encoder_3.`` (SD 3's T5), with or without
+  ``text_model.``;
+- ComfyUI: ``text_encoders.clip_l|clip_g|t5xxl.transformer.<module>``.
+
+A part for an encoder the pipeline runs without (SD 3 without T5) is listed in ``text_encoder_keys`` and not
+applied; without ``text_encoders`` (a transformer on its own) the whole text part is listed so."""
 
 from __future__ import annotations
 
@@ -27,13 +38,20 @@ import torch
 from torch import nn
 
 from ..models.quantized import QuantizedLinear
-from . import bfl, flux, mmdit, sd3_original
+from . import bfl, flux, mmdit, sd3_original, t5
+from .diffusers import TEXT_PREFIX, TEXT_RULES, _rename
 from .io import CheckpointError, load_state_dict, safetensors_metadata
 from .lora import _peft_pairs as peft_layers
 from .original_layout import Layout, swap_halves
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 TEXT_MARKERS = ("lora_te", "text_encoder", "te1.", "te2.", "clip_l.", "t5xxl.")
+# family -> torchsd's encoder -> (kohya prefix, diffusers component, ComfyUI name)
+TEXT_ENCODERS = {
+    "flux": {"clip_l": ("lora_te1_", "text_encoder", "clip_l"), "t5": ("lora_te3_", "text_encoder_2", "t5xxl")},
+    "sd3": {"clip_l": ("lora_te1_", "text_encoder", "clip_l"), "clip_g": ("lora_te2_", "text_encoder_2", "clip_g"),
+            "t5": ("lora_te3_", "text_encoder_3", "t5xxl")},
+}
 OTHER_ADAPTERS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
                   ".lora_mid.": "LoCon with a Tucker core"}
 
@@ -68,19 +86,26 @@ def _peft_pairs(state: dict[str, torch.Tensor], metadata: dict[str, str]
 
 @dataclass(frozen=True)
 class Update:
-    module: str  # torchsd module path in the transformer
+    module: str  # torchsd module path in the transformer (or in the text encoder ``component``)
     down: torch.Tensor  # (rank, in)
     up: torch.Tensor  # (out rows of this module, rank)
     scale: float  # alpha / rank
+    component: str = "transformer"  # or the text encoder: "clip_l", "clip_g", "t5"
 
     def delta(self) -> torch.Tensor:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
 @dataclass(frozen=True)
-class TransformerLora:
-    updates: tuple[Update, ...]
-    text_encoder_keys: tuple[str, ...]  # present in the file, not applied here
+class FlowLora:
+    updates: tuple[Update, ...]  # the transformer's
+    text_encoder_keys: tuple[str, ...]  # present in the file, not applied (no such encoder given)
+    text_updates: tuple[Update, ...] = ()  # the text encoders', each naming its ``component``
+
+    def for_component(self, component: str) -> tuple[Update, ...]:
+        if component == "transformer":
+            return self.updates
+        return tuple(u for u in self.text_updates if u.component == component)
 
 
 def _targets(layout: Layout, diffusers_name) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -100,10 +125,55 @@ def _targets(layout: Layout, diffusers_name) -> dict[str, tuple[str, tuple[str, 
     return targets
 
 
+def _text_targets(family: str, encoders: Mapping[str, nn.Module | None]
+                  ) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """Every name a LoRA may use for a linear layer of the given encoders -> (encoder, torchsd module path); and
+    each encoder's name prefixes -> the encoder (to tell a part for an encoder the pipeline lacks)."""
+    targets, prefixes = {}, {}
+    for encoder, (kohya, component, comfy) in TEXT_ENCODERS[family].items():
+        for prefix in (kohya, component + ".", f"text_encoders.{comfy}.transformer."):
+            prefixes[prefix] = encoder
+        model = encoders.get(encoder)
+        if model is None:
+            continue
+        for path, theirs in _transformers_names(encoder, model).items():
+            names = [kohya + theirs.replace(".", "_"), f"{component}.{theirs}", f"text_encoders.{comfy}.transformer."
+                     f"{theirs}"]
+            if theirs.startswith(TEXT_PREFIX):  # transformers 5 saves CLIP without the text_model. level
+                names.append(f"{component}.{theirs[len(TEXT_PREFIX):]}")
+            targets.update({name: (encoder, path) for name in names})
+    return targets, prefixes
+
+
+def text_encoders_named(lora: FlowLora, family: str) -> set[str]:
+    """The encoders ("clip_l", "clip_g", "t5") that the text part of a LoRA read without them names by its keys'
+    prefixes (all of the family's where a key has none of them: reading against them then says what is wrong).
+    A pipeline that frees its encoders reads only these for the LoRA."""
+    _, prefixes = _text_targets(family, {})
+    named = {next((e for p, e in prefixes.items() if key.startswith(p)), None) for key in lora.text_encoder_keys}
+    return set(TEXT_ENCODERS[family]) if None in named else named
+
+
+def _transformers_names(encoder: str, model: nn.Module) -> dict[str, str]:
+    """torchsd module path -> transformers' module path, for every linear layer of a CLIP or T5 encoder."""
+    modules = dict(model.named_modules())
+    if encoder == "t5":
+        names = {ours.removesuffix(".weight"): theirs.removesuffix(".weight")
+                 for ours, theirs in t5.key_map(model.config).items()}
+    else:  # models.flow_text.CLIPWithProjection: the tower under ``text.``, the projection beside it
+        names = {path: TEXT_PREFIX + _rename(path.removeprefix("text.") + ".weight", TEXT_RULES)[: -len(".weight")]
+                 for path in modules if path.startswith("text.")}
+        names.update({"text_projection": "text_projection", "text.text_projection": "text_projection"})
+    return {path: theirs for path, theirs in names.items()
+            if isinstance(modules.get(path), (nn.Linear, QuantizedLinear))}
+
+
 def read_lora(state: Mapping[str, torch.Tensor], family: str, config, source: object = "LoRA",
-              metadata: Mapping[str, str] | None = None) -> TransformerLora:
+              metadata: Mapping[str, str] | None = None,
+              text_encoders: Mapping[str, nn.Module | None] | None = None) -> FlowLora:
     """A LoRA state dict for a "flux" or "sd3" transformer -> updates on torchsd's modules, every target and
-    shape checked against the config."""
+    shape checked against the config. ``text_encoders`` (the pipeline's, by torchsd's names "clip_l", "clip_g",
+    "t5"; None where it runs without one): the text-encoder part is read against them too."""
     if family == "flux":
         layout, names = bfl.layout(config), flux.diffusers_name
     elif family == "sd3":
@@ -114,7 +184,7 @@ def read_lora(state: Mapping[str, torch.Tensor], family: str, config, source: ob
         if any(marker in k for k in state):
             raise CheckpointError(f"{source}: a {kind} file; torchsd applies plain LoRA (lora_down/lora_up or "
                                   f"lora_A/lora_B) to {family} transformers")
-    text = tuple(sorted(k for k in state if k.startswith(TEXT_MARKERS)))
+    text = {k: v for k, v in state.items() if k.startswith(TEXT_MARKERS)}
     rest = {k: v for k, v in state.items() if not k.startswith(TEXT_MARKERS)}
     pairs = {**_kohya_pairs(rest), **_peft_pairs(rest, dict(metadata or {}))}
     targets = _targets(layout, names)
@@ -140,18 +210,58 @@ def read_lora(state: Mapping[str, torch.Tensor], family: str, config, source: ob
             up = swap_halves(up)
         for part, rows in zip(parts, up.split(out_rows)):
             updates.append(Update(part.removesuffix(".weight"), down, rows, scale))
-    return TransformerLora(tuple(updates), text)
+    if text_encoders is None:
+        return FlowLora(tuple(updates), tuple(sorted(text)))
+    text_updates, skipped = _read_text_part(text, family, text_encoders, source, dict(metadata or {}))
+    return FlowLora(tuple(updates), skipped, text_updates)
 
 
-def load_lora(path: str | Path, family: str, config) -> TransformerLora:
+def _read_text_part(state: dict[str, torch.Tensor], family: str, encoders: Mapping[str, nn.Module | None],
+                    source: object, metadata: dict[str, str]) -> tuple[tuple[Update, ...], tuple[str, ...]]:
+    """The text encoders' updates, and the keys of parts for encoders the pipeline runs without."""
+    targets, prefixes = _text_targets(family, encoders)
+    pairs = {**_kohya_pairs(state), **_peft_pairs(state, metadata)}
+    used = {f"{n}.{s}" for n in pairs for s in ("lora_down.weight", "lora_up.weight", "lora_A.weight",
+                                                 "lora_B.weight", "alpha")}
+    stray = sorted(set(state) - used)
+    if stray:
+        raise CheckpointError(f"{source}: keys {stray[:5]} are not LoRA weights of a text encoder")
+    updates, skipped = [], []
+    for name, (down, up, scale) in pairs.items():
+        if name not in targets:
+            encoder = next((e for prefix, e in prefixes.items() if name.startswith(prefix)), None)
+            if encoder is None or encoders.get(encoder) is not None:
+                raise CheckpointError(f"{source}: LoRA layer {name} names no linear layer of this {family} model's "
+                                      f"text encoders ({', '.join(e for e, m in encoders.items() if m is not None)}); "
+                                      f"it was made for another model or size")
+            skipped += sorted(k for k in state if k.startswith(name + "."))
+            continue
+        encoder, path = targets[name]
+        weight = _weight_shape(encoders[encoder].get_submodule(path))
+        if down.ndim != 2 or up.ndim != 2 or (up.shape[0], down.shape[1]) != weight or up.shape[1] != down.shape[0]:
+            raise CheckpointError(f"{source}: LoRA layer {name} is {tuple(up.shape)} @ {tuple(down.shape)}; the "
+                                  f"{encoder} layer is {weight}")
+        updates.append(Update(path, down, up, scale, encoder))
+    return tuple(updates), tuple(skipped)
+
+
+def _weight_shape(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, QuantizedLinear):
+        return layer.out_features, layer.in_features
+    return tuple(layer.weight.shape)
+
+
+def load_lora(path: str | Path, family: str, config, text_encoders: Mapping[str, nn.Module | None] | None = None
+              ) -> FlowLora:
     path = Path(path)
     metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
-    return read_lora(load_state_dict(path), family, config, path, metadata)
+    return read_lora(load_state_dict(path), family, config, path, metadata, text_encoders)
 
 
-def apply_lora(model: nn.Module, lora: TransformerLora, strength: float = 1.0) -> None:
-    """Merge into float linear layers; a side path on QuantizedLinear layers (their weights stay quantized)."""
-    for update in lora.updates:
+def apply_lora(model: nn.Module, lora: FlowLora, strength: float = 1.0, component: str = "transformer") -> None:
+    """Merge into float linear layers; a side path on QuantizedLinear layers (their weights stay quantized).
+    ``component``: which of the LoRA's parts ``model`` is (the transformer, or a text encoder: "clip_l" …)."""
+    for update in lora.for_component(component):
         layer = model.get_submodule(update.module)
         if isinstance(layer, QuantizedLinear):
             layer.add_lora(update.down, update.up, update.scale * strength)
@@ -164,12 +274,14 @@ def apply_lora(model: nn.Module, lora: TransformerLora, strength: float = 1.0) -
 
 
 @contextmanager
-def loras_applied(model: nn.Module, loras: list[tuple[TransformerLora, float]]) -> Iterator[None]:
-    """LoRAs (with strengths) applied for a run; afterwards the float weights are restored bit for bit from
-    copies of the layers they touched, and the quantized layers' side paths removed."""
+def loras_applied(model: nn.Module, loras: list[tuple[FlowLora, float]], component: str = "transformer"
+                  ) -> Iterator[None]:
+    """LoRAs (with strengths) applied to ``model`` (the part ``component`` of each) for a run; afterwards the
+    float weights are restored bit for bit from copies of the layers they touched, and the quantized layers'
+    side paths removed."""
     saved, side_paths = {}, {}
     for lora, _ in loras:
-        for update in lora.updates:
+        for update in lora.for_component(component):
             layer = model.get_submodule(update.module)
             if isinstance(layer, QuantizedLinear):
                 side_paths.setdefault(update.module, len(layer.loras))
@@ -177,7 +289,7 @@ def loras_applied(model: nn.Module, loras: list[tuple[TransformerLora, float]]) 
                 saved[update.module] = layer.weight.detach().clone()
     try:
         for lora, strength in loras:
-            apply_lora(model, lora, strength)
+            apply_lora(model, lora, strength, component)
         yield
     finally:
         with torch.no_grad():

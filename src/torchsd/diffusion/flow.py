@@ -78,6 +78,18 @@ def flow_sigmas(config: FlowScheduleConfig, steps: int, image_seq_len: int | Non
     return torch.cat([t, t.new_zeros(1)])
 
 
+def flow_img2img_start(steps: int, strength: float) -> int:
+    """Where image-to-image starts among a flow run's steps + 1 times: strength s runs the last ceil(s * steps)
+    steps, as diffusers' SD 3 and FLUX.1 image-to-image pipelines count (their ``get_timesteps`` keeps
+    int(steps - s * steps) out; the U-Net pipelines, and ``schedulers.img2img_start``, keep floor(s * steps)
+    in). 0 runs none (the image comes back unchanged), 1 all. The 1e-9 guards the float product where
+    diffusers does not: 25 steps at 0.56 give 14.000000000000002, which means 14 (diffusers runs 15 there)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1; got {strength}")
+    run = 0 if strength == 0 else max(1, math.ceil(steps * strength - 1e-9))
+    return steps - min(run, steps)
+
+
 def flow_noise(x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
     """x_t = (1 - t) x0 + t eps: where image-to-image starts (diffusers' ``scale_noise``)."""
     return (1 - t) * x0 + t * noise

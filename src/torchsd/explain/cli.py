@@ -32,9 +32,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--snapshots", type=int, default=6, help="how many sampler steps to decode and show")
     p.add_argument("--train-steps", type=int, default=2000, help="with --toy: optimiser steps")
     p.add_argument("--control", type=Path, default=None, metavar="IMAGE",
-                   help="a ControlNet unit's control image (used as given): adds a figure of its residuals per level")
+                   help="a control unit's image (used as given): adds a figure of what the ControlNet's residuals "
+                        "or the T2I-Adapter's features add to the U-Net per level")
     p.add_argument("--control-model", default=None, metavar="FILE",
-                   help="with --control: the ControlNet file or folder (bundled: the bundled model's)")
+                   help="with --control: the ControlNet or T2I-Adapter file or folder (bundled: the bundled model's "
+                        "ControlNet)")
     p.add_argument("--control-weight", type=float, default=1.0)
     add_model_arguments(p)
     p.set_defaults(handler=run)

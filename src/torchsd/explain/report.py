@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     raise ValueError("torchsd explain draws its figures with matplotlib; install it with "
                      "pip install 'torchsd[explain]' (or pip install matplotlib)") from None
 
-from .trace import Explanation
+from .trace import ControlRecord, Explanation
 
 REPORT_SUFFIXES = (".png", ".html")
 WIDTH_INCHES = 13.0
@@ -216,50 +216,78 @@ def guidance_section(e: Explanation) -> Section:
     return Section("guidance", "Classifier-free guidance: with and without the prompt", caption, figure)
 
 
-def control_section(e: Explanation) -> Section | None:
-    """The ControlNet residuals per skip connection and middle block: their size per step and where they act."""
-    record = e.control
-    if record is None:
-        return None
+def _draw_control(figure: Figure, grid, row: int, record: ControlRecord, image: torch.Tensor) -> None:
+    """Two rows of ``grid`` from ``row``: the mean |residual| per place (bars, over the calls) and per U-Net call
+    (a heat map), then where they act at each resolution."""
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, m in enumerate(record.maps):
         by_size.setdefault(tuple(m.shape), []).append(i)
     sizes = sorted(by_size, key=lambda hw: -hw[0] * hw[1])
-    figure = _new_figure(2, 2.6)
-    grid = figure.add_gridspec(2, max(len(sizes), 2))
-    ax = figure.add_subplot(grid[0, : max(len(sizes), 2) // 2])
+    half = grid.ncols // 2
+    what = "residual" if record.kind == "ControlNet" else "feature"
+    ax = figure.add_subplot(grid[row, :half])
     overall = record.means.mean(dim=0)  # (residuals,) over the calls
     x = np.arange(len(record.labels))
     ax.bar(x, overall.numpy(), color=["#e8773a" if label == "mid" else "#3a7be8" for label in record.labels])
     ax.set_xticks(x, [f"{label}\n{record.maps[i].shape[1]}×{record.maps[i].shape[0]}"
                       for i, label in enumerate(record.labels)], fontsize=7, rotation=45, ha="right")
-    ax.set_ylabel("mean |residual|", fontsize=9)
-    ax.set_title("per skip connection and the middle block, over all steps", fontsize=9)
-    ax = figure.add_subplot(grid[0, max(len(sizes), 2) // 2:])
+    ax.set_ylabel(f"mean |{what}|", fontsize=9)
+    where = "skip connection and the middle block" if record.kind == "ControlNet" else "place the U-Net adds it"
+    ax.set_title(f"{record.kind}: per {where}, over all steps", fontsize=9)
+    ax = figure.add_subplot(grid[row, half:])
     im = ax.imshow(record.means.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(x, record.labels, fontsize=7, rotation=45, ha="right")
     ax.set_yticks(range(len(record.timesteps)), [f"t={t:.0f}" for t in record.timesteps], fontsize=6)
-    ax.set_title("mean |residual| at each U-Net call (top: first)", fontsize=9)
+    ax.set_title(f"{record.kind}: mean |{what}| at each U-Net call (top: first)", fontsize=9)
     figure.colorbar(im, ax=ax, shrink=0.8)
-    gray = _rgb(e.image).mean(axis=2)
+    gray = _rgb(image).mean(axis=2)
     H, W = gray.shape
     for j, size in enumerate(sizes):
         members = by_size[size]
         level_map = torch.stack([record.maps[i] for i in members]).mean(dim=0)
         up = F.interpolate(level_map[None, None], size=(H, W), mode="nearest")[0, 0]
-        ax = figure.add_subplot(grid[1, j])
+        ax = figure.add_subplot(grid[row + 1, j])
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
         ax.imshow(up.numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=float(up.max()) or 1.0)
         names = ", ".join(record.labels[i] for i in members)
         ax.set_title(f"{size[1]}×{size[0]}: {textwrap.shorten(names, 48)}", fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
-    units = ", ".join(f"{u.model_name} (weight {u.weight:g})" for u in getattr(e.request, "control", ()) or ())
-    caption = (f"ControlNet{': ' + units if units else ''}. A ControlNet is a copy of the U-Net's encoder that also "
-               f"reads the control image; through zero-initialised 1×1 convolutions it adds a residual to each of "
-               f"the U-Net's skip connections and to its middle block's output. Top: the mean |residual| (over "
-               f"channels and positions, the prompt's row) per skip connection, and per U-Net call. Bottom: where "
-               f"they act, per resolution (mean over channels, calls and the skips of that size).")
-    return Section("control", "ControlNet: the residuals added to the U-Net, level by level", caption, figure)
+
+
+def control_section(e: Explanation) -> Section | None:
+    """What the control units added to the U-Net: a ControlNet's residuals per skip connection and middle block,
+    a T2I-Adapter's features per level (and SDXL's middle block); their size per step and where they act."""
+    records = [r for r in (e.control, e.adapter) if r is not None]
+    if not records:
+        return None
+    columns = max(2, *(len({tuple(m.shape) for m in r.maps}) for r in records))
+    figure = _new_figure(2 * len(records), 2.6)
+    grid = figure.add_gridspec(2 * len(records), columns)
+    for k, record in enumerate(records):
+        _draw_control(figure, grid, 2 * k, record, e.image)
+    parts = []
+    if e.control is not None:
+        units = ", ".join(e.control.units)
+        parts.append(
+            f"ControlNet{': ' + units if units else ''}. A ControlNet is a copy of the U-Net's encoder that also "
+            f"reads the control image; through zero-initialised 1×1 convolutions it adds a residual to each of "
+            f"the U-Net's skip connections and to its middle block's output.")
+    if e.adapter is not None:
+        units = ", ".join(e.adapter.units)
+        parts.append(
+            f"T2I-Adapter{': ' + units if units else ''}. A T2I-Adapter is a small network from the control image "
+            f"alone (no timestep, no text) to one feature map per U-Net level, computed once; each is added to the "
+            f"U-Net's own activations where the labels say (a level's last block, or its output after the "
+            f"downsampler; SDXL's last one to the middle block), so it changes everything the U-Net computes "
+            f"after that point. Its size varies over the calls only where start and end switch it on and off.")
+    parts.append("Top: the mean magnitude (over channels and positions, the prompt's row, times the unit's weight) "
+                 "per place, and per U-Net call. Bottom: where they act, per resolution (mean over channels, "
+                 "calls and the places of that size).")
+    kinds = " and ".join(r.kind for r in records)
+    title = {"ControlNet": "ControlNet: the residuals added to the U-Net, level by level",
+             "T2I-Adapter": "T2I-Adapter: the features added to the U-Net, level by level"}.get(
+        kinds, f"{kinds}: what they add to the U-Net, level by level")
+    return Section("control", title, " ".join(parts), figure)
 
 
 def decoder_section(e: Explanation) -> Section:

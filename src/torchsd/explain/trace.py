@@ -6,7 +6,8 @@ Nothing here re-implements a stage. The run is ``StableDiffusion.run``; what it 
   - ``watch_cross_attention``: the ``observer`` slot of every cross-attention layer of the U-Net,
     which then also computes its softmax(Q K^T / sqrt(d)) (SDPA never materialises it),
   - ``watch_control_residuals``: a forward pre-hook on the U-Net that sees the ControlNet residuals each
-    call receives (the units' scaled sum, as the U-Net adds them to its skips and middle block),
+    call receives (the units' scaled sum, as the U-Net adds them to its skips and middle block) and the
+    T2I-Adapter features (scaled and summed, as the U-Net adds them to its levels),
 and the stages the run is made of (``encode_image``, ``decode_latents``, ``schedules.q_sample``).
 """
 
@@ -60,15 +61,20 @@ def watch_cross_attention(unet: UNet, record: Callable[[str, torch.Tensor, int, 
             layer.observer = None
 
 
+ControlObserver = Callable[[float, list[torch.Tensor] | None, torch.Tensor | None, list[torch.Tensor] | None], None]
+
+
 @contextmanager
-def watch_control_residuals(unet: UNet, record: Callable[[float, list[torch.Tensor], torch.Tensor], None]
-                            ) -> Iterator[None]:
-    """Inside the block, every U-Net call that receives ControlNet residuals hands ``record`` its timestep,
-    ``down_residuals`` (one per skip connection) and ``mid_residual``. The hook is removed on exit."""
+def watch_control_residuals(unet: UNet, record: ControlObserver) -> Iterator[None]:
+    """Inside the block, every U-Net call that receives ControlNet residuals or T2I-Adapter features hands
+    ``record`` its timestep, ``down_residuals`` (one per skip connection), ``mid_residual`` and
+    ``level_residuals`` (one per place ``adapter_labels`` names); None for what the call did not get. The hook
+    is removed on exit."""
     def hook(module, args, kwargs) -> None:
-        if kwargs.get("down_residuals") is not None:
+        down, levels = kwargs.get("down_residuals"), kwargs.get("level_residuals")
+        if down is not None or levels is not None:
             timesteps = args[1] if len(args) > 1 else kwargs["timesteps"]
-            record(float(torch.as_tensor(timesteps).flatten()[0]), kwargs["down_residuals"], kwargs["mid_residual"])
+            record(float(torch.as_tensor(timesteps).flatten()[0]), down, kwargs.get("mid_residual"), levels)
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -89,14 +95,32 @@ def skip_labels(unet: UNet) -> list[str]:
     return labels
 
 
+def adapter_labels(unet: UNet, count: int) -> list[str]:
+    """Where ``UNet.forward`` adds each of ``count`` T2I-Adapter features, named as the activation it lands on
+    (``skip_labels``' names): in a level with transformers its last ResBlock's (and transformer's) output, in a
+    level without, its output after the downsampler (or the last ResBlock's where it has none); a feature past
+    the down levels goes to the middle block's output, "mid". Unlike a ControlNet residual, which only the
+    skip connection carries, a feature changes everything the U-Net computes after that point."""
+    c = unet.config
+    labels = []
+    for level in range(len(c.channel_mult)):
+        last = level == len(c.channel_mult) - 1
+        after_down = not c.attention_levels[level] and not last
+        labels.append(f"level {level} down" if after_down else f"level {level} res {c.num_res_blocks - 1}")
+    return (labels + ["mid"])[:count]
+
+
 @dataclass
 class ControlRecord:
-    """The ControlNet residuals the U-Net received, on the prompt's (conditional) row."""
+    """What a ControlNet (its residuals) or a T2I-Adapter (its features) added to the U-Net, on the prompt's
+    (conditional) row, scaled and summed over the units of that kind as the U-Net received them."""
 
-    labels: list[str]  # one per residual: the skips' (``skip_labels``), then "mid"
+    labels: list[str]  # one per residual: the skips' (``skip_labels``), then "mid"; an adapter's: adapter_labels
     timesteps: list[float]  # one per U-Net call that received residuals
     means: torch.Tensor  # (calls, residuals): mean |residual| over channels and positions
     maps: list[torch.Tensor]  # per residual, (h, w): mean |residual| over channels and calls
+    kind: str = "ControlNet"  # or "T2I-Adapter"
+    units: list[str] = field(default_factory=list)  # the units of that kind: "name (weight w)"
 
     def level_means(self) -> dict[str, float]:
         """Mean |residual| per down level (its skips together, weighted by their sizes) and for the middle
@@ -149,6 +173,7 @@ class Explanation:
     image: torch.Tensor  # (3, H, W) the final decode in [-1, 1]
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded latents, by a name the report uses
     control: ControlRecord | None = None  # with ControlNet units: the residuals the U-Net received
+    adapter: ControlRecord | None = None  # with T2I-Adapter units: the features the U-Net received
     # "unet", or "flow" (SD 3 / FLUX.1, ``flow_trace.py``): steps and noising in flow time t (sigma = t,
     # alpha_bar = (1 - t)^2), attention = the joint attention's image-query x text-key block
     model_kind: str = "unet"
@@ -203,10 +228,15 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
             attention_layers[(H, W)].append(layer)
 
     control_calls: list[tuple[float, list[torch.Tensor]]] = []
+    adapter_calls: list[tuple[float, list[torch.Tensor]]] = []
 
-    def on_control(timestep: float, down: list[torch.Tensor], mid: torch.Tensor) -> None:
+    def on_control(timestep: float, down: list[torch.Tensor] | None, mid: torch.Tensor | None,
+                   levels: list[torch.Tensor] | None) -> None:
         # the last row is the prompt's (with guidance the rows are [uncond, cond]; shared rows: one)
-        control_calls.append((timestep, [r[-1].float().abs().mean(dim=0).cpu() for r in [*down, mid]]))
+        if down is not None:
+            control_calls.append((timestep, [r[-1].float().abs().mean(dim=0).cpu() for r in [*down, mid]]))
+        if levels is not None:
+            adapter_calls.append((timestep, [f[-1].float().abs().mean(dim=0).cpu() for f in levels]))
 
     with watch_cross_attention(sd.unet, on_attention), watch_control_residuals(sd.unet, on_control):
         result = sd.run(request, callback=on_step, observer=on_guidance)
@@ -234,6 +264,7 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
     noised = q_sample(sd.config.schedule, z0.expand(len(timesteps), -1, -1, -1), timesteps, noise)
 
     tokens, positions = prompt_tokens(sd, request.prompt, max_tokens)
+    units = control_units(sd, request) if control_calls or adapter_calls else {"ControlNet": [], "T2I-Adapter": []}
     explanation = Explanation(
         request=request, result=result, tokens=tokens, token_positions=positions, init_image=init_image,
         init_latents=init_latents, steps=records,
@@ -243,18 +274,33 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
         attention={size: total / attention_calls[size] for size, total in attention_sum.items()},
         attention_layers=attention_layers,
         image=pil_to_tensor(result.images[0])[0],
-        control=_control_record(sd.unet, control_calls))
+        control=_control_record(skip_labels(sd.unet) + ["mid"], control_calls, "ControlNet", units["ControlNet"]),
+        adapter=_control_record(adapter_labels(sd.unet, len(adapter_calls[0][1])) if adapter_calls else [],
+                                adapter_calls, "T2I-Adapter", units["T2I-Adapter"]))
     _decode_snapshots(sd, explanation, snapshots)
     return explanation
 
 
-def _control_record(unet: UNet, calls: list[tuple[float, list[torch.Tensor]]]) -> ControlRecord | None:
+def control_units(sd: StableDiffusion, request: GenerationRequest) -> dict[str, list[str]]:
+    """The request's control units by kind, "name (weight w)" each (their models, as the run loaded them)."""
+    from ..pipeline.features.control import control_models
+
+    out: dict[str, list[str]] = {"ControlNet": [], "T2I-Adapter": []}
+    for unit in getattr(request, "control", ()) or ():
+        net = control_models(sd).load(sd, unit.model)  # kept from the run: no second load
+        kind = "ControlNet" if hasattr(net, "controlnet_down_blocks") else "T2I-Adapter"
+        out[kind].append(f"{unit.model_name} (weight {unit.weight:g})")
+    return out
+
+
+def _control_record(labels: list[str], calls: list[tuple[float, list[torch.Tensor]]], kind: str,
+                    units: list[str]) -> ControlRecord | None:
     if not calls:
         return None
     maps = [torch.stack([residuals[i] for _, residuals in calls]) for i in range(len(calls[0][1]))]  # (calls, h, w)
-    return ControlRecord(labels=skip_labels(unet) + ["mid"], timesteps=[t for t, _ in calls],
+    return ControlRecord(labels=labels, timesteps=[t for t, _ in calls],
                          means=torch.stack([m.mean(dim=(1, 2)) for m in maps], dim=1),
-                         maps=[m.mean(dim=0) for m in maps])
+                         maps=[m.mean(dim=0) for m in maps], kind=kind, units=units)
 
 
 def snapshot_indices(total: int, snapshots: int) -> list[int]:

@@ -150,21 +150,26 @@ class Level(nn.Module):
                 skips: list[torch.Tensor] | None = None, residual: torch.Tensor | None = None,
                 image_kv: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Down levels return every output as a skip; up levels pop one skip per ResBlock. ``residual`` (a
-        T2I-Adapter's feature) is added to the last ResBlock's (and transformer's) output."""
+        T2I-Adapter's feature) is added to the last ResBlock's and transformer's output in a level with
+        transformers, and to the level's output (after its downsampler) in a level without: where diffusers'
+        UNet2DConditionModel adds it, for which SDXL's adapters were trained (see ``level_residual_shapes``)."""
         outputs = []
+        after = residual is not None and self.attentions is None
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 h = torch.cat([h, repeat_rows(skips.pop(), h.shape[0])], dim=1)
             h = run(resnet, h, emb)
             if self.attentions is not None:  # (image_kv only where given: swapped-in transformers may not take it)
                 h = run(self.attentions[i], h, context, *([image_kv] if image_kv is not None else []))
-            if residual is not None and i == len(self.resnets) - 1:
+            if residual is not None and not after and i == len(self.resnets) - 1:
                 h = add_rows(h, residual)
             outputs.append(h)
         resample = getattr(self, self.resample_name)
         if resample is not None:
             h = resample[0](h)
             outputs.append(h)
+        if after:
+            h = outputs[-1] = add_rows(h, residual)
         return h, outputs
 
 
@@ -269,6 +274,18 @@ def add_down_path(net: nn.Module, c: UNetConfig) -> list[int]:
     return skip_widths
 
 
+def level_residual_shapes(c: UNetConfig) -> list[tuple[int, int]]:
+    """(channels, how many times smaller than the latents) of each place ``UNet.forward`` adds a level residual
+    (a T2I-Adapter's feature): one per down level, then the middle block's output. A level with transformers
+    takes it before its downsampler, one without after it (``Level.forward``): SD 1.5's (320, 1), (640, 2),
+    (1280, 4), (1280, 8), then (1280, 8); SDXL's (320, 2), (640, 2), (1280, 4), then (1280, 4)."""
+    shapes = []
+    for level, mult in enumerate(c.channel_mult):
+        last = level == len(c.channel_mult) - 1
+        shapes.append((c.model_channels * mult, 2 ** (level + (not c.attention_levels[level] and not last))))
+    return shapes + [(c.model_channels * c.channel_mult[-1], 2 ** (len(c.channel_mult) - 1))]
+
+
 class UNet(nn.Module):
     accepts_several_contexts = True  # see forward
 
@@ -327,8 +344,9 @@ class UNet(nn.Module):
         (the top level's ResBlock and self-attention: 3-4% of an SD 1.5 step at 512x512).
 
         ``down_residuals`` (one per skip connection, in the order they are made) and ``mid_residual`` are
-        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (one
-        per down level: a T2I-Adapter's features) are added to each level's last activation.
+        added to the skips and to the middle block's output: a ControlNet's outputs. ``level_residuals`` (a
+        T2I-Adapter's features: one per down level, and for SDXL's adapters one more, added to the middle
+        block's output) are added where ``level_residual_shapes`` says.
         ``image_keys_values``: an IP-Adapter's (keys, values, scale), one per cross-attention layer in the order
         they run (``IPAdapter.keys_values``)."""
         if context.shape[0] % x.shape[0]:
@@ -338,6 +356,10 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         image_kv = list(reversed(image_keys_values)) if image_keys_values else None  # popped in order
+        if level_residuals is not None and len(level_residuals) not in (len(self.down_blocks),
+                                                                        len(self.down_blocks) + 1):
+            raise ValueError(f"level_residuals: {len(level_residuals)} tensors for {len(self.down_blocks)} down "
+                             f"levels; give one per level, and optionally one for the middle block")
         for level, block in enumerate(self.down_blocks):
             h, outputs = block(h, emb, context, self._run,
                                residual=None if level_residuals is None else level_residuals[level],
@@ -348,6 +370,8 @@ class UNet(nn.Module):
                 raise ValueError(f"down_residuals: {len(down_residuals)} tensors for {len(skips)} skip connections")
             skips = [add_rows(s, r) for s, r in zip(skips, down_residuals)]
         h = self.mid_block(h, emb, context, self._run, image_kv)
+        if level_residuals is not None and len(level_residuals) > len(self.down_blocks):
+            h = add_rows(h, level_residuals[-1])
         if mid_residual is not None:
             h = add_rows(h, mid_residual)
         for block in self.up_blocks:

@@ -4,6 +4,8 @@ text-to-image:  prompt -> CLIP-L, (OpenCLIP-bigG), T5 -> context (B, tokens, 409
                 noise at t = 1 -> sampler(denoise = transformer's velocity as x0, guidance) -> latents
                 -> z = latents / scaling + shift -> VAE decoder -> image
 image-to-image: image -> VAE -> (z - shift) * scaling -> (1 - t) x0 + t noise at the level strength picks
+                (inpainting: x0 pinned to the image's latents outside the mask; hires fix: a second such pass
+                on the upscaled first one)
 
 Why one class for both families rather than an SD3Pipeline and a FluxPipeline: everything but the prompt
 encoding and two transformer inputs is the same (16-channel VAE with shift and scale, flow schedule,
@@ -62,6 +64,12 @@ class FlowPipelineConfig:
         return self.vae.downscale_factor * self.patch_size
 
     @property
+    def is_inpainting(self) -> bool:
+        """Inpainting runs on the base model (the mask pins the kept latents); SD 3 / FLUX.1 models with mask
+        input channels (FLUX.1 Fill) are not read."""
+        return False
+
+    @property
     def guidance_embedded(self) -> bool:
         return isinstance(self.transformer, FluxConfig) and self.transformer.guidance_embeds
 
@@ -93,8 +101,8 @@ class FlowPipeline:
         self.free_text_encoders = False
         self.attention_chunk: int | None = None  # what a text encoder read again gets (layers.set_attention_chunk)
         self._encoding = 0  # depth of ``text_encoding()`` blocks
-        self._encoded: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._used: set[tuple[str, ...]] = set()
+        self._encoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._used: set[tuple] = set()
         self.tokenizers = model.tokenizers
         self.name = model.name
         self.source = model.source
@@ -189,9 +197,11 @@ class FlowPipeline:
 
     # --- the stages --------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (context (B, tokens, width), pooled (B, pooled_dim)) in the transformer's dtype."""
-        key = tuple(prompts)
+    def encode_prompts(self, prompts: list[str], encoders_key: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (context (B, tokens, width), pooled (B, pooled_dim)) in the transformer's dtype.
+        ``encoders_key``: what else the encoders hold for this encoding (their LoRAs), part of the kept
+        encodings' key."""
+        key = (tuple(prompts), encoders_key)
         with self.text_encoding():
             if self.free_text_encoders:
                 self._used.add(key)
@@ -234,7 +244,8 @@ class FlowPipeline:
     # --- the whole run ------------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
                  callback: Callable[[Step], None] | None = None, **options) -> GenerationResult:
-        """Text-to-image, or image-to-image with ``init_image`` and ``strength``. Without a sampler named,
+        """Text-to-image, or image-to-image with ``init_image`` and ``strength`` (inpainting with ``mask``; hires
+        fix with ``hires=True``). Without a sampler named,
         Euler (diffusers' FlowMatchEulerDiscreteScheduler). See ``GenerationRequest``."""
         if not isinstance(prompt, GenerationRequest):
             options.setdefault("sampler", "euler")

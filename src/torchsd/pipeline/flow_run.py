@@ -7,13 +7,22 @@ the decode, the finish and infotext).
    shifted by the image's token count)
 2. encode the prompts (and the negatives where guidance uses them)
 3. prepare the starting latents: noise at t = 1, or an image's latents mixed with noise at the level
-   ``strength`` picks: (1 - t) x0 + t noise
+   ``strength`` picks: (1 - t) x0 + t noise (the last ceil(strength * steps) steps, diffusers' flow count)
 4. build the denoiser: the transformer's velocity as x0 (``FlowDenoiser``), classifier-free guidance
-   (SD 3; FLUX.1 only with a negative prompt, as diffusers' true_cfg_scale) and FLUX.1-dev's embedded guidance
+   (SD 3; FLUX.1 only with a negative prompt, as diffusers' true_cfg_scale) and FLUX.1-dev's embedded guidance;
+   inpainting pins x0 to the image's latents outside the mask
 5. sample: Euler and Heun on the flow times (diffusers' FlowMatchEuler/Heun schedulers), DPM++ 2M and
-   UniPC in the VE variable of ``flow_as_ve`` (diffusers' flow DPM-Solver/UniPC)
+   UniPC in the VE variable of ``flow_as_ve`` (diffusers' flow DPM-Solver/UniPC); then inpainting's last blend
+   and the hires pass (a flow image-to-image pass at the larger size)
 6. decode: z = latents / scaling + shift, then the VAE
-7. finish: images and infotexts (run.py's)
+7. finish: images (inpainting's composite) and infotexts (run.py's)
+
+Inpainting and hires fix are the U-Net run's features (``features/inpaint.py``, ``hires.py``) with their hooks
+called here as run.py calls them; what differs for flow models is handed to them on the ``Run``: the levels
+(``levels``), the strength's count (``img2img_start``) and the noising ((1 - t) x0 + t eps, ``noised``). Pinning
+x0 outside the mask is diffusers' SD 3 / FLUX.1 inpainting exactly for Euler: with x0 = the image's latents there,
+Euler's step x' = x0 + (t'/t)(x - x0) takes (1 - t) x0 + t eps to (1 - t') x0 + t' eps, the re-noised latents
+that diffusers blends back after each step (and DPM++ 2M / UniPC keep them too: x0 is the same at every step).
 
 Samplers that add fresh noise (the ancestral and SDE ones, DDPM, LCM, TCD) assume x = x0 + sigma * eps and are
 refused. DDIM's deterministic step on flow times is Euler's exactly (both give x' = x0 + (t'/t)(x - x0)), so a
@@ -22,7 +31,7 @@ request for DDIM, the request's default, runs and is written as Euler.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
 from typing import Callable, Iterator
 
@@ -34,6 +43,7 @@ from ..diffusion.flow import (
     SkipLayerGuidance,
     flow_as_ve,
     flow_guidance,
+    flow_img2img_start,
     flow_noise,
     flow_sigmas,
     ve_sigmas_of_flow,
@@ -43,7 +53,9 @@ from ..diffusion.schedulers import get_scheduler
 from ..text.prompts import extract_extra_networks
 from .features import FEATURES, Run
 from .features.flow import DEFAULT_DISTILLED_CFG, FLOW
+from .features.hires import HIRES
 from .features.img2img import IMG2IMG
+from .features.inpaint import INPAINT
 from .features.lora import LORA
 from .features.styles import STYLES
 from .features.variation import VARIATION
@@ -54,23 +66,35 @@ from .run import _progress_bar, decode, expand_prompts, finish, plan
 # sampler -> the variable it integrates in: "flow" (x_t, t) or "ve" (x_t / (1 - t), t / (1 - t))
 FLOW_SAMPLERS = {"euler": "flow", "heun": "flow", "dpmpp_2m": "ve", "unipc": "ve"}
 SAME_AS = {"ddim": "euler"}  # DDIM's deterministic step is Euler's on flow times
-SUPPORTED_FEATURES = (STYLES, IMG2IMG, VARIATION, LORA, FLOW)
+TEXT_LORAS = "flow_text_loras"  # run.state: the LoRAs with a text-encoder part, (lora, path, text scale)
+SUPPORTED_FEATURES = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, FLOW)
+# the features whose run hooks (prepare, wrap_denoiser, after_sampling, …) are called here as run.py calls them;
+# the others' hooks do U-Net things (the LoRA merge, the U-Net-only refusal), and this run does their part itself
+HOOKED = (INPAINT, HIRES)
 
 
 def run(pipe, request: GenerationRequest, *, progress: bool = False,
         callback: Callable[[Step], None] | None = None, observer=None) -> GenerationResult:
     request = resolve(pipe, request)  # 1.
     state = plan(pipe, request)
-    with flow_loras(pipe, request, state):
+    hooked = hooked_features(request)
+    with flow_loras(pipe, request, state), ExitStack() as stack:
+        for feature in hooked:  # hires: the upscaler's name checked before the first pass
+            stack.enter_context(feature.model_context(pipe, request, state))
+        for feature in hooked:  # inpainting: the canvas, which may change the size
+            feature.prepare(pipe, request, state)
         schedule(pipe, request, state)
         prompt, negative_prompt = expand_prompts(pipe, request, state)
         encode_prompts(pipe, request, state, [prompt] * request.batch_size,  # 2.
                        [negative_prompt] * request.batch_size)
         x = start_latents(pipe, request, state)  # 3.
+        state.sample = lambda x, sigmas, **kw: sample(pipe, request, state, x, sigmas, **kw)  # the hires pass's
         latents = x
         if len(state.sigmas) > 1:  # image-to-image at strength 0 keeps the image
             latents = sample(pipe, request, state, x, progress=progress, callback=callback,  # 4.-5.
                              observer=observer)
+            for feature in hooked:  # inpainting's last blend, the hires pass
+                latents = feature.after_sampling(latents, pipe, request, state, progress=progress, callback=callback)
         images = decode(pipe, latents)  # 6.
     return finish(pipe, request, state, latents, images)  # 7.
 
@@ -137,6 +161,11 @@ def check_skip_layers(pipe, request: GenerationRequest) -> None:
                          f"a Turbo model)")
 
 
+def hooked_features(request: GenerationRequest) -> list:
+    """The active features whose run hooks this run calls, in the registry's order."""
+    return [feature for feature in request.active() if feature in HOOKED]
+
+
 def flow_schedule(pipe, request: GenerationRequest) -> FlowScheduleConfig:
     """The model's schedule, with ``flow_shift`` (a fixed shift, in place of FLUX.1-dev's size-dependent one)."""
     config = pipe.config.schedule
@@ -149,19 +178,15 @@ def flow_schedule(pipe, request: GenerationRequest) -> FlowScheduleConfig:
 
 
 def schedule(pipe, request: GenerationRequest, run: Run) -> None:
-    """Flow times, the latent shape, the initial noise. For the samplers in the VE variable the times start
-    just below 1 (t = 1 is an infinite VE level), as diffusers' flow DPM-Solver and UniPC schedules do."""
+    """Flow times, the latent shape, the initial noise, and how image-to-image starts (for the features)."""
     f = pipe.config.vae.downscale_factor
     run.shape = (run.batch_size, pipe.config.vae.latent_channels, run.height // f, run.width // f)
     if run.width % pipe.config.multiple or run.height % pipe.config.multiple:
         raise ValueError(f"{run.width}x{run.height}: {pipe.config.label} images are multiples of "
                          f"{pipe.config.multiple} pixels; give a size that is")
-    tokens = (run.shape[2] // pipe.config.patch_size) * (run.shape[3] // pipe.config.patch_size)
-    config = flow_schedule(pipe, request)
-    if FLOW_SAMPLERS[run.spec.name] == "ve":
-        run.sigmas = flow_sigmas_below_one(config, request.steps, tokens)
-    else:
-        run.sigmas = flow_sigmas(config, request.steps, tokens)
+    run.levels = lambda steps: flow_levels(pipe, request, run, steps)  # also the hires pass's, at its size
+    run.img2img_start, run.noised = flow_img2img_start, flow_noise
+    run.sigmas = run.levels(request.steps)
     if request.latents is not None and tuple(request.latents.shape) != run.shape:
         raise ValueError(f"latents must have shape {run.shape} for {run.width}x{run.height}; "
                          f"got {tuple(request.latents.shape)}")
@@ -172,6 +197,17 @@ def schedule(pipe, request: GenerationRequest, run: Run) -> None:
         return drawn.to(pipe.device, torch.float32)
 
     run.noise = noise
+
+
+def flow_levels(pipe, request: GenerationRequest, run: Run, steps: int) -> torch.Tensor:
+    """The flow times of a loop of ``steps`` at ``run.shape`` (FLUX.1-dev's shift follows its token count). For
+    the samplers in the VE variable they start just below 1 (t = 1 is an infinite VE level), as diffusers' flow
+    DPM-Solver and UniPC schedules do."""
+    tokens = (run.shape[2] // pipe.config.patch_size) * (run.shape[3] // pipe.config.patch_size)
+    config = flow_schedule(pipe, request)
+    if FLOW_SAMPLERS[run.spec.name] == "ve":
+        return flow_sigmas_below_one(config, steps, tokens)
+    return flow_sigmas(config, steps, tokens)
 
 
 def flow_sigmas_below_one(config: FlowScheduleConfig, steps: int, image_seq_len: int) -> torch.Tensor:
@@ -188,24 +224,37 @@ def flow_sigmas_below_one(config: FlowScheduleConfig, steps: int, image_seq_len:
 
 @contextmanager
 def flow_loras(pipe, request: GenerationRequest, run: Run) -> Iterator[None]:
-    """The request's LoRAs (``loras=`` and ``<lora:name:w>`` tags) on the transformer for the run (the
-    text-encoder part of a LoRA is not applied); restored afterwards (``checkpoints/flow_lora.py``)."""
-    wanted = list(request.loras)
+    """The request's LoRAs (``loras=`` and ``<lora:name:te:unet>`` tags) on the transformer and the text
+    encoders for the run, each part at its scale (A1111's tag: text encoders first); restored afterwards
+    (``checkpoints/flow_lora.py``). A part for an encoder this model runs without (SD 3's T5) is skipped, warned."""
+    wanted = [(source, scale, scale) for source, scale in request.loras]
     for text in (request.prompt, request.negative_prompt):
-        wanted += [(tag.name, tag.unet_scale) for tag in extract_extra_networks(text)[1]]
+        wanted += [(tag.name, tag.text_encoder_scale, tag.unet_scale) for tag in extract_extra_networks(text)[1]]
     run.state[LORA.name] = []
     if not wanted:
         yield
         return
-    from ..checkpoints.flow_lora import load_lora, loras_applied
+    from ..checkpoints.flow_lora import load_lora, loras_applied, text_encoders_named
 
     loaded = []
-    for source, scale in wanted:
+    for source, text_scale, transformer_scale in wanted:
         path = pipe.loras.resolve(source)
-        loaded.append((load_lora(path, pipe.family, pipe.config.transformer), scale))
+        lora = load_lora(path, pipe.family, pipe.config.transformer)  # the transformer's part; text keys listed
+        if lora.text_encoder_keys:  # read against the encoders it names (one that was freed is read again)
+            encoders = {role: pipe.text_encoder(role) for role in text_encoders_named(lora, pipe.family)}
+            lora = load_lora(path, pipe.family, pipe.config.transformer, encoders)
+        if lora.text_encoder_keys:
+            import warnings
+
+            warnings.warn(f"{path.name}: {len(lora.text_encoder_keys)} LoRA weights are for a text encoder this "
+                          f"model runs without (first: {lora.text_encoder_keys[0]}); they are not applied",
+                          stacklevel=2)
+        loaded.append((lora, text_scale, transformer_scale))
+        if lora.text_updates:  # applied while the prompts are encoded (step 2), when the encoders are in memory
+            run.state.setdefault(TEXT_LORAS, []).append((lora, path, text_scale))
         # what the LoRA feature's infotext reads: name and file
         run.state[LORA.name].append(SimpleNamespace(lora=SimpleNamespace(name=path.stem, path=path)))
-    with loras_applied(pipe.transformer, loaded):
+    with loras_applied(pipe.transformer, [(lora, scale) for lora, _, scale in loaded]):
         yield
 
 
@@ -216,9 +265,19 @@ def encode_prompts(pipe, request: GenerationRequest, run: Run, prompts: list[str
     """(context, pooled) of each prompt, ``<lora:…>`` tags taken out; the negatives only where guided."""
     run.prompts = [extract_extra_networks(p)[0] for p in prompts]
     run.negative_prompts = [extract_extra_networks(p)[0] for p in negative_prompts]
-    with pipe.text_encoding():  # one read of freed encoders for both, dropped again before the transformer runs
-        run.cond = pipe.encode_prompts(run.prompts)
-        run.uncond = pipe.encode_prompts(run.negative_prompts) if guided(request) else None
+    text_loras = run.state.get(TEXT_LORAS, [])
+    # what else makes an encoding: kept encodings of the same prompts under other text-encoder LoRAs are others
+    lora_key = tuple((str(path), scale) for _, path, scale in text_loras)
+    # one read of freed encoders for both prompts, dropped again before the transformer runs; their LoRA parts
+    # applied for the encoding only, restored before that
+    with pipe.text_encoding(), ExitStack() as stack:
+        if text_loras:
+            from ..checkpoints.flow_lora import loras_applied
+        for role in dict.fromkeys(u.component for lora, _, _ in text_loras for u in lora.text_updates):
+            stack.enter_context(loras_applied(pipe.text_encoder(role), [(lora, scale) for lora, _, scale in text_loras],
+                                              role))
+        run.cond = pipe.encode_prompts(run.prompts, lora_key)
+        run.uncond = pipe.encode_prompts(run.negative_prompts, lora_key) if guided(request) else None
 
 
 def guided(request: GenerationRequest) -> bool:
@@ -230,12 +289,14 @@ def guided(request: GenerationRequest) -> bool:
 # --- 3. the starting latents ----------------------------------------------------------------------------------
 
 def start_latents(pipe, request: GenerationRequest, run: Run) -> torch.Tensor:
-    """Noise at t = 1 (or the first time below 1); for image-to-image, (1 - t) x0 + t noise at the first level
-    of the part of the schedule that ``strength`` keeps (``run.sigmas`` is cut to it)."""
+    """Noise at t = 1 (or the first time below 1); for image-to-image and inpainting, (1 - t) x0 + t noise at the
+    first level of the part of the schedule that ``strength`` keeps (``run.sigmas`` is cut to it)."""
     if IMG2IMG.active(request.options(IMG2IMG)):
-        started = IMG2IMG.start_latents(pipe, request, run)
+        started = IMG2IMG.start_latents(pipe, request, run, source=INPAINT.source_image(run))
         if started is not None:
             init_latents, noise = started
+            if INPAINT.active(request.options(INPAINT)):  # the masked part filled as asked; the mask kept
+                init_latents = INPAINT.on_start(init_latents, noise, pipe, run)
             if len(run.sigmas) < 2:
                 return init_latents
             return flow_noise(init_latents, noise, run.sigmas[0].item())
@@ -244,27 +305,32 @@ def start_latents(pipe, request: GenerationRequest, run: Run) -> torch.Tensor:
 
 # --- 4.-5. the denoiser and the sampler loop -----------------------------------------------------------------------
 
-def build_denoiser(pipe, request: GenerationRequest, run: Run, observer=None):
+def build_denoiser(pipe, request: GenerationRequest, run: Run, observer=None, levels: torch.Tensor | None = None):
     """The transformer's velocity as x0, guided: classifier-free guidance (``observer`` sees its halves), SD 3.5's
-    skip-layer guidance over this loop's levels, FLUX.1-dev's embedded guidance."""
+    skip-layer guidance over this loop's ``levels`` (default: the run's), FLUX.1-dev's embedded guidance; then
+    inpainting's pinning."""
     extras = {}
     if pipe.config.guidance_embedded:
         extras["guidance"] = torch.tensor([request.options(FLOW).distilled_cfg_scale], device=pipe.device)
     options = request.options(FLOW)
     skip_layers = SkipLayerGuidance(
         options.skip_guidance_layers, options.skip_layer_guidance_scale, options.skip_layer_guidance_start,
-        options.skip_layer_guidance_stop, tuple(run.sigmas.tolist())) if options.skip_guidance_layers else None
+        options.skip_layer_guidance_stop, tuple((run.sigmas if levels is None else levels).tolist())
+    ) if options.skip_guidance_layers else None
     model = FlowDenoiser(pipe.transformer, pipe.config.schedule)
-    return flow_guidance(model, run.cond, run.uncond, request.guidance_scale, skip_layers=skip_layers,
-                         observer=observer, **extras)
+    denoise = flow_guidance(model, run.cond, run.uncond, request.guidance_scale, skip_layers=skip_layers,
+                            observer=observer, **extras)
+    for feature in reversed(hooked_features(request)):  # inpainting: x0 pinned to the image outside the mask
+        denoise = feature.wrap_denoiser(denoise, pipe, request, run)
+    return denoise
 
 
-def sample(pipe, request: GenerationRequest, run: Run, x: torch.Tensor, *, progress: bool = False,
-           callback: Callable[[Step], None] | None = None, observer=None) -> torch.Tensor:
-    """The sampler loop from ``x`` at ``run.sigmas[0]``; returns the latents the transformer sees at t = 0.
-    ``observer`` sees (t, x0_cond, x0_uncond) at every guided call (``torchsd explain``)."""
-    denoise = build_denoiser(pipe, request, run, observer)
-    levels = run.sigmas.to("cpu", torch.float64)
+def sample(pipe, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: torch.Tensor | None = None, *,
+           progress: bool = False, callback: Callable[[Step], None] | None = None, observer=None) -> torch.Tensor:
+    """The sampler loop from ``x`` at ``sigmas[0]`` (default: the run's flow times); returns the latents the
+    transformer sees at t = 0. ``observer`` sees (t, x0_cond, x0_uncond) at every guided call (``torchsd explain``)."""
+    levels = (run.sigmas if sigmas is None else sigmas).to("cpu", torch.float64)
+    denoise = build_denoiser(pipe, request, run, observer, levels)
     if FLOW_SAMPLERS[run.spec.name] == "ve":  # y = x_t / (1 - t) = x0 + sigma eps, sigma = t / (1 - t)
         denoise, x = flow_as_ve(denoise), x / (1 - levels[0].item())
         levels = ve_sigmas_of_flow(levels)

@@ -86,7 +86,8 @@ def image_size(sd, request: GenerationRequest) -> tuple[int, int]:
 
 def schedule(sd, request: GenerationRequest, run: Run) -> None:
     """The noise levels, the latent shape for the (final) size and how the initial noise is drawn."""
-    run.sigmas = build_sigmas(sd.config.schedule, request.steps, run.spec, run.scheduler)
+    run.levels = lambda steps: build_sigmas(sd.config.schedule, steps, run.spec, run.scheduler)  # also the hires pass's
+    run.sigmas = run.levels(request.steps)
     for feature in request.active():  # the refiner's hand-off: the first model's part of the levels
         run.sigmas = feature.cut_sigmas(run.sigmas, sd, request, run)
     f = sd.config.vae.downscale_factor

@@ -1,7 +1,8 @@
 """The AUTOMATIC1111 ControlNet extension's routes (``/controlnet/...``), as webuiapi calls them.
 
 Units themselves come in txt2img/img2img bodies (``alwayson_scripts.controlnet.args``), read by the
-control feature (``pipeline/features/control.py``); models are found in ``<models-dir>/ControlNet``.
+control feature (``pipeline/features/control.py``); models are found in ``<models-dir>/ControlNet``, and the
+bundled ControlNet is listed as ``bundled`` while the bundled model is the current one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from ..checkpoints import bundled_controlnet_path, bundled_model_path
 from ..checkpoints.controlnet import find_controlnets
+from ..pipeline.features.control import BUNDLED
 from ..pipeline.features.control_detect import MODULES, detect, module_name
 from .schema import RequestError, decode_image, png_base64, read_json
 
@@ -30,7 +33,11 @@ def router(state) -> APIRouter:
 
     @api.get("/model_list")
     def model_list():
-        return {"model_list": sorted(find_controlnets(folders()))}
+        names = set(find_controlnets(folders()))
+        # the bundled ControlNet fits the bundled model's U-Net only: offered while that model is the current one
+        if registry.current.path == bundled_model_path().resolve() and bundled_controlnet_path().is_file():
+            names.add(BUNDLED)
+        return {"model_list": sorted(names)}
 
     @api.get("/module_list")
     def module_list(alias_names: bool = False):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..diffusion.samplers import Step, get_sampler
 from ..images import tensor_to_pil
+from ..pipeline.features import FEATURES
 from .registry import ModelEntry, ModelRegistry
 from .schema import GenerationJob
 from .worker import Interrupted, JobControl, Skipped
@@ -41,6 +42,9 @@ def run_generation(job: GenerationJob, registry: ModelRegistry, control: JobCont
     if request.width is None or request.height is None:  # OpenAI's size "auto": the model's own size
         request = request.replace(width=request.width or sd.config.sample_size,
                                   height=request.height or sd.config.sample_size)
+    if job.a1111:  # e.g. Forge's distilled_cfg_scale, sent with every request, on a model without it
+        unused = {k: v for feature in FEATURES for k, v in feature.a1111_unused(sd, request).items()}
+        request = request.replace(**unused) if unused else request
 
     def preview(x0) -> Image.Image:
         return tensor_to_pil(sd.decode_preview(x0))[0]  # TAESD when there is one: a fraction of the VAE's cost

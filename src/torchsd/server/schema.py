@@ -175,6 +175,7 @@ class GenerationJob:
     send_images: bool = True
     parameters: dict = field(default_factory=dict)  # the request as the client sent it, defaults filled in
     is_img2img: bool = False
+    a1111: bool = False  # from the A1111 API: fields its clients always send are dropped where unused
 
 
 def check_limits(config: ServerConfig, width: int | None, height: int | None, steps: int, images: int) -> None:
@@ -289,7 +290,8 @@ def a1111_job(body: object, *, img2img: bool, config: ServerConfig, registry: Mo
         parameters["init_images"], parameters["mask"] = None, None
     return GenerationJob(build_request(**kwargs), n_iter=n_iter, model=model,
                          keep_model=model is not None and not _get(body, "override_settings_restore_afterwards", True),
-                         send_images=bool(_get(body, "send_images", True)), parameters=parameters, is_img2img=img2img)
+                         send_images=bool(_get(body, "send_images", True)), parameters=parameters, is_img2img=img2img,
+                         a1111=True)
 
 
 def _scheduler(body: dict) -> dict:

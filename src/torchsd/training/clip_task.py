@@ -33,6 +33,21 @@ class Contrastive(nn.Module):
         return self.clip.encode_image(pixels), self.clip.encode_text(token_ids)
 
 
+def initial_clip(source: str) -> CLIP:
+    """A CLIP to fine-tune: a file ``torchsd train clip`` wrote, or ``bundled`` (the one that ships)."""
+    from ..checkpoints.clip import load_clip
+
+    if source == "bundled":  # its text tower is the bundled model's text encoder
+        from ..pipeline import StableDiffusion
+
+        sd = StableDiffusion.from_checkpoint(None, dtype=torch.float32)
+        clip = sd.clip
+        clip.text = sd.text_encoder
+    else:
+        clip = load_clip(source)
+    return clip.float().train().requires_grad_(True)
+
+
 class CLIPTask:
     use_ema = False
 
@@ -43,7 +58,11 @@ class CLIPTask:
             import dataclasses
 
             vision_config = dataclasses.replace(vision_config, image_size=config.resolution)
-        self.model = Contrastive(CLIP(text_config, vision_config))
+        self.model = Contrastive(initial_clip(config.clip) if config.clip else CLIP(text_config, vision_config))
+        size = self.model.clip.vision.config.image_size
+        if size != config.resolution:
+            raise ValueError(f"--clip {config.clip}: its image tower reads {size} px images; "
+                             f"train at --resolution {size}")
         self.tokenizer = CLIPTokenizer()
         held_out = build_dataset(config.data, config.resolution, seed=HELD_OUT_SEED, length=100)
         items = [held_out[i] for i in range(min(100, len(held_out)))]

@@ -46,7 +46,7 @@ class TrainConfig:
     # LoRA's base, the model a ControlNet steers
     model: str = ""
     vae: str = ""  # a VAE trained by `torchsd train vae` (for unet from scratch)
-    clip: str = ""  # a CLIP trained by `torchsd train clip` (for unet from scratch)
+    clip: str = ""  # a CLIP trained by `torchsd train clip` (unet from scratch; clip: the one to fine-tune, or bundled)
     # U-Net
     prediction_type: str = "epsilon"
     caption_dropout: float = 0.1

@@ -5,6 +5,11 @@ The ControlNet starts as a copy of the U-Net's encoder and middle block with its
 encoder stay frozen and only the copy, its hint encoder and the zero convolutions learn. The loss is the
 U-Net's denoising loss with the ControlNet's residuals added to its skips and middle block.
 
+SDXL (a base model given with ``--model``): the captions are encoded as the U-Net task encodes them (both text
+encoders, bigG's pooled output) and the added vector y (pooled text + micro-conditioning from the data) goes to
+the ControlNet and to the U-Net alike, as diffusers' ``train_controlnet_sdxl.py`` passes ``added_cond_kwargs``
+to both: the ControlNet copies the U-Net's added embedding, and reads y at inference too.
+
 Captions are dropped with ``caption_dropout`` (the paper drops half of them, so the network learns to read the
 control image without a prompt), and with ``position_noise`` a shapes caption names a random grid cell, so
 that where the control image and the words disagree the control image wins.
@@ -49,6 +54,10 @@ class PairedDataset(Dataset):
         index, data, caption = self.data[index]
         return index, data, self.controls[index], caption
 
+    def geometry(self, index: int):
+        """SDXL's micro-conditioning of the item: the image data's (``UNetTask.added_vector`` reads it)."""
+        return self.data.geometry(index)
+
 
 def hint_widths(sd: StableDiffusion) -> tuple[int, ...]:
     """Enough stride-2 convs to bring the control image (the generated image's size) to the latents' grid."""
@@ -58,9 +67,7 @@ def hint_widths(sd: StableDiffusion) -> tuple[int, ...]:
 
 class ControlNetTask(UNetTask):
     def __init__(self, config: TrainConfig, dist: Distributed):
-        super().__init__(config, dist)
-        if self.sd.config.is_sdxl:
-            raise ValueError("train controlnet: SDXL ControlNets are not supported yet; give an SD 1.x/2.x model")
+        super().__init__(config, dist)  # refuses SDXL's refiner, as U-Net training does
         self.unet = self.sd.unet.float().to(dist.device).eval().requires_grad_(False)
         self.model = ControlNet.from_unet(self.unet, hint_widths=hint_widths(self.sd)).float().train()
         self._controls = build_control_dataset(config.data, config.resolution, config.resolution, config.seed,
@@ -81,13 +88,14 @@ class ControlNetTask(UNetTask):
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
         hint = control.to(self.dist.device)
 
-        def controlled_unet(z_t, t, context):
-            down, mid = model(z_t, t, context, hint)
-            return self.unet(z_t, t, context, down_residuals=down, mid_residual=mid)
+        def controlled_unet(z_t, t, context, y=None):
+            down, mid = model(z_t, t, context, hint, y=y)
+            return self.unet(z_t, t, context, y, down_residuals=down, mid_residual=mid)
 
-        context, _ = self.context(captions)  # no pooled vector: SD 1.x/2.x U-Nets take none
+        context, pooled = self.context(captions)  # pooled: SDXL's (SD 1.x/2.x U-Nets take none)
+        y = None if pooled is None else self.added_vector(pooled, list(indices))
         loss = denoising_loss(controlled_unet, z0, context, self.alphas_cumprod, generators,
-                              self.prediction_type, self.config.min_snr_gamma)
+                              self.prediction_type, self.config.min_snr_gamma, y=y)
         return loss, {}
 
     @torch.no_grad()

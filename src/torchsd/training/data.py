@@ -97,25 +97,33 @@ def render_shape(spec: ShapeSpec, size: int = 64, rng: random.Random | None = No
     """Draw at 4x and downsample, for smooth edges. Small seeded jitter in size and placement. ``mask``: the
     shape white on black instead of in its colours (the same jitter for the same ``rng`` state)."""
     rng = rng or random.Random(0)
-    scale = 4
-    S = size * scale
-    image = Image.new("RGB", (S, S), (0, 0, 0) if mask else COLORS[spec.background])
-    draw = ImageDraw.Draw(image)
-    row, col = divmod(POSITIONS.index(spec.position), 3)
+    image = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0) if mask else COLORS[spec.background])
+    draw_shape(ImageDraw.Draw(image), spec.shape, spec.position, (255, 255, 255) if mask else COLORS[spec.color],
+               rng)
+    return image.resize((size, size), Image.LANCZOS)
+
+
+SUPERSAMPLE = 4
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, position: str, fill: tuple[int, int, int],
+               rng: random.Random) -> None:
+    """One shape in its grid cell of the (supersampled) canvas: radius 0.30-0.38 of a cell, its centre within
+    0.06 of a cell of the cell's, so a shape never leaves its cell (two in different cells never touch)."""
+    S = draw.im.size[0]
+    row, col = divmod(POSITIONS.index(position), 3)
     cell = S / 3
     radius = cell * rng.uniform(0.30, 0.38)
     cx = cell * (col + 0.5) + rng.uniform(-0.06, 0.06) * cell
     cy = cell * (row + 0.5) + rng.uniform(-0.06, 0.06) * cell
-    fill = (255, 255, 255) if mask else COLORS[spec.color]
-    if spec.shape == "circle":
+    if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    elif spec.shape == "square":
+    elif shape == "square":
         r = radius * 0.88
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon([(cx, cy - radius), (cx - radius * 1.05, cy + radius * 0.8),
                       (cx + radius * 1.05, cy + radius * 0.8)], fill=fill)
-    return image.resize((size, size), Image.LANCZOS)
 
 
 class ShapesDataset(Dataset):
@@ -307,7 +315,8 @@ class TarShardDataset(Dataset):
 
 
 def build_dataset(spec: str, size: int, seed: int = 0, length: int = 20000) -> Dataset:
-    """``shapes``, ``emoji``, ``shapes+emoji``, a folder, a .jsonl/.csv manifest, or shards ``a.tar,b.tar``
+    """``shapes``, ``scenes`` (shapes captioned in many phrasings, and two-object scenes), ``emoji``,
+    ``shapes+emoji``, a folder, a .jsonl/.csv manifest, or shards ``a.tar,b.tar``
     (also a glob such as ``data/shard-*.tar``). Procedural datasets hold ``length`` items, split evenly
     between the parts of a ``+`` combination."""
     parts = spec.split("+")
@@ -317,6 +326,10 @@ def build_dataset(spec: str, size: int, seed: int = 0, length: int = 20000) -> D
         return ShapesDataset(size, length=length, seed=seed)
     if spec == "emoji":
         return EmojiDataset(size, length=length, seed=seed)
+    if spec == "scenes":
+        from .scenes import ScenesDataset
+
+        return ScenesDataset(size, length=length, seed=seed)
     if spec.endswith(".tar") or ".tar," in spec or "*" in spec:
         import glob
 
@@ -329,7 +342,7 @@ def build_dataset(spec: str, size: int, seed: int = 0, length: int = 20000) -> D
         return FolderDataset(path, size)
     if path.is_file() and path.suffix in (".jsonl", ".csv", ".json"):
         return ManifestDataset(path, size)
-    raise ValueError(f"unknown dataset {spec!r}: use shapes, emoji, shapes+emoji, a folder of images with .txt "
+    raise ValueError(f"unknown dataset {spec!r}: use shapes, scenes, emoji, shapes+emoji, a folder of images with .txt "
                      f"captions, a .jsonl/.csv manifest, or .tar shards")
 
 

@@ -83,3 +83,86 @@ def template(kind: str, alpha: np.ndarray, cx: float, cy: float) -> np.ndarray:
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
     """Soft intersection over union."""
     return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
+
+
+# --- scenes: several shapes in one picture ----------------------------------------------------------------------
+
+MIN_OBJECT_PIXELS = 12  # a blob smaller than this (of 64x64) is a speck, not an object; a drawn shape has 100+
+
+
+@dataclass(frozen=True)
+class SceneReading:
+    background: str
+    objects: tuple[Reading, ...]  # one per blob of one colour, largest first
+
+    def matches(self, specs) -> bool:
+        """Every asked-for shape is there with its colour, kind and cell, the background is right, and nothing
+        else is drawn."""
+        wanted = sorted((s.color, s.shape, s.position) for s in specs)
+        found = sorted((o.color, o.shape, o.position) for o in self.objects)
+        return self.background == specs[0].background and wanted == found
+
+
+def read_scene_image(image: Image.Image, threshold: float = 60.0) -> SceneReading:
+    """The background, then every object: each pixel that differs from the background goes to the palette
+    colour whose line from the background passes nearest to it (so anti-aliased edges, which lie on that line,
+    go to their shape's colour), and each 8-connected blob of one colour is one object, read as
+    ``read_shape_image`` reads a single shape."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    H, W, _ = pixels.shape
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = nearest_color(np.median(border, axis=0))
+    bg = np.array(COLORS[background], dtype=np.float32)
+    drawn = np.linalg.norm(pixels - bg, axis=2) > threshold
+    names = [n for n in _PALETTE_NAMES if n != background]
+    alphas, distances = [], []
+    for name in names:
+        direction = np.array(COLORS[name], dtype=np.float32) - bg
+        alpha = np.clip(((pixels - bg) @ direction) / float(direction @ direction), 0.0, 1.0)
+        alphas.append(alpha)
+        distances.append(np.linalg.norm(pixels - (bg + alpha[..., None] * direction), axis=2))
+    owner = np.argmin(np.stack(distances), axis=0)
+    objects = []
+    for k, name in enumerate(names):
+        for blob in connected_blobs(drawn & (owner == k)):
+            if blob.sum() < MIN_OBJECT_PIXELS:
+                continue
+            alpha = np.where(dilate(blob), alphas[k], 0.0)  # the blob and its soft edge, nothing else
+            cx = (alpha * np.arange(W)[None]).sum() / alpha.sum() / W
+            cy = (alpha * np.arange(H)[:, None]).sum() / alpha.sum() / H
+            col, row = min(int(cx * 3), 2), min(int(cy * 3), 2)
+            shape = max(SHAPES, key=lambda kind: overlap(alpha, template(kind, alpha, W * cx, H * cy)))
+            objects.append((float(alpha.sum()), Reading(background, name, shape, POSITIONS[row * 3 + col])))
+    return SceneReading(background, tuple(r for _, r in sorted(objects, key=lambda o: -o[0])))
+
+
+def connected_blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected components of ``mask``, each as a mask (a flood fill; pictures here are 64x64)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    blobs = []
+    H, W = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        blob = np.zeros_like(seen)
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            blob[y, x] = True
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    v, u = y + dy, x + dx
+                    if 0 <= v < H and 0 <= u < W and mask[v, u] and not seen[v, u]:
+                        seen[v, u] = True
+                        stack.append((v, u))
+        blobs.append(blob)
+    return blobs
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one pixel in the 8 directions (not across the picture's edges)."""
+    padded = np.pad(mask, 1)
+    H, W = mask.shape
+    return np.logical_or.reduce([padded[1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+                                 for dy in (-1, 0, 1) for dx in (-1, 0, 1)])

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ...diffusion.schedulers import img2img_start
+
 if TYPE_CHECKING:
     from ...diffusion.denoisers import Denoise
 
@@ -31,6 +33,11 @@ GenerationRequest = Any
 MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_BATCH = 64
+
+
+def noised_ve(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x = x0 + sigma * noise: the level sigma of the U-Net samplers' (variance-exploding) variable."""
+    return x0 + noise * sigma
 
 
 @dataclass
@@ -62,6 +69,12 @@ class Run:
     negative_prompt: str | None = None
     hires_steps: int | None = None  # while a hires pass samples: its steps (prompt schedules count over them)
     model: Any = None  # the denoiser model of the current sampler loop: sd.denoiser, or a feature's (ControlNet)
+    # how the model family starts an image-to-image loop (run.py: the U-Net's; flow_run.py: rectified flow's):
+    # ``levels(steps)``, a loop's levels for run.shape; the first of them that a strength keeps; and clean
+    # latents brought to a level with unit noise
+    levels: Callable[[int], torch.Tensor] | None = None
+    img2img_start: Callable[[int, float], int] = img2img_start
+    noised: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = noised_ve
 
     @property
     def batch_size(self) -> int:
@@ -228,6 +241,12 @@ class Feature:
 
     def a1111_info(self, request: GenerationRequest, subseeds: list[int] | None) -> dict:
         """Fields of the response's ``info`` JSON (A1111's ``Processed.js()``)."""
+        return {}
+
+    def a1111_unused(self, sd: StableDiffusion, request: GenerationRequest) -> dict:
+        """Once an A1111 job's model is known: flat keywords set back to their defaults because Forge-style
+        clients send them with every request and this model does not read them (Forge ignores them there);
+        the Python API and the CLI refuse them instead."""
         return {}
 
 

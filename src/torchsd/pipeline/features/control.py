@@ -1,8 +1,8 @@
 """ControlNet units: ``control=[ControlUnit(image=..., model=..., weight=...), ...]``.
 
-A unit's model may also be a T2I-Adapter (as the A1111 extension lists both among its models): its features
-are added to the U-Net's down levels with the unit's weight, start/end and, for "ControlNet is more
-important", on the conditional rows only.
+A unit's model may also be a T2I-Adapter, SD 1.x/2.x's or SDXL's (as the A1111 extension lists both among its
+models): its features are added to the U-Net's down levels (and, SDXL's, to its middle block) with the unit's
+weight, start/end and, for "ControlNet is more important", on the conditional rows only.
 
 Each unit names a ControlNet (a path, or a name found in the control folders: ``--control-dir``, the
 server's ``<models-dir>/ControlNet``), a hint image (optionally run through a built-in preprocessor:
@@ -193,7 +193,8 @@ class ControlModels:
         path = self.resolve(model)
         key = (str(path.resolve()), sd.device, sd.dtype)
         if key not in self.loaded:
-            self.loaded[key] = load_control_model(path, sd.config.unet, dtype=sd.dtype, device=sd.device)
+            self.loaded[key] = load_control_model(path, sd.config.unet, dtype=sd.dtype, device=sd.device,
+                                                  latent_downscale=sd.config.vae.downscale_factor)
         return self.loaded[key]
 
 
@@ -209,13 +210,10 @@ def control_models(sd: StableDiffusion) -> ControlModels:
 
 def _check_fits(sd: StableDiffusion, net: torch.nn.Module, unit: ControlUnit) -> None:
     """A control model that cannot steer ``sd``'s U-Net, refused with both families named: a ControlNet made for
-    another U-Net (an SD 1.x one on SDXL, an SDXL base's on the refiner), or a T2I-Adapter on SDXL (SDXL's
-    adapters have another layout, not supported)."""
+    another U-Net (an SD 1.x one on SDXL, an SDXL base's on the refiner), or a T2I-Adapter whose features do not
+    have the sizes of the places the U-Net adds them (an SD 1.x/2.x adapter on SDXL, or the reverse)."""
     if not hasattr(net, "controlnet_down_blocks"):
-        if sd.config.is_sdxl:
-            raise ValueError(f"control unit {unit.model_name!r} is a T2I-Adapter, and T2I-Adapters work with SD "
-                             f"1.x/2.x models only: {sd.name} is an SDXL model ({sd.config.family}), and SDXL "
-                             "T2I-Adapters are not supported; use an SDXL ControlNet or an SD 1.x/2.x model")
+        _check_adapter_fits(sd, net, unit)
         return
     from ...checkpoints.controlnet import family_of
 
@@ -229,6 +227,24 @@ def _check_fits(sd: StableDiffusion, net: torch.nn.Module, unit: ControlUnit) ->
                      f"context, {ours.model_channels} channels) and does not fit {sd.name}, an {model} model "
                      f"({sd.config.family}: {theirs.context_dim}-wide context, {theirs.model_channels} channels); "
                      f"use a ControlNet made for this model's family")
+
+
+def _check_adapter_fits(sd: StableDiffusion, adapter: torch.nn.Module, unit: ControlUnit) -> None:
+    from ...models.unet import level_residual_shapes
+
+    features = adapter.config.feature_shapes()
+    places = level_residual_shapes(sd.config.unet)
+    if features == places[:len(features)] and len(features) >= len(places) - 1:
+        return
+
+    def sizes(shapes):
+        return ", ".join(f"{w} at 1/{s}" for w, s in shapes)
+
+    made_for = "an SDXL" if adapter.config.layout == "full_adapter_xl" else "an SD 1.x/2.x"
+    raise ValueError(f"T2I-Adapter {unit.model_name!r} ({made_for} adapter: features of {sizes(features)} of the "
+                     f"latents' size) does not fit {sd.name}, an {'SDXL' if sd.config.is_sdxl else 'SD 1.x/2.x'} "
+                     f"model ({sd.config.family}), whose U-Net adds them at {sizes(places[:-1])} and "
+                     f"{sizes(places[-1:])} (the middle block); use a T2I-Adapter made for this model's family")
 
 
 # --- the feature -------------------------------------------------------------------------------------------------

@@ -143,6 +143,15 @@ class Flow(Feature):
                 out[name] = value
         return out
 
+    def a1111_unused(self, sd: StableDiffusion, request: GenerationRequest) -> dict:
+        # Forge's clients send distilled_cfg_scale (3.5) with every request, whatever the model; Forge reads it
+        # only where the model embeds guidance. A value typed in Python or on the command line is refused there
+        # instead: it would change nothing, and the user meant it to
+        embedded = getattr(sd.config, "guidance_embedded", False)
+        if request.options(self).distilled_cfg_scale is not None and not embedded:
+            return {"distilled_cfg_scale": None}
+        return {}
+
 
 def _layers(text: str) -> tuple[int, ...]:
     try:

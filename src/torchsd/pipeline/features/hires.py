@@ -4,6 +4,10 @@ A model draws well only near the size it was trained at; a first pass there fixe
 upscale (in latent space, or of the decoded image) makes it bigger, and the second pass, starting
 part-way through the schedule (``hires_strength``), adds detail at the new size. As in AUTOMATIC1111,
 the second pass draws fresh noise from the same seeds (and variation seeds).
+
+SD 3 and FLUX.1 run the same passes (Forge runs hires fix for FLUX.1): the run hands in its model family's
+levels, strength count and noising (``Run.levels``, ``img2img_start``, ``noised``), so the second pass there is
+a flow image-to-image pass, (1 - t) x0 + t noise, on the schedule of the new size (FLUX.1's shift grows with it).
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...diffusion.samplers import build_sigmas
-from ...diffusion.schedulers import img2img_start
 from ...images import pil_to_tensor, tensor_to_pil
 from ...noise import make_generators
 from ..upscaling import RESAMPLERS, canonical_name, resize
@@ -80,10 +82,18 @@ def upscaler_label(name: str, sd: StableDiffusion | None = None) -> str:
                      f"or <models-dir>/ESRGAN for the server)")
 
 
-def target_size(options: "HiresOptions", width: int, height: int) -> tuple[int, int]:
+def target_size(options: "HiresOptions", width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """The second pass's size: ``hires_size``, or the first pass's times ``hires_scale`` rounded down to
+    ``multiple`` (8; an SD 3 / FLUX.1 model's 16)."""
     if options.hires_size is not None:
         return options.hires_size
-    return int(width * options.hires_scale) // 8 * 8, int(height * options.hires_scale) // 8 * 8
+    return (int(width * options.hires_scale) // multiple * multiple,
+            int(height * options.hires_scale) // multiple * multiple)
+
+
+def size_multiple(sd: StableDiffusion) -> int:
+    """What the model's image sides are multiples of: the VAE's 8, or a flow model's 16 (its 2x2 patches too)."""
+    return getattr(sd.config, "multiple", 8)
 
 
 def upscale(sd: StableDiffusion, latents: torch.Tensor, width: int, height: int, upscaler: str) -> torch.Tensor:
@@ -109,7 +119,9 @@ def _encode(sd: StableDiffusion, images: list) -> torch.Tensor:
     with torch.no_grad():
         posterior = sd.vae.encode(pixels.to(sd.device, sd.dtype))
     # the posterior mean: deterministic, and it leaves the seeds' noise streams alone
-    return posterior.mode().float() * sd.config.vae.scaling_factor
+    vae = sd.config.vae
+    return (posterior.mode().float() - vae.shift_factor) * vae.scaling_factor  # shift: SD 3's and FLUX.1's VAEs'
+
 
 
 @dataclass(frozen=True)
@@ -156,25 +168,30 @@ class Hires(Feature):
 
     def model_context(self, sd: StableDiffusion, request: GenerationRequest, run: Run) -> AbstractContextManager:
         # an unknown network fails before the first pass; the infotext names it as its folder lists it
-        run.state[self.name] = upscaler_label(request.options(self).hires_upscaler, sd)
+        options = request.options(self)
+        run.state[self.name] = upscaler_label(options.hires_upscaler, sd)
+        multiple = size_multiple(sd)
+        if options.hires_size is not None and any(side % multiple for side in options.hires_size):
+            raise ValueError(f"hires_size {options.hires_size[0]}x{options.hires_size[1]}: this model's images are "
+                             f"multiples of {multiple} pixels")
         return nullcontext()
 
     def after_sampling(self, latents: torch.Tensor, sd: StableDiffusion, request: GenerationRequest, run: Run,
                        *, progress: bool = False, callback=None) -> torch.Tensor:
         """Upscale the first pass's latents and denoise them again from ``hires_strength``."""
         options = request.options(self)
-        width, height = target_size(options, run.width, run.height)
+        width, height = target_size(options, run.width, run.height, size_multiple(sd))
         upscaled = upscale(sd, latents, width, height, options.hires_upscaler)
         steps = options.hires_steps or request.steps
-        sigmas = build_sigmas(sd.config.schedule, steps, run.spec, run.scheduler)
-        sigmas = sigmas[img2img_start(steps, options.hires_strength):]
+        run.shape = tuple(upscaled.shape)  # the levels of a flow model depend on the size (FLUX.1's shift)
+        sigmas = run.levels(steps)
+        sigmas = sigmas[run.img2img_start(steps, options.hires_strength):]
         if len(sigmas) < 2:
             return upscaled
         # fresh noise from the same seeds (and variation seeds), as AUTOMATIC1111 draws it
         run.generators = make_generators(run.seeds)
-        noise = VARIATION.noise(tuple(upscaled.shape), request, run, sd.config.vae.downscale_factor)
-        x = upscaled + noise.to(upscaled.device) * sigmas[0].item()
-        run.shape = tuple(upscaled.shape)
+        noise = VARIATION.noise(run.shape, request, run, sd.config.vae.downscale_factor)
+        x = run.noised(upscaled, noise.to(upscaled.device), sigmas[0].item())
         run.concat = inpainting_concat(sd, None, None, run.shape) if sd.config.is_inpainting else None
         run.hires_steps = steps  # prompt schedules of the second pass count over its own steps
         return run.sample(x, sigmas, progress=progress, callback=callback)

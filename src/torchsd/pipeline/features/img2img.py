@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ...diffusion.schedulers import img2img_start
 from ...images import open_image, pil_to_tensor
 from ..upscaling import resize
 from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion, parse_number
@@ -54,7 +53,7 @@ class Img2Img(Feature):
                       source: Image.Image | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(init latents, unit noise) for an image-to-image run, with ``run.sigmas`` cut to its levels; None
         when the run starts from noise alone. ``source``: the image to encode (inpainting's filled canvas)."""
-        start = img2img_start(request.steps, request.strength)
+        start = run.img2img_start(request.steps, request.strength)  # the model family's count
         if start == 0 and source is None:
             return None
         picture = source or request.init_image

@@ -123,9 +123,11 @@ class Inpainting:
 
 
 def prepare_inpainting(init_image: Image.Image, mask: Image.Image, width: int, height: int, *,
-                       explicit_size: bool, mask_blur: float, invert: bool, fill: str) -> Inpainting:
+                       explicit_size: bool, mask_blur: float, invert: bool, fill: str, multiple: int = 8
+                       ) -> Inpainting:
     """``width``×``height`` is the generation size; when the caller gave no size and the image's sides are
-    not multiples of 8, the canvas is the image padded on the right and bottom instead of a resized image."""
+    not multiples of ``multiple`` (8, the VAE's; 16 for SD 3 / FLUX.1, whose latents are cut in 2x2 patches),
+    the canvas is the image padded on the right and bottom instead of a resized image."""
     image = init_image.convert("RGB")
     mask = binary_mask(mask)
     if mask.size != image.size:
@@ -134,16 +136,15 @@ def prepare_inpainting(init_image: Image.Image, mask: Image.Image, width: int, h
         mask = ImageOps.invert(mask)
     mask = gaussian_blur_mask(mask, mask_blur)
     crop = None
-    if image.size != (width, height):
-        if explicit_size:
-            image, mask = image.resize((width, height), Image.LANCZOS), mask.resize((width, height), Image.LANCZOS)
-        else:
-            crop = image.size
-            width, height = -(-image.width // 8) * 8, -(-image.height // 8) * 8
-            image = _pad_edge(image, width, height)
-            padded_mask = Image.new("L", (width, height), 0)
-            padded_mask.paste(mask, (0, 0))
-            mask = padded_mask
+    if explicit_size and image.size != (width, height):
+        image, mask = image.resize((width, height), Image.LANCZOS), mask.resize((width, height), Image.LANCZOS)
+    elif not explicit_size and (image.width % multiple or image.height % multiple):
+        crop = image.size
+        width, height = -(-image.width // multiple) * multiple, -(-image.height // multiple) * multiple
+        image = _pad_edge(image, width, height)
+        padded_mask = Image.new("L", (width, height), 0)
+        padded_mask.paste(mask, (0, 0))
+        mask = padded_mask
     overlay = Image.fromarray(np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8))
     to_encode = image if fill == "original" else blur_fill(image, mask)
     return Inpainting(image, to_encode, mask, overlay, fill, crop)
@@ -230,7 +231,8 @@ class Inpaint(Feature):
         inpainting = prepare_inpainting(
             request.init_image, request.mask, run.width, run.height,
             explicit_size=bool(request.width or request.height),
-            mask_blur=request.mask_blur, invert=request.mask_invert, fill=request.inpainting_fill)
+            mask_blur=request.mask_blur, invert=request.mask_invert, fill=request.inpainting_fill,
+            multiple=getattr(sd.config, "multiple", 8))  # a flow model's sides: multiples of 16 (2x2 patches)
         run.state[self.name] = inpainting
         run.width, run.height = inpainting.size
 
