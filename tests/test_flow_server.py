@@ -179,3 +179,21 @@ def test_info_tells_the_page_what_the_loaded_model_runs(server):
     assert set(seen["flux-dev"]["samplers"]) == {"Euler", "Heun", "DPM++ 2M", "UniPC", "DDIM"}
     assert "tiling" not in seen["sd35"]["features"] and {"img2img", "inpaint", "hires"} <= set(seen["sd35"]["features"])
     assert seen["tiny-sd"]["samplers"] is None and seen["tiny-sd"]["features"] is None
+
+
+def test_sd3_skip_layer_guidance_through_the_a1111_api(server, models):
+    body = {"prompt": "a cat", "negative_prompt": "zebra", "width": 32, "height": 32, "steps": 6, "seed": 2,
+            "cfg_scale": 4.0, "sampler_name": "Euler", "skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.7,
+            "override_settings": {"sd_model_checkpoint": "sd35"}}
+    with server.client() as client:
+        response = client.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        bad = client.post("/sdapi/v1/txt2img", json={**body, "skip_guidance_layers": [5]})
+        assert bad.status_code == 422 and "joint blocks 0 to 1" in bad.json()["detail"]
+    with one_thread():
+        expected = local(models, "sd35").generate("a cat", "zebra", width=32, height=32, steps=6, seed=2,
+                                                  guidance_scale=4.0, skip_guidance_layers=[1],
+                                                  skip_layer_guidance_stop=0.7)
+    assert np.abs(pixels(image) - pixels(expected.images[0])).max() <= 1
+    assert 'SLG layers: 1, SLG scale: 2.8' in image.text["parameters"]

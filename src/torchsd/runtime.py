@@ -61,7 +61,11 @@ class RuntimeOptions:
     many queries at a time (large images without flash kernels). ``vae_tiling``: decode and encode
     images larger than one tile tile by tile. ``offload``: "model" keeps each network in CPU memory
     until it runs (one on the accelerator at a time), "sequential" moves one layer at a time (least
-    memory, slowest). ``compile``: a ``torch.compile`` mode for the U-Net, or None."""
+    memory, slowest). ``compile``: a ``torch.compile`` mode for the U-Net, or None.
+    ``free_text_encoders`` (SD 3 / FLUX.1): drop the text encoders once the prompts are encoded and read
+    them from their files again when a new prompt needs them; None: on where the model runs on a CPU, where
+    reading T5-XXL again costs seconds against minutes for the transformer's steps, and memory decides
+    whether FLUX.1 runs at all (docs/flow-models.md, "Memory")."""
 
     channels_last: bool | None = None
     attention_chunk: int | None = None
@@ -71,6 +75,7 @@ class RuntimeOptions:
     compile_fullgraph: bool = False
     freeze: bool = False
     prepack: bool = False  # CPU: conv weights in oneDNN's layout while sampling (long loops; accel/prepacked.py)
+    free_text_encoders: bool | None = None  # SD 3 / FLUX.1; None: on a CPU
 
     def __post_init__(self) -> None:
         if self.offload not in OFFLOAD_MODES:
@@ -210,6 +215,9 @@ def add_runtime_arguments(p) -> None:
                    help="keep networks in CPU memory until they run: whole ('model') or layer by layer")
     p.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="default", default=None,
                    help="torch.compile the U-Net (minutes of compilation first)")
+    p.add_argument("--free-text-encoders", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD 3 / FLUX.1: drop the text encoders (T5-XXL: 9.5 GB) once the prompts are encoded, read "
+                        "them again for a new prompt (default: on when running on a CPU)")
     p.add_argument("--prepack", action="store_true",
                    help="CPU: hold the U-Net's conv weights in oneDNN's layout while sampling, reordered once "
                         "rather than at every step (faster steps for a one-time cost: for long runs)")
@@ -220,7 +228,8 @@ def runtime_options_from_args(args) -> RuntimeOptions:
     return RuntimeOptions(channels_last=getattr(args, "channels_last", None),
                           attention_chunk=getattr(args, "attention_chunk", None),
                           vae_tiling=getattr(args, "vae_tiling", None), offload=getattr(args, "offload", "none"),
-                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", False))
+                          compile=getattr(args, "compile", None), prepack=getattr(args, "prepack", False),
+                          free_text_encoders=getattr(args, "free_text_encoders", None))
 
 
 def _tiling(text: str) -> VAETiling:
@@ -257,21 +266,16 @@ def load_pipeline(path: str | Path | None = None, device: torch.device | str | N
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if flow_family(path) is not None:  # SD 3 / 3.5 and FLUX.1: pipeline/flow_model.py
-        return load_flow(path, device, dtype, runtime, lora_dirs, embedding_dirs, fast_decode, options)
-    if options.keys() & {"text_encoders", "t5_tokenizer"}:
-        raise ValueError(f"{path}: --text-encoder and --t5-tokenizer are for SD 3 / FLUX.1 single files")
+        return load_flow(path, device, dtype, runtime, lora_dirs, embedding_dirs, taesd, fast_decode, options)
+    if options.keys() & {"text_encoders", "t5_tokenizer", "without_t5"}:
+        raise ValueError(f"{path}: --text-encoder, --t5-tokenizer and --without-t5 are for SD 3 / FLUX.1 models")
+    if runtime.free_text_encoders:
+        raise ValueError(f"{path}: free_text_encoders (--free-text-encoders) is for SD 3 / FLUX.1, whose T5-XXL is "
+                         f"9.5 GB; an SD 1/2/XL model's CLIP encoders stay loaded (use --offload on a GPU)")
     sd = StableDiffusion.from_checkpoint(path, device="cpu", dtype=dtype, lora_dirs=lora_dirs,
                                          embedding_dirs=embedding_dirs, **options)
     if taesd is not None:
-        from .checkpoints.taesd import load_taesd
-
-        sd.taesd, sd.fast_decode = load_taesd(taesd, device, dtype), fast_decode
-        tiny, vae = sd.taesd.config, sd.config.vae
-        if (tiny.downscale_factor, tiny.latent_channels) != (vae.downscale_factor, vae.latent_channels):
-            raise ValueError(f"{taesd}: this TAESD downsamples by {tiny.downscale_factor} into {tiny.latent_channels} "
-                             f"latent channels; the model's VAE by {vae.downscale_factor} into "
-                             f"{vae.latent_channels}: it is for another model family (taesd for SD 1/2, "
-                             f"taesdxl for SDXL)")
+        attach_taesd(sd, taesd, device, dtype, fast_decode, "sdxl" if sd.config.is_sdxl else sd.config.family)
     apply_runtime(sd, runtime, device, dtype)
     # a second model a request names (the refiner) runs as this one does; it only samples, so no previews
     sd.model_loader = lambda other: load_pipeline(other, device, dtype, runtime=runtime)
@@ -294,6 +298,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "repeat the flag); default: found in a text_encoder/ folder beside the model")
     p.add_argument("--t5-tokenizer", type=Path, default=None, metavar="PATH",
                    help="SD 3 / FLUX.1 single files: T5's tokenizer.json (or a folder with one)")
+    p.add_argument("--without-t5", action="store_true",
+                   help="SD 3 / 3.5: run without the T5-XXL encoder (zeros in its place, as diffusers' "
+                        "text_encoder_3=None): 9.5 GB less, prompts followed less closely")
     p.add_argument("--taesd", "--preview-vae", dest="taesd", type=Path, default=None, metavar="PATH",
                    help="TAESD (taesd_decoder.pth, a folder of taesd_*.pth, or a diffusers AutoencoderTiny folder): "
                         "the server's live previews (default there: <models-dir>/VAE-taesd)")
@@ -305,7 +312,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace):
     """``load_pipeline`` with the flags of ``add_model_arguments``."""
     options = runtime_options_from_args(args)  # validate before the (slow) load
-    flow = {name: getattr(args, name) for name in ("text_encoders", "t5_tokenizer") if getattr(args, name, None)}
+    flow = {name: getattr(args, name) for name in ("text_encoders", "t5_tokenizer", "without_t5")
+            if getattr(args, name, None)}
     return load_pipeline(args.model, args.device, args.dtype, runtime=options, vae=getattr(args, "vae", None),
                          variant=getattr(args, "variant", None), taesd=getattr(args, "taesd", None),
                          fast_decode=getattr(args, "fast_decode", False), **flow)
@@ -322,20 +330,44 @@ def parse_dtype(text: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(f"dtype must be one of fp32, fp16, bf16; got {text!r}") from None
 
 
+def attach_taesd(sd, taesd: str | Path, device: torch.device, dtype: torch.dtype, fast_decode: bool,
+                 family: str) -> None:
+    """The TAESD of ``family`` (from a file, or a folder of several families' files) as ``sd.taesd``, refused
+    where its latent space is not the model's."""
+    from .checkpoints.taesd import load_taesd
+
+    sd.taesd, sd.fast_decode = load_taesd(taesd, device, dtype, family=family), fast_decode
+    tiny, vae = sd.taesd.config, sd.config.vae
+    if (tiny.downscale_factor, tiny.latent_channels) != (vae.downscale_factor, vae.latent_channels):
+        raise ValueError(f"{taesd}: this TAESD downsamples by {tiny.downscale_factor} into {tiny.latent_channels} "
+                         f"latent channels; the model's VAE by {vae.downscale_factor} into "
+                         f"{vae.latent_channels}: it is for another model family (taesd for SD 1/2, "
+                         f"taesdxl for SDXL, taesd3 for SD 3, taef1 for FLUX.1)")
+
+
 def load_flow(path, device: torch.device, dtype: torch.dtype, runtime: RuntimeOptions, lora_dirs, embedding_dirs,
-              fast_decode: bool, options: dict):
-    """``load_pipeline`` for SD 3 / 3.5 and FLUX.1 (``pipeline.flow_model``): the model placed on ``device`` in
-    ``dtype``. The U-Net speed-ups and memory savers of ``RuntimeOptions`` are not wired to these models yet;
-    a TAESD is not used (previews decode with the model's VAE)."""
+              taesd, fast_decode: bool, options: dict):
+    """``load_pipeline`` for SD 3 / 3.5 and FLUX.1 (``pipeline.flow_model``): the model on ``device`` in ``dtype``,
+    or offloaded to it (``accel/offload.py``: text encoders, transformer and VAE one at a time, or layer by
+    layer); the text encoders freed after use (``free_text_encoders``; by default on a CPU); TAESD previews.
+    The U-Net's CPU speed-ups, compile and prepack are not wired to these models."""
     from .pipeline.flow_model import load_flow_pipeline
 
-    unsupported = [name for name, value in (("offload", runtime.offload != "none"), ("compile", runtime.compile),
-                                            ("prepack", runtime.prepack), ("fast_decode", fast_decode)) if value]
+    unsupported = [name for name, value in (("compile", runtime.compile), ("prepack", runtime.prepack)) if value]
     if unsupported:
         raise ValueError(f"{path}: {', '.join(unsupported)} is not available for SD 3 / FLUX.1 models yet; drop it")
-    pipe = load_flow_pipeline(path, device=device, dtype=dtype, lora_dirs=lora_dirs, embedding_dirs=embedding_dirs,
-                              **options)
+    free = runtime.free_text_encoders if runtime.free_text_encoders is not None else device.type == "cpu"
+    offloaded = runtime.offload != "none"
+    pipe = load_flow_pipeline(path, device="cpu" if offloaded else device, dtype=dtype, lora_dirs=lora_dirs,
+                              embedding_dirs=embedding_dirs, free_text_encoders=free, **options)
+    pipe.attention_chunk = runtime.attention_chunk
     for network in pipe.networks:
         set_attention_chunk(network, runtime.attention_chunk)
     pipe.vae_tiling = runtime.vae_tiling
+    if taesd is not None:
+        attach_taesd(pipe, taesd, device, dtype, fast_decode, pipe.family)
+    if runtime.offload == "model":
+        enable_model_offload(pipe, device)
+    elif runtime.offload == "sequential":
+        enable_sequential_offload(pipe, device)
     return pipe

@@ -145,6 +145,15 @@ def _text_targets(family: str, encoders: Mapping[str, nn.Module | None]
     return targets, prefixes
 
 
+def text_encoders_named(lora: FlowLora, family: str) -> set[str]:
+    """The encoders ("clip_l", "clip_g", "t5") that the text part of a LoRA read without them names by its keys'
+    prefixes (all of the family's where a key has none of them: reading against them then says what is wrong).
+    A pipeline that frees its encoders reads only these for the LoRA."""
+    _, prefixes = _text_targets(family, {})
+    named = {next((e for p, e in prefixes.items() if key.startswith(p)), None) for key in lora.text_encoder_keys}
+    return set(TEXT_ENCODERS[family]) if None in named else named
+
+
 def _transformers_names(encoder: str, model: nn.Module) -> dict[str, str]:
     """torchsd module path -> transformers' module path, for every linear layer of a CLIP or T5 encoder."""
     modules = dict(model.named_modules())

@@ -22,7 +22,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -50,20 +50,40 @@ T5_MAX_LENGTH = {"sd3": 256, "dev": 512, "schnell": 256}  # diffusers' and BFL's
 class FlowModel:
     """The parts of a flow-matching model, built and loaded (``pipeline.FlowPipeline`` runs them).
 
-    ``text``: "clip_l", "clip_g" (SD 3) and "t5" encoders (T5 may be None: SD 3 then conditions on zeros, as
-    diffusers does without text_encoder_3); ``tokenizers`` the same keys."""
+    ``text_sources``: "clip_l", "clip_g" (SD 3) and "t5", each a function that reads that encoder from its
+    file(s) and builds it, so that a pipeline which frees its encoders after use can read them again. A model
+    without "t5" (SD 3 without text_encoder_3, or asked to run without it) conditions on zeros in its place, as
+    diffusers does. ``text``: the encoders built at load (T5 is left to the first prompt when ``t5="later"``);
+    ``tokenizers``: one per role (T5's None where there is no T5)."""
 
     family: str  # "sd3" or "flux"
     variant: str  # "dev", "schnell", "sd35_medium", "sd35_large", …
     transformer: nn.Module
     vae: nn.Module
     schedule: FlowScheduleConfig
-    text: dict[str, nn.Module | None]
+    text: dict[str, nn.Module]
     tokenizers: dict[str, object]
     name: str
     source: Path | None = None  # the single file, for its hash
     t5_max_length: int = 256
     parts: dict[str, str] = field(default_factory=dict)  # where each part came from (for messages and the server)
+    text_sources: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+
+
+T5_WHEN = ("now", "later", "none")
+
+
+def _check_t5(t5: str, family: str, where: object) -> None:
+    if t5 not in T5_WHEN:
+        raise ValueError(f"t5 must be one of {', '.join(T5_WHEN)}; got {t5!r}")
+    if t5 == "none" and family == "flux":
+        raise CheckpointError(f"{where}: FLUX.1's context is T5's tokens, so it cannot run without T5; running "
+                              f"without it is for SD 3 / 3.5 (diffusers' text_encoder_3=None)")
+
+
+def _built(sources: dict[str, Callable[[], nn.Module]], t5: str) -> dict[str, nn.Module]:
+    """The encoders built at load: all but T5 when it is left for later."""
+    return {role: build() for role, build in sources.items() if role != "t5" or t5 == "now"}
 
 
 # --- what a path holds ---------------------------------------------------------------------------------------
@@ -251,8 +271,8 @@ def _json(path: Path) -> dict:
     return data
 
 
-def _weights(folder: Path, variant: str | None) -> dict[str, torch.Tensor]:
-    return read_weights(folder, variant if variant is not None and has_variant(folder, variant) else None)
+def _weights(folder: Path, variant: str | None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return read_weights(folder, variant if variant is not None and has_variant(folder, variant) else None, dtype)
 
 
 def _present(folder: Path, index: dict, name: str) -> bool:
@@ -260,10 +280,11 @@ def _present(folder: Path, index: dict, name: str) -> bool:
     return isinstance(entry, list) and entry[0] is not None and (folder / name).is_dir()
 
 
-def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, variant: str | None = None
-                     ) -> FlowModel:
+def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, variant: str | None = None,
+                     t5: str = "now") -> FlowModel:
     """An SD 3 / 3.5 or FLUX.1 diffusers folder. Text encoders in transformers 4's or 5's layout; SD 3
-    without text_encoder_3 runs without T5 (zeros), as diffusers does."""
+    without text_encoder_3 runs without T5 (zeros), as diffusers does. ``t5``: build T5 "now", "later" (on
+    first use) or not at all, "none" (SD 3 only: as diffusers' ``text_encoder_3=None``)."""
     from ..text.t5_tokenizer import T5Tokenizer
     from ..text.tokenizer import CLIPTokenizer
 
@@ -273,6 +294,7 @@ def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, va
     if family is None:
         raise CheckpointError(f"{folder}: model_index.json names {index.get('_class_name')!r}, not an SD 3 or FLUX.1 "
                               f"pipeline")
+    _check_t5(t5, family, folder)
     cfg = _json(folder / "transformer" / "config.json")
     try:
         config = mmdit_config_from_diffusers(cfg) if family == "sd3" else flux_config_from_diffusers(cfg)
@@ -296,31 +318,36 @@ def read_flow_folder(folder: str | Path, *, dtype: torch.dtype | None = None, va
         tokenizer = CLIPTokenizer.from_pretrained(folder / tokenizer_name)
         text_config = text_config_from_transformers(_json(folder / name / "config.json"), tokenizer.pad_token_id,
                                                     tokenizer.bos_token_id, tokenizer.eos_token_id)
-        state = _weights(folder / name, variant)
-        if not projection:
-            state.pop(TEXT_PROJECTION, None)
-        return build_clip(state, text_config, projection, f"{folder} ({name})", dtype), tokenizer
 
-    text, tokenizers = {}, {}
+        def build() -> nn.Module:
+            state = _weights(folder / name, variant, dtype)
+            if not projection:
+                state.pop(TEXT_PROJECTION, None)
+            return build_clip(state, text_config, projection, f"{folder} ({name})", dtype)
+
+        return build, tokenizer
+
+    sources, tokenizers = {}, {}
     t5_name = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     if family == "sd3":
-        text["clip_l"], tokenizers["clip_l"] = clip("text_encoder", "tokenizer", True)
-        text["clip_g"], tokenizers["clip_g"] = clip("text_encoder_2", "tokenizer_2", True)
+        sources["clip_l"], tokenizers["clip_l"] = clip("text_encoder", "tokenizer", True)
+        sources["clip_g"], tokenizers["clip_g"] = clip("text_encoder_2", "tokenizer_2", True)
         variant_name = sd3_variant(config)
     else:
-        text["clip_l"], tokenizers["clip_l"] = clip("text_encoder", "tokenizer", False)
+        sources["clip_l"], tokenizers["clip_l"] = clip("text_encoder", "tokenizer", False)
         variant_name = flux_variant(config)
     max_length = T5_MAX_LENGTH["sd3" if family == "sd3" else variant_name]
-    text["t5"] = tokenizers["t5"] = None
-    if _present(folder, index, t5_name):
+    tokenizers["t5"] = None
+    if _present(folder, index, t5_name) and t5 != "none":
         t5_config = t5_config_from_transformers(_json(folder / t5_name / "config.json"))
-        text["t5"] = build_t5(_weights(folder / t5_name, variant), t5_config, f"{folder} ({t5_name})", dtype)
+        sources["t5"] = lambda: build_t5(_weights(folder / t5_name, variant, dtype), t5_config,
+                                         f"{folder} ({t5_name})", dtype)
         tokenizers["t5"] = T5Tokenizer(folder / t5_name.replace("text_encoder", "tokenizer"), max_length)
     elif family == "flux":
         raise CheckpointError(f"{folder}: FLUX.1 needs its T5 encoder ({t5_name}/ and tokenizer_2/)")
     schedule = schedule_from_diffusers(_json(folder / "scheduler" / "scheduler_config.json"), family)
-    return FlowModel(family, variant_name, transformer, vae, schedule, text, tokenizers, name=folder.name,
-                     t5_max_length=max_length, parts={"model": str(folder)})
+    return FlowModel(family, variant_name, transformer, vae, schedule, _built(sources, t5), tokenizers,
+                     name=folder.name, t5_max_length=max_length, parts={"model": str(folder)}, text_sources=sources)
 
 
 # --- single files ----------------------------------------------------------------------------------------------
@@ -436,19 +463,22 @@ def _t5_tokenizer(path: Path | None, near: list[Path], max_length: int):
 
 
 def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: str | Path | None = None,
-                   text_encoders: list[str | Path] | tuple = (), t5_tokenizer: str | Path | None = None
-                   ) -> FlowModel:
+                   text_encoders: list[str | Path] | tuple = (), t5_tokenizer: str | Path | None = None,
+                   t5: str = "now") -> FlowModel:
     """A FLUX.1 or SD 3 / 3.5 single file (plain, fp8 or GGUF; transformer-only or all-in-one), with the
-    parts it lacks from ``vae``, ``text_encoders`` or beside it (see the module doc)."""
+    parts it lacks from ``vae``, ``text_encoders`` or beside it (see the module doc). ``t5``: as for
+    ``read_flow_folder``. The text encoders of an all-in-one file are read by themselves, part by part."""
     from ..text.tokenizer import CLIPTokenizer
     from . import bfl, sd3_original
     from .flow_files import detect
     from .quantized import read_quantized
 
     path = Path(path)
-    tensors = read_quantized(path)
+    file_names = tensor_names(path)
+    tensors = read_quantized(path, keep=lambda k: not k.startswith(tuple(TEXT_PREFIXES.values())), dtype=dtype)
     found = detect(tensors, path)
     family, parts = found.family, {"model": str(path)}
+    _check_t5(t5, family, path)
     if family == "flux":
         state = bfl.from_bfl(tensors, found.config, path)
     else:
@@ -461,11 +491,12 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
     def plain(values: Mapping) -> dict[str, torch.Tensor]:
         return {k: _plain(v) for k, v in values.items()}
 
-    text_tensors: dict[str, tuple[dict, str]] = {}
+    # role -> (a function reading the encoder's tensors, where they are)
+    text_tensors: dict[str, tuple[Callable[[], Mapping], str]] = {}
     for role, prefix in TEXT_PREFIXES.items():
-        inside = _strip(tensors, prefix)
-        if inside:
-            text_tensors[role] = (inside, f"{path} ({prefix[:-1]})")
+        if any(n.startswith(prefix) for n in file_names):
+            text_tensors[role] = ((lambda prefix=prefix: _strip(read_quantized(
+                path, keep=lambda k: k.startswith(prefix), dtype=dtype), prefix)), f"{path} ({prefix[:-1]})")
     vae_module = None
     if any(p + "decoder.conv_in.weight" in tensors for p in VAE_PREFIXES):
         vae_module = _read_vae(path, family, dtype, tensors)
@@ -505,11 +536,11 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
                                       f"{', '.join(names[:3]) or 'none'})")
             continue
         (clips if kind == "clip" else t5s).append(file)
-    if "t5" not in text_tensors and t5s:
+    if "t5" not in text_tensors and t5s and t5 != "none":
         if len(t5s) > 1:
             raise CheckpointError(f"several T5 encoders found ({', '.join(map(str, t5s))}); name one with "
                                   f"--text-encoder (text_encoders=)")
-        text_tensors["t5"] = (read_quantized(t5s[0]), str(t5s[0]))  # an fp8 T5 stays fp8
+        text_tensors["t5"] = (lambda: read_quantized(t5s[0], dtype=dtype), str(t5s[0]))  # an fp8 T5 stays fp8
     wanted = ["clip_l", "clip_g"] if family == "sd3" else ["clip_l"]
     missing_clips = [r for r in wanted if r not in text_tensors]
     if missing_clips:
@@ -523,7 +554,7 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
         else:
             roles = {}
         for role, file in roles.items():
-            text_tensors[role] = (plain(read_quantized(file)), str(file))
+            text_tensors[role] = ((lambda file=file: read_quantized(file, dtype=dtype)), str(file))
     still = [r for r in wanted if r not in text_tensors]
     if still:
         names = {"clip_l": "CLIP-L (clip_l.safetensors)", "clip_g": "OpenCLIP-bigG (clip_g.safetensors)"}
@@ -535,21 +566,28 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
                               f"it with --text-encoder FILE (text_encoders=[...]) or put it in a text_encoder/ "
                               f"folder next to the model's folder")
 
-    text: dict[str, nn.Module | None] = {}
-    tokenizers: dict[str, object] = {}
-    for role in wanted:
-        tensors_of, source = text_tensors[role]
+    def clip(role: str, read: Callable[[], Mapping], source: str) -> nn.Module:
+        tensors_of = read()
         config = clip_config_of(tensors_of, role, source)
         state = dict(tensors_of)
         if family == "flux":
             state.pop(TEXT_PROJECTION, None)
             state.pop("text_model." + TEXT_PROJECTION, None)
-        text[role] = build_clip(plain(state), config, family == "sd3", source, dtype)
-        tokenizers[role] = CLIPTokenizer(pad_token_id=config.pad_token_id)
+        return build_clip(plain(state), config, family == "sd3", source, dtype)
+
+    def t5_encoder(read: Callable[[], Mapping], source: str) -> nn.Module:
+        t5_state = read()
+        return build_t5(t5_state, t5_config_of(t5_state, source), source, dtype)
+
+    sources: dict[str, Callable[[], nn.Module]] = {}
+    tokenizers: dict[str, object] = {}
+    for role in wanted:
+        read, source = text_tensors[role]
+        sources[role] = lambda role=role, read=read, source=source: clip(role, read, source)
         parts[role] = source
-    text["t5"] = tokenizers["t5"] = None
-    if "t5" in text_tensors:
-        t5_state, source = text_tensors["t5"]
+    tokenizers["t5"] = None
+    if "t5" in text_tensors and t5 != "none":
+        read, source = text_tensors["t5"]
         near = [Path(source.split(" (")[0]).parent, path.parent, path.parent.parent]
         tokenizer = _t5_tokenizer(Path(t5_tokenizer) if t5_tokenizer is not None else None,
                                   [*near, *(p / n for p in near for n in TEXT_FOLDERS)], max_length)
@@ -558,13 +596,16 @@ def read_flow_file(path: str | Path, *, dtype: torch.dtype | None = None, vae: s
                                   f"--t5-tokenizer PATH (t5_tokenizer=): google/t5-v1_1-xxl's, or the tokenizer_2/ "
                                   f"(FLUX.1) or tokenizer_3/ (SD 3.5) folder of a diffusers download; or put it in "
                                   f"t5_tokenizer/ beside the T5 file")
-        text["t5"] = build_t5(t5_state, t5_config_of(t5_state, source), source, dtype)
+        sources["t5"] = lambda: t5_encoder(read, source)
         tokenizers["t5"] = tokenizer
         parts["t5"] = source
+    text = _built(sources, t5)
+    for role in wanted:
+        tokenizers[role] = CLIPTokenizer(pad_token_id=text[role].config.pad_token_id)
     schedule = (FlowScheduleConfig.sd3() if family == "sd3" else FlowScheduleConfig.flux_dev() if variant == "dev"
                 else FlowScheduleConfig.flux_schnell())
     return FlowModel(family, variant, transformer, vae_module, schedule, text, tokenizers, name=path.stem,
-                     source=path, t5_max_length=max_length, parts=parts)
+                     source=path, t5_max_length=max_length, parts=parts, text_sources=sources)
 
 
 def _clip_width(path: Path) -> int:
@@ -628,7 +669,7 @@ def write_flow_folder(pipe, folder: str | Path, dtype: torch.dtype | None = None
     t5_index = 3 if family == "sd3" else 2
     for i, role in enumerate(roles):
         name = "text_encoder" if i == 0 else "text_encoder_2"
-        encoder = pipe.text_encoders[role]
+        encoder = pipe.text_encoder(role)
         state = float_state(encoder, dtype)
         projection = state.pop(TEXT_PROJECTION, None)
         tensors = to_diffusers_keys({k.removeprefix("text."): v for k, v in state.items()}, "text_encoder")
@@ -641,7 +682,7 @@ def write_flow_folder(pipe, folder: str | Path, dtype: torch.dtype | None = None
         pipe.tokenizers[role].save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
         components[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     t5_name, t5_tokenizer_name = f"text_encoder_{t5_index}", f"tokenizer_{t5_index}"
-    t5 = pipe.text_encoders.get("t5")
+    t5 = pipe.text_encoder("t5")
     if t5 is not None:
         t5_cfg = {"architectures": ["T5EncoderModel"], "model_type": "t5", **t5_config_to_transformers(t5.config)}
         write(t5_name, t5_cfg, t5_to_transformers(float_state(t5, dtype), t5.config), "model.safetensors",

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,17 +26,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says what is wrong and what to do."""
 
 
-def load_state_dict(path: str | Path, *, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or pickled checkpoint file, flat, nothing executed."""
+def load_state_dict(path: str | Path, *, device: str = "cpu", keep: Callable[[str], bool] | None = None,
+                    cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors or pickled checkpoint file, flat, nothing executed. ``keep``: only the
+    names it accepts (a .safetensors file then reads nothing else: one part of an all-in-one file).
+    ``cast(name, tensor)``: applied to each tensor as a .safetensors file is read, one at a time, so that an
+    fp16 file read into bf16 never holds both copies of every weight."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty")
     if path.suffix == ".safetensors":
-        return _load_safetensors(path, device)
+        return _load_safetensors(path, device, keep, cast)
     if path.suffix in PICKLE_SUFFIXES:
-        return _load_pickle(path, device)
+        tensors = _load_pickle(path, device)
+        return {k: cast(k, v) if cast is not None else v for k, v in tensors.items() if keep is None or keep(k)}
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or "
                           f"one of {', '.join(PICKLE_SUFFIXES)}")
 
@@ -114,13 +119,17 @@ def find_weights(folder: str | Path, variant: str | None = None) -> Path:
     raise CheckpointError(f"{folder}: no weights file; expected {expected}. The folder holds: {there}{hint}")
 
 
-def read_weights(folder: str | Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of one model folder: one file, or every shard its index names."""
+def read_weights(folder: str | Path, variant: str | None = None, dtype: torch.dtype | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """All tensors of one model folder: one file, or every shard its index names. ``dtype``: float tensors
+    converted to it as they are read (one copy at a time, not two of the whole model)."""
     path = find_weights(folder, variant)
-    return read_sharded(path) if path.name.endswith(".json") else load_state_dict(path)
+    cast = (lambda key, value: value.to(dtype) if value.is_floating_point() else value) if dtype is not None else None
+    return read_sharded(path, cast) if path.name.endswith(".json") else load_state_dict(path, cast=cast)
 
 
-def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+def read_sharded(index: Path, cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The shards an ``*.index.json`` names ({"weight_map": {key: shard file}}), checked against its map."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -134,7 +143,7 @@ def read_sharded(index: Path) -> dict[str, torch.Tensor]:
         if Path(shard).name != shard or not path.is_file():
             raise CheckpointError(f"{index}: names the shard {shard!r}, which is not in {index.parent}; the download "
                                   f"is incomplete: fetch every file the index lists")
-        state.update(load_state_dict(path))
+        state.update(load_state_dict(path, cast=cast))
     missing = [key for key, shard in weight_map.items() if key not in state]
     if missing:
         raise CheckpointError(f"{index}: {len(missing)} tensors it lists are in none of its shards (first: "
@@ -149,12 +158,17 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def _load_safetensors(path: Path, device: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+def _load_safetensors(path: Path, device: str, keep: Callable[[str], bool] | None = None,
+                      cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device=device)
+        if keep is None and cast is None:
+            return load_file(str(path), device=device)
+        with safe_open(str(path), framework="pt", device=device) as f:
+            return {k: cast(k, f.get_tensor(k)) if cast is not None else f.get_tensor(k)
+                    for k in f.keys() if keep is None or keep(k)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from None
 

@@ -28,9 +28,16 @@ IGNORED_KEYS = ("scaled_fp8",)
 Tensors = dict[str, "torch.Tensor | QuantizedTensor"]
 
 
-def read_fp8(path: str | Path) -> Tensors:
-    """An fp8 safetensors file: fp8 matrices as QuantizedTensors (with their scales), the rest as stored."""
-    state = load_state_dict(path)
+def read_fp8(path: str | Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+             ) -> Tensors:
+    """An fp8 safetensors file: fp8 matrices as QuantizedTensors (with their scales), the rest as stored.
+    ``keep``: only the tensors whose names it accepts (a part of an all-in-one file; nothing else is read).
+    ``dtype``: 16- and 32-bit float weights converted to it as they are read (not the fp8 ones, nor scales)."""
+    def cast(key: str, value: torch.Tensor) -> torch.Tensor:
+        wide = value.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return value.to(dtype) if wide and key.rsplit(".", 1)[-1] not in WEIGHT_SCALES else value
+
+    state = load_state_dict(path, keep=keep, cast=cast if dtype is not None else None)
     out: Tensors = {}
     for key, value in state.items():
         if key.split(".")[-1] in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES) or \
@@ -47,9 +54,10 @@ def read_fp8(path: str | Path) -> Tensors:
     return out
 
 
-def read_gguf(path: str | Path) -> Tensors:
+def read_gguf(path: str | Path, keep: Callable[[str], bool] | None = None) -> Tensors:
     """A GGUF file: block-quantized and F16/BF16 matrices as QuantizedTensors (copied into memory as
-    stored), F32 and 1-D tensors as torch tensors. GGUF lists dimensions innermost first."""
+    stored), F32 and 1-D tensors as torch tensors. GGUF lists dimensions innermost first. ``keep``: only
+    the tensors whose names it accepts."""
     try:
         import gguf
     except ImportError as error:
@@ -60,6 +68,8 @@ def read_gguf(path: str | Path) -> Tensors:
     out: Tensors = {}
     reader = gguf.GGUFReader(str(path))
     for tensor in reader.tensors:
+        if keep is not None and not keep(tensor.name):
+            continue
         shape = tuple(int(n) for n in reversed(tensor.shape))
         # ComfyUI-GGUF stores convolutions flattened to 2-D, with their shape in the metadata
         field = reader.fields.get(f"comfy.gguf.orig_shape.{tensor.name}")
@@ -84,8 +94,10 @@ def read_gguf(path: str | Path) -> Tensors:
     return out
 
 
-def read_quantized(path: str | Path) -> Tensors:
-    return read_gguf(path) if Path(path).suffix == ".gguf" else read_fp8(path)
+def read_quantized(path: str | Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+                   ) -> Tensors:
+    """``dtype``: for safetensors files, see ``read_fp8`` (GGUF files keep their float tensors as stored)."""
+    return read_gguf(path, keep) if Path(path).suffix == ".gguf" else read_fp8(path, keep, dtype)
 
 
 def load_quantized(build: Callable[[], nn.Module], state: Mapping[str, "torch.Tensor | QuantizedTensor"],

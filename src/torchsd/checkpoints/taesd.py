@@ -2,6 +2,11 @@
 taesdxl / taesd3 / taef1 names too), a folder holding them, or a diffusers ``AutoencoderTiny`` folder
 (``diffusion_pytorch_model.safetensors`` with ``encoder.layers.N`` / ``decoder.layers.N`` keys).
 
+A folder may hold the files of several families, as AUTOMATIC1111's and Forge's ``models/VAE-taesd`` does:
+``family`` picks the ones named for it (taesd for SD 1/2, taesdxl, taesd3 for SD 3, taef1 for FLUX.1).
+TAESD3 and TAEF1 have 16 latent channels and, like TAESD, read the latents the denoiser sees (for SD 3 and
+FLUX.1: (z - shift) * scale), so every family's preview is ``decode(latents)``.
+
 The architecture (levels, blocks per level, widths, latent channels) is read from the keys and shapes, and
 the key set is checked exactly. madebyollin's decoder starts with a parameter-free clamp module, so its
 layer N is diffusers' layer N-1.
@@ -18,6 +23,8 @@ from ..models.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from .io import CheckpointError, load_state_dict
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# madebyollin's file names per model family: <name>_encoder.*, <name>_decoder.*
+FAMILY_NAMES = {"sd1": "taesd", "sd2": "taesd", "sdxl": "taesdxl", "sd3": "taesd3", "flux": "taef1"}
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -52,14 +59,19 @@ def _config(encoder: dict | None, decoder: dict | None) -> TinyAutoencoderConfig
     return TinyAutoencoderConfig(**fields)
 
 
-def _read_halves(path: Path) -> tuple[dict | None, dict | None, str]:
-    """(encoder layers, decoder layers, where from), keys relative to each half's Sequential."""
+def _read_halves(path: Path, family: str | None = None) -> tuple[dict | None, dict | None, str]:
+    """(encoder layers, decoder layers, where from), keys relative to each half's Sequential. In a folder,
+    the files named for ``family`` where there are some, else the first in name order."""
     if path.is_dir():
         for name in DIFFUSERS_WEIGHTS:
             if (path / name).is_file():
                 return _read_halves(path / name)
         encoder = [p for p in sorted(path.iterdir()) if re.search(r"_encoder$", p.stem) and p.suffix in SUFFIXES]
         decoder = [p for p in sorted(path.iterdir()) if re.search(r"_decoder$", p.stem) and p.suffix in SUFFIXES]
+        own = FAMILY_NAMES.get(family or "")
+        if own is not None and any(p.stem == f"{own}_decoder" for p in decoder):
+            encoder = [p for p in encoder if p.stem == f"{own}_encoder"]
+            decoder = [p for p in decoder if p.stem == f"{own}_decoder"]
         if not encoder and not decoder:
             raise CheckpointError(f"{path}: no TAESD here: expected taesd_encoder/taesd_decoder .pth or .safetensors "
                                   f"files, or a diffusers AutoencoderTiny folder (diffusion_pytorch_model.*)")
@@ -83,12 +95,14 @@ def _read_halves(path: Path) -> tuple[dict | None, dict | None, str]:
     return state, None, str(path)
 
 
-def load_taesd(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> TinyAutoencoder:
-    """A TAESD from a file or folder (see the module docstring); a decoder file alone gives a decoder only."""
+def load_taesd(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32, *, family: str | None = None
+               ) -> TinyAutoencoder:
+    """A TAESD from a file or folder (see the module docstring); a decoder file alone gives a decoder only.
+    ``family`` ("sd1", "sdxl", "sd3", "flux" …): in a folder, its files (taesd3_decoder.pth …) first."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such TAESD file or folder")
-    encoder, decoder, where = _read_halves(path)
+    encoder, decoder, where = _read_halves(path, family)
     try:
         model = TinyAutoencoder(_config(encoder, decoder), encoder=encoder is not None, decoder=decoder is not None)
     except (ValueError, KeyError, IndexError) as err:

@@ -28,6 +28,7 @@ SD 3 and FLUX.1 schedules (and diffusers' Euler) start at t = 1 exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -117,13 +118,39 @@ class FlowDenoiser:
         return x - t[:, None, None, None] * v
 
 
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """SD 3.5's skip-layer guidance (diffusers' ``skip_guidance_layers``; "SLG" in Forge and ComfyUI): at the
+    steps between ``start`` and ``stop`` (fractions of the loop's steps), x0 moves ``scale`` times further along
+    x0_cond - x0_skip, where x0_skip is the prompt's prediction with the joint ``blocks`` left out. Those
+    middle blocks carry structure, so guiding away from the model without them sharpens anatomy and layout
+    (Stability's SD 3.5 Medium recipe: blocks 7, 8, 9, scale 2.8, from 1 % to 20 % of the steps)."""
+
+    blocks: tuple[int, ...]
+    scale: float
+    start: float
+    stop: float
+    levels: tuple[float, ...]  # the flow times the sampler loop visits, first to last
+
+    def applies(self, t: float) -> bool:
+        """diffusers' window on the 0-based step i of N: start * N < i < stop * N. A call's step is the last
+        level at or above its t (Heun's second call, at the next level, counts as the next step)."""
+        steps = len(self.levels) - 1
+        i = sum(1 for level in self.levels[1:steps] if level >= t - 1e-6 * max(t, 1e-8))
+        return self.start * steps < i < self.stop * steps
+
+
 def flow_guidance(model: FlowDenoiser, cond: tuple[torch.Tensor, torch.Tensor],
-                  uncond: tuple[torch.Tensor, torch.Tensor] | None, guidance_scale: float, **extras
+                  uncond: tuple[torch.Tensor, torch.Tensor] | None, guidance_scale: float, *,
+                  skip_layers: SkipLayerGuidance | None = None,
+                  observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None, **extras
                   ) -> Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022) of a flow model, both halves in one call.
 
     ``cond`` and ``uncond`` are (context, pooled) pairs. x0 is linear in v at fixed x and t, so guiding x0
-    equals diffusers' guiding of the velocity. ``extras`` (FLUX.1-dev's ``guidance=``) go to every call."""
+    equals diffusers' guiding of the velocity. ``skip_layers``: skip-layer guidance on top, one more call on
+    the prompt's half where it applies. ``observer`` sees (t, x0_cond, x0_uncond) at every guided call.
+    ``extras`` (FLUX.1-dev's ``guidance=``) go to every call."""
     context, pooled = cond
     if uncond is None or guidance_scale == 1.0:
         return lambda x, sigma: model(x, sigma, context, pooled, **extras)
@@ -134,7 +161,13 @@ def flow_guidance(model: FlowDenoiser, cond: tuple[torch.Tensor, torch.Tensor],
         sigma = sigma_per_image(sigma, x)
         x0_uncond, x0_cond = model(torch.cat([x, x]), torch.cat([sigma, sigma]), both_context, both_pooled,
                                    **extras).chunk(2)
-        return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+        if observer is not None:
+            observer(sigma, x0_cond, x0_uncond)
+        x0 = x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+        if skip_layers is not None and skip_layers.applies(float(sigma[0])):
+            x0_skip = model(x, sigma, context, pooled, skip_blocks=skip_layers.blocks, **extras)
+            x0 = x0 + skip_layers.scale * (x0_cond - x0_skip)
+        return x0
 
     return denoise
 

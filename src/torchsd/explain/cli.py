@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "explain", help="show every stage of one generation (or, with --toy, diffusion on a 2-D distribution)",
         description="Run one generation and draw what each stage did: the autoencoder, forward noising, the "
-                    "sampler's x0 predictions, cross-attention per prompt token, guidance and the final decode.")
+                    "sampler's x0 predictions, cross-attention per prompt token (SD 3 / FLUX.1: the joint attention's "
+                    "image-to-text part), guidance and the final decode.")
     p.add_argument("prompt", nargs="?", help="the prompt to explain (not used with --toy)")
     p.add_argument("--toy", action="store_true",
                    help="train a small diffusion model on a 2-D age/height distribution and plot what it learned")
@@ -69,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--snapshots must be at least 1; got {args.snapshots}")
     sd = load_from_args(args)
     start = time.perf_counter()
-    explanation = explain(sd, request, snapshots=args.snapshots)
+    if hasattr(sd, "transformer"):  # SD 3 / FLUX.1: joint attention in place of cross-attention
+        from .flow_trace import explain_flow
+
+        if control:
+            raise ValueError(f"{sd.config.label}: ControlNet units are not available for flow models; drop --control")
+        explanation = explain_flow(sd, request, snapshots=args.snapshots)
+    else:
+        explanation = explain(sd, request, snapshots=args.snapshots)
     write_report(explanation_sections(explanation), out, f"torchsd explain: {args.prompt}")
     print(f"{out}  ({sd.name}, seed {explanation.result.seeds[0]}, {time.perf_counter() - start:.1f} s)")
     return 0

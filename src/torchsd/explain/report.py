@@ -29,6 +29,7 @@ from .trace import ControlRecord, Explanation
 
 REPORT_SUFFIXES = (".png", ".html")
 WIDTH_INCHES = 13.0
+MAX_CHANNELS = 4  # latent channels drawn one by one (SD 3 and FLUX.1 have 16: the first four)
 DPI = 90
 
 
@@ -84,13 +85,14 @@ def autoencoder_section(e: Explanation) -> Section | None:
     if e.init_image is None or e.init_latents is None:
         return None
     C = e.init_latents.shape[0]
+    shown = min(C, MAX_CHANNELS)
     figure = _new_figure(1, 2.6)
-    axes = figure.subplots(1, C + 2)
+    axes = figure.subplots(1, shown + 2)
     _show_image(axes[0], e.init_image, f"input {e.init_image.shape[2]}×{e.init_image.shape[1]}×3")
     limit = float(e.init_latents.abs().max())
-    for c in range(C):
+    for c in range(shown):
         im = _show_channel(axes[c + 1], e.init_latents[c], f"latent channel {c}", limit)
-    figure.colorbar(im, ax=axes[1:C + 1], shrink=0.8)
+    figure.colorbar(im, ax=axes[1:shown + 1], shrink=0.8)
     _show_image(axes[-1], e.decoded["reconstruction"], "decoded back")
     (H, W), (h, w) = e.init_image.shape[1:], e.init_latents.shape[1:]
     caption = (f"The VAE encoder turns the {W}×{H}×3 image into {w}×{h}×{C} latents "
@@ -104,15 +106,24 @@ def forward_section(e: Explanation) -> Section:
     figure = _new_figure(2)
     axes = figure.subplots(2, n, squeeze=False)
     limit = max(float(n.z[0].abs().max()) for n in e.noising)
+    flow = e.model_kind == "flow"
     for j, n in enumerate(e.noising):
-        _show_image(axes[0, j], e.decoded[f"noised/{n.timestep}"], f"t = {n.timestep}   √ᾱ = {n.alpha_bar ** 0.5:.2f}")
+        title = (f"t = {n.timestep / 1000:.2f}   1 − t = {n.alpha_bar ** 0.5:.2f}" if flow else
+                 f"t = {n.timestep}   √ᾱ = {n.alpha_bar ** 0.5:.2f}")
+        _show_image(axes[0, j], e.decoded[f"noised/{n.timestep}"], title)
         _show_channel(axes[1, j], n.z[0], "latent channel 0", limit)
     _label_row(axes[0, 0], "decoded z_t")
     _label_row(axes[1, 0], "z_t (channel 0)")
     source = "the input image's" if e.init_latents is not None else "the generated image's"
-    caption = (f"The forward (noising) process applied to {source} latents z0: "
-               f"z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε, one noise draw ε for all t. By t = {e.noising[-1].timestep} "
-               f"almost nothing of z0 is left: that pure noise is where generation starts.")
+    if flow:
+        caption = (f"The forward process of rectified flow applied to {source} latents z0: a straight line to "
+                   f"noise, z_t = (1 − t) z0 + t ε, one noise draw ε for all t. At t = 1 nothing of z0 is left: "
+                   f"that pure noise is where generation starts, and the transformer predicts the velocity ε − z0 "
+                   f"along the line.")
+    else:
+        caption = (f"The forward (noising) process applied to {source} latents z0: "
+                   f"z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε, one noise draw ε for all t. By t = {e.noising[-1].timestep} "
+                   f"almost nothing of z0 is left: that pure noise is where generation starts.")
     return Section("forward-process", "Forward process: noise dissolves the latent", caption, figure)
 
 
@@ -126,11 +137,13 @@ def denoising_section(e: Explanation) -> Section:
         _show_image(axes[1, j], e.decoded[f"x0/{i}"], f"x0 at σ = {step.sigma:.2f}")
     _label_row(axes[0, 0], "sample x_t")
     _label_row(axes[1, 0], "predicted x0")
-    caption = (f"The reverse process: {e.request.sampler} walks {len(e.steps)} steps down the noise levels σ. "
-               f"At each step the U-Net's noise prediction gives an estimate x0 of the clean latents (bottom); "
+    net, what = ("transformer", "velocity") if e.model_kind == "flow" else ("U-Net", "noise")
+    levels = "flow times σ = t, from 1 to 0" if e.model_kind == "flow" else "noise levels σ"
+    caption = (f"The reverse process: {e.request.sampler} walks {len(e.steps)} steps down the {levels}. "
+               f"At each step the {net}'s {what} prediction gives an estimate x0 of the clean latents (bottom); "
                f"the sampler moves the sample part of the way towards it (top). In a trained model the early x0 "
                f"are blurry averages of everything the prompt allows, and detail appears as σ falls.")
-    return Section("denoising", "Reverse process: the U-Net denoises, step by step", caption, figure)
+    return Section("denoising", f"Reverse process: the {net} denoises, step by step", caption, figure)
 
 
 def attention_section(e: Explanation) -> Section:
@@ -149,8 +162,19 @@ def attention_section(e: Explanation) -> Section:
             ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
             ax.imshow(up[j].numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=float(up[j].max()))
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{e.tokens[j]}  {100 * share[j]:.0f}%", fontsize=9)
-        _label_row(axes[r, 0], f"{size[1]}×{size[0]}, {len(e.attention_layers[size])} layers")
+            percent = 100 * float(share[j])
+            ax.set_title(f"{e.tokens[j]}  {percent:.0f}%" if percent >= 10 else f"{e.tokens[j]}  {percent:.1f}%",
+                         fontsize=9)
+        _label_row(axes[r, 0], f"{size[1]}×{size[0]}, {len(e.attention_layers[size])} "
+                               f"{'blocks' if e.model_kind == 'flow' else 'layers'}")
+    if e.model_kind == "flow":
+        caption = ("Joint attention: text and image tokens attend over their concatenation; shown is its "
+                   "image-patch-query × text-key block, which does what cross-attention does in a U-Net. Each panel "
+                   "is one token's attention over the patch grid (averaged over heads, joint blocks and sampler "
+                   "steps; normalised to sum to one, brightest = most attended). The percentage is the token's "
+                   "share of all of a patch's attention, image keys included. SD 3 reads CLIP's tokens and then "
+                   "T5's, FLUX.1 T5's only.")
+        return Section("cross-attention", "Joint attention: where each prompt token acts", caption, figure)
     caption = ("Cross-attention: every image position of the U-Net queries the prompt's tokens. Each panel is "
                "one token's attention over the image (averaged over heads, layers of that resolution and "
                "sampler steps; normalised to sum to one, brightest = most attended). The percentage is the "
@@ -162,7 +186,8 @@ def guidance_section(e: Explanation) -> Section:
     scale = e.request.guidance_scale
     if not e.guidance:
         figure = _new_figure(1, 1.0)
-        figure.text(0.5, 0.5, "no guided U-Net calls in this run", ha="center")
+        net = "transformer" if e.model_kind == "flow" else "U-Net"
+        figure.text(0.5, 0.5, f"no guided {net} calls in this run", ha="center")
         return Section("guidance", "Classifier-free guidance",
                        "Not used here: with guidance scale 1 only the conditional prediction is made "
                        "(and image-to-image with strength 0 makes none).", figure)
@@ -184,7 +209,8 @@ def guidance_section(e: Explanation) -> Section:
     ax.plot(sigmas, [scale * v for v in rms], "s--", label=f"guidance push, × scale {scale:g}")
     ax.set_xscale("log"), ax.invert_xaxis()
     ax.set_xlabel("noise level σ (generation runs left to right)"), ax.legend(fontsize=8)
-    caption = (f"Classifier-free guidance: the U-Net predicts x0 twice per step, with the prompt and with the "
+    caption = (f"Classifier-free guidance: the {'transformer' if e.model_kind == 'flow' else 'U-Net'} predicts x0 "
+               f"twice per step, with the prompt and with the "
                f"negative (empty) prompt. The step uses x0_uncond + {scale:g} × (x0_cond − x0_uncond), "
                f"pushing {scale:g}× as far as the prompt alone would, towards what distinguishes it.")
     return Section("guidance", "Classifier-free guidance: with and without the prompt", caption, figure)
@@ -267,14 +293,17 @@ def control_section(e: Explanation) -> Section | None:
 def decoder_section(e: Explanation) -> Section:
     latents = e.latents
     C = latents.shape[0]
+    shown = min(C, MAX_CHANNELS)
     figure = _new_figure(1, 2.6)
-    axes = figure.subplots(1, C + 1)
+    axes = figure.subplots(1, shown + 1)
     limit = float(latents.abs().max())
-    for c in range(C):
+    for c in range(shown):
         im = _show_channel(axes[c], latents[c], f"final latent channel {c}", limit)
-    figure.colorbar(im, ax=axes[:C], shrink=0.8)
+    figure.colorbar(im, ax=axes[:shown], shrink=0.8)
     _show_image(axes[-1], e.image, "decoded image")
     caption = "The last latents, after the final step, go through the VAE decoder once: that is the image."
+    if shown < C:
+        caption += f" (The first {shown} of the {C} latent channels are shown.)"
     return Section("decoder", "Reconstruction: the decoder turns latents into the image", caption, figure)
 
 

@@ -174,6 +174,9 @@ class Explanation:
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # decoded latents, by a name the report uses
     control: ControlRecord | None = None  # with ControlNet units: the residuals the U-Net received
     adapter: ControlRecord | None = None  # with T2I-Adapter units: the features the U-Net received
+    # "unet", or "flow" (SD 3 / FLUX.1, ``flow_trace.py``): steps and noising in flow time t (sigma = t,
+    # alpha_bar = (1 - t)^2), attention = the joint attention's image-query x text-key block
+    model_kind: str = "unet"
 
     @property
     def latents(self) -> torch.Tensor:

@@ -191,7 +191,8 @@ class JointBlock(nn.Module):
 
 class MMDiT(nn.Module):
     """(latents (B, C, H, W), timesteps (B,) in 0..1000, context (B, L, context_dim), pooled (B, pooled_dim))
-    -> velocity (B, C, H, W)."""
+    -> velocity (B, C, H, W). ``skip_blocks``: indices of joint blocks to leave out (both streams pass them
+    unchanged), for skip-layer guidance (diffusers' ``skip_layers``)."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
@@ -205,14 +206,15 @@ class MMDiT(nn.Module):
         self.final_proj = nn.Linear(c.width, c.patch_size ** 2 * c.out_channels)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                pooled: torch.Tensor) -> torch.Tensor:
+                pooled: torch.Tensor, skip_blocks: tuple[int, ...] = ()) -> torch.Tensor:
         B, _, H, W = x.shape
         p = self.config.patch_size
         tokens = self.patch_embed(x)  # (B, h*w, width)
         c = self.time_embed(timestep_embedding(timesteps, 256).to(x.dtype)) + self.pooled_embed(pooled)  # (B, width)
         context = self.context_proj(context)  # (B, L, width)
-        for block in self.blocks:
-            tokens, context = block(tokens, context, c)
+        for i, block in enumerate(self.blocks):
+            if i not in skip_blocks:
+                tokens, context = block(tokens, context, c)
         scale, shift = self.final_modulation(F.silu(c)).chunk(2, dim=1)
         out = self.final_proj(modulate(layer_norm(tokens), shift, scale))  # (B, h*w, p*p*C)
         return unpatchify(out, H // p, W // p, p)

@@ -34,6 +34,7 @@ from ..checkpoints.lora import LoraLibrary
 from ..checkpoints.upscalers import UpscalerLibrary
 from ..config import CLIPTextConfig, FlowScheduleConfig, FluxConfig, MMDiTConfig, VAEConfig
 from ..diffusion.samplers import Step
+from ..models.layers import set_attention_chunk
 from ..text.styles import StyleLibrary
 from . import autoencoding
 from .request import GenerationRequest, GenerationResult
@@ -90,8 +91,18 @@ class FlowPipeline:
                                          base * vae_config.downscale_factor, model.t5_max_length)
         self.transformer = model.transformer.eval().requires_grad_(False)
         self.vae = model.vae.eval().requires_grad_(False)
-        self.text_encoders = {k: (v.eval().requires_grad_(False) if v is not None else None)
-                              for k, v in model.text.items()}
+        # the encoders in memory now, by role ("clip_l", "clip_g", "t5"); ``text_encoder(role)`` reads one that
+        # is not (freed, or left for later) from its file again through ``text_sources``
+        self.text_encoders: dict[str, torch.nn.Module] = {k: v.eval().requires_grad_(False)
+                                                          for k, v in model.text.items() if v is not None}
+        self.text_sources = dict(model.text_sources)
+        # drop the text encoders once a run's prompts are encoded (their memory back before the transformer
+        # runs) and keep those prompts' encodings, so that the next run with the same prompts reads none
+        self.free_text_encoders = False
+        self.attention_chunk: int | None = None  # what a text encoder read again gets (layers.set_attention_chunk)
+        self._encoding = 0  # depth of ``text_encoding()`` blocks
+        self._encoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._used: set[tuple] = set()
         self.tokenizers = model.tokenizers
         self.name = model.name
         self.source = model.source
@@ -117,7 +128,8 @@ class FlowPipeline:
 
     @property
     def networks(self) -> list[torch.nn.Module]:
-        return [self.transformer, self.vae, *(m for m in self.text_encoders.values() if m is not None)]
+        """The networks in memory: transformer, VAE and the text encoders that are loaded."""
+        return [self.transformer, self.vae, *self.text_encoders.values()]
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +143,45 @@ class FlowPipeline:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FlowPipeline":
         for network in self.networks:
             network.to(device=device, dtype=dtype)  # quantized weights are uint8 buffers: moved, never widened
+        self._encoded.clear()
         return self
+
+    # --- the text encoders, in memory only while they are needed (``free_text_encoders``) ------------------
+    def has_text_encoder(self, role: str) -> bool:
+        return role in self.text_encoders or role in self.text_sources
+
+    def text_encoder(self, role: str) -> torch.nn.Module | None:
+        """The encoder of ``role``, read from its file again if it is not in memory; None where the model has
+        none (SD 3 without T5)."""
+        encoder = self.text_encoders.get(role)
+        if encoder is None and role in self.text_sources:
+            encoder = self.text_sources[role]().eval().requires_grad_(False)
+            encoder.to(device=self.device, dtype=self.dtype)
+            set_attention_chunk(encoder, self.attention_chunk)
+            self.text_encoders[role] = encoder
+        return encoder
+
+    @contextmanager
+    def text_encoding(self) -> Iterator[None]:
+        """Around the encoding of a run's prompts (nested blocks count as one). With ``free_text_encoders`` the
+        encoders are dropped at its end and only the encodings of the prompts encoded inside it are kept."""
+        self._encoding += 1
+        try:
+            yield
+        finally:
+            self._encoding -= 1
+            if self._encoding == 0 and self.free_text_encoders:
+                self.release_text_encoders()
+                self._encoded = {k: v for k, v in self._encoded.items() if k in self._used}
+                self._used = set()
+
+    def release_text_encoders(self) -> None:
+        """Drop every text encoder that can be read again from its file, and give its memory back."""
+        dropped = [role for role in self.text_encoders if role in self.text_sources]
+        for role in dropped:
+            del self.text_encoders[role]
+        if dropped:
+            give_back_memory()
 
     @contextmanager
     def sampling_context(self) -> Iterator[None]:
@@ -147,11 +197,22 @@ class FlowPipeline:
 
     # --- the stages --------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (context (B, tokens, width), pooled (B, pooled_dim)) in the transformer's dtype."""
-        encode = encode_sd3 if self.family == "sd3" else encode_flux
-        context, pooled = encode(self, prompts)
-        return context.to(self.dtype), pooled.to(self.dtype)
+    def encode_prompts(self, prompts: list[str], encoders_key: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (context (B, tokens, width), pooled (B, pooled_dim)) in the transformer's dtype.
+        ``encoders_key``: what else the encoders hold for this encoding (their LoRAs), part of the kept
+        encodings' key."""
+        key = (tuple(prompts), encoders_key)
+        with self.text_encoding():
+            if self.free_text_encoders:
+                self._used.add(key)
+                if key in self._encoded:
+                    return self._encoded[key]
+            encode = encode_sd3 if self.family == "sd3" else encode_flux
+            context, pooled = encode(self, prompts)
+            encoded = context.to(self.dtype), pooled.to(self.dtype)
+            if self.free_text_encoders:
+                self._encoded[key] = encoded
+            return encoded
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, generator=None) -> torch.Tensor:
@@ -162,12 +223,23 @@ class FlowPipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] (float32, finite or FloatingPointError)."""
+        """Latents -> images in [-1, 1] (float32, finite or FloatingPointError); with ``fast_decode``, TAESD's."""
+        if self.fast_decode and self.taesd is not None:
+            return self.decode_preview(latents)
         vae = self.config.vae
         return autoencoding.decode(self.vae, latents / vae.scaling_factor + vae.shift_factor, tiling=self.vae_tiling)
 
+    @torch.no_grad()
     def decode_preview(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decode_latents(latents)
+        """Latents -> images in [-1, 1] for a look while sampling: TAESD3 / TAEF1 when the pipeline has one
+        (they read the transformer's latents as they are, no shift or scale), else the full VAE."""
+        if self.taesd is None or self.taesd.decoder is None:
+            vae = self.config.vae
+            return autoencoding.decode(self.vae, latents / vae.scaling_factor + vae.shift_factor,
+                                       tiling=self.vae_tiling)
+        parameter = next(self.taesd.parameters())
+        images = self.taesd.decode(latents.to(parameter.device, parameter.dtype)).float()
+        return torch.nan_to_num(images).clamp(-1, 1)
 
     # --- the whole run ------------------------------------------------------------------------------
     def generate(self, prompt: str | GenerationRequest, negative_prompt: str = "", *, progress: bool = False,
@@ -183,11 +255,11 @@ class FlowPipeline:
     @torch.no_grad()
     def run(self, request: GenerationRequest, *, progress: bool = False,
             callback: Callable[[Step], None] | None = None, observer=None) -> GenerationResult:
+        """``callback`` sees every sampler ``Step``; ``observer`` sees (t, x0_cond, x0_uncond) at every
+        classifier-free-guided transformer call."""
         from .flow_run import run
 
-        if observer is not None:
-            raise ValueError("the guidance observer is for the U-Net models; flow models do not report it")
-        return run(self, request, progress=progress, callback=callback)
+        return run(self, request, progress=progress, callback=callback, observer=observer)
 
     def infotext(self, request: GenerationRequest, seed: int, width: int, height: int) -> str:
         from .flow_run import infotext
@@ -203,12 +275,25 @@ class FlowPipeline:
         write_flow_folder(self, path, dtype=dtype)
 
 
+def give_back_memory() -> None:
+    """Collect what was dropped and hand the freed heap back to the system: glibc keeps freed blocks below
+    its mmap threshold (32 MiB) for reuse, which a CPU machine short of memory needs for the transformer."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps its own counsel
+        pass
+
+
 # --- 2. the prompts, per family -----------------------------------------------------------------------------
 
 def _t5(pipe: FlowPipeline, prompts: list[str], batch: int) -> torch.Tensor:
     """T5's final hidden states (B, max_length, width); zeros where the model has no T5 (SD 3 without
     text_encoder_3, as diffusers runs it)."""
-    encoder = pipe.text_encoders.get("t5")
+    encoder = pipe.text_encoder("t5")
     if encoder is None:
         return torch.zeros(batch, pipe.config.t5_max_length, pipe.config.transformer.context_dim, device=pipe.device)
     ids = pipe.tokenizers["t5"](prompts).to(pipe.device)
@@ -217,7 +302,7 @@ def _t5(pipe: FlowPipeline, prompts: list[str], batch: int) -> torch.Tensor:
 
 def _clip(pipe: FlowPipeline, name: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = pipe.tokenizers[name](prompts).to(pipe.device)
-    hidden, pooled = pipe.text_encoders[name](ids)
+    hidden, pooled = pipe.text_encoder(name)(ids)
     return hidden.float(), pooled.float()
 
 
@@ -244,27 +329,33 @@ def encode_flux(pipe: FlowPipeline, prompts: list[str]) -> tuple[torch.Tensor, t
 def load_flow_pipeline(path: str | Path, *, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None, variant: str | None = None, vae: str | Path | None = None,
                        text_encoders: list[str | Path] | tuple = (), t5_tokenizer: str | Path | None = None,
-                       lora_dirs: list[str | Path] = (), embedding_dirs: list[str | Path] = ()) -> FlowPipeline:
+                       lora_dirs: list[str | Path] = (), embedding_dirs: list[str | Path] = (),
+                       without_t5: bool = False, free_text_encoders: bool = False) -> FlowPipeline:
     """An SD 3 / 3.5 or FLUX.1 pipeline from a diffusers folder or a single file (and the parts it lacks:
     ``vae``, ``text_encoders``, ``t5_tokenizer``; see ``checkpoints/flow_pipeline.py``), on ``device`` in
-    ``dtype``; quantized transformer weights (fp8, GGUF) stay quantized."""
+    ``dtype``; quantized transformer weights (fp8, GGUF) stay quantized. ``without_t5``: SD 3 conditions on
+    zeros in T5's place, as diffusers' ``text_encoder_3=None`` (T5-XXL is never read). ``free_text_encoders``:
+    see ``FlowPipeline``; T5 is then first read when a prompt needs it."""
     from ..checkpoints.flow_pipeline import _read_vae, read_flow_file, read_flow_folder
     from ..checkpoints.io import CheckpointError
 
     path = Path(path)
+    t5 = "none" if without_t5 else "later" if free_text_encoders else "now"
     if path.is_dir():
         if text_encoders or t5_tokenizer is not None:
             raise CheckpointError(f"{path}: a diffusers folder brings its own text encoders and tokenizers; "
                                   f"--text-encoder and --t5-tokenizer are for single files")
-        model = read_flow_folder(path, dtype=dtype, variant=variant)
+        model = read_flow_folder(path, dtype=dtype, variant=variant, t5=t5)
         if vae is not None:
             model.vae, model.parts["vae"] = _read_vae(Path(vae), model.family, dtype), str(vae)
     else:
         if variant is not None:
             raise CheckpointError(f"{path}: variant={variant!r} selects files in a diffusers folder; a single file "
                                   f"has none")
-        model = read_flow_file(path, dtype=dtype, vae=vae, text_encoders=text_encoders, t5_tokenizer=t5_tokenizer)
+        model = read_flow_file(path, dtype=dtype, vae=vae, text_encoders=text_encoders, t5_tokenizer=t5_tokenizer,
+                               t5=t5)
     pipe = FlowPipeline(model).to(device)
+    pipe.free_text_encoders = free_text_encoders
     for folder in lora_dirs:
         pipe.loras.add_dir(folder)
     for folder in embedding_dirs:

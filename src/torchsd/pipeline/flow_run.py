@@ -40,6 +40,7 @@ import torch
 from ..config import FlowScheduleConfig
 from ..diffusion.flow import (
     FlowDenoiser,
+    SkipLayerGuidance,
     flow_as_ve,
     flow_guidance,
     flow_img2img_start,
@@ -65,6 +66,7 @@ from .run import _progress_bar, decode, expand_prompts, finish, plan
 # sampler -> the variable it integrates in: "flow" (x_t, t) or "ve" (x_t / (1 - t), t / (1 - t))
 FLOW_SAMPLERS = {"euler": "flow", "heun": "flow", "dpmpp_2m": "ve", "unipc": "ve"}
 SAME_AS = {"ddim": "euler"}  # DDIM's deterministic step is Euler's on flow times
+TEXT_LORAS = "flow_text_loras"  # run.state: the LoRAs with a text-encoder part, (lora, path, text scale)
 SUPPORTED_FEATURES = (STYLES, IMG2IMG, INPAINT, VARIATION, HIRES, LORA, FLOW)
 # the features whose run hooks (prepare, wrap_denoiser, after_sampling, …) are called here as run.py calls them;
 # the others' hooks do U-Net things (the LoRA merge, the U-Net-only refusal), and this run does their part itself
@@ -72,7 +74,7 @@ HOOKED = (INPAINT, HIRES)
 
 
 def run(pipe, request: GenerationRequest, *, progress: bool = False,
-        callback: Callable[[Step], None] | None = None) -> GenerationResult:
+        callback: Callable[[Step], None] | None = None, observer=None) -> GenerationResult:
     request = resolve(pipe, request)  # 1.
     state = plan(pipe, request)
     hooked = hooked_features(request)
@@ -89,7 +91,8 @@ def run(pipe, request: GenerationRequest, *, progress: bool = False,
         state.sample = lambda x, sigmas, **kw: sample(pipe, request, state, x, sigmas, **kw)  # the hires pass's
         latents = x
         if len(state.sigmas) > 1:  # image-to-image at strength 0 keeps the image
-            latents = sample(pipe, request, state, x, progress=progress, callback=callback)  # 4.-5.
+            latents = sample(pipe, request, state, x, progress=progress, callback=callback,  # 4.-5.
+                             observer=observer)
             for feature in hooked:  # inpainting's last blend, the hires pass
                 latents = feature.after_sampling(latents, pipe, request, state, progress=progress, callback=callback)
         images = decode(pipe, latents)  # 6.
@@ -129,6 +132,7 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
                          f"(use guidance_scale for classifier-free guidance)")
     if pipe.family == "flux" and not request.negative_prompt and request.guidance_scale != 1.0:
         changes["guidance_scale"] = 1.0
+    check_skip_layers(pipe, request.replace(**changes) if changes else request)
     side = pipe.config.multiple
     for axis in ("width", "height"):
         value = getattr(request, axis)
@@ -137,6 +141,24 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
             raise ValueError(f"{axis} {value}: {pipe.config.label} images are multiples of {side} pixels (the VAE's "
                              f"{pipe.config.vae.downscale_factor}x times 2x2 patches) — try {lower} or {upper}")
     return request.replace(**changes) if changes else request
+
+
+def check_skip_layers(pipe, request: GenerationRequest) -> None:
+    """Skip-layer guidance: SD 3's joint blocks, on top of classifier-free guidance."""
+    layers = request.options(FLOW).skip_guidance_layers
+    if not layers:
+        return
+    if pipe.family != "sd3":
+        raise ValueError(f"skip-layer guidance (skip_guidance_layers) is SD 3.5's; {pipe.config.label} has no "
+                         f"classifier-free guidance to add it to: drop it")
+    blocks = pipe.config.transformer.num_layers
+    if max(layers) >= blocks:
+        raise ValueError(f"skip_guidance_layers {list(layers)}: {pipe.config.label} has joint blocks 0 to "
+                         f"{blocks - 1} (SD 3.5 Medium's SLG: 7, 8, 9)")
+    if not guided(request):
+        raise ValueError(f"skip-layer guidance adds to classifier-free guidance, which runs only with a guidance "
+                         f"scale above 1; got {request.guidance_scale} (SD 3.5: 4.5; drop skip_guidance_layers for "
+                         f"a Turbo model)")
 
 
 def hooked_features(request: GenerationRequest) -> list:
@@ -212,12 +234,15 @@ def flow_loras(pipe, request: GenerationRequest, run: Run) -> Iterator[None]:
     if not wanted:
         yield
         return
-    from ..checkpoints.flow_lora import load_lora, loras_applied
+    from ..checkpoints.flow_lora import load_lora, loras_applied, text_encoders_named
 
     loaded = []
     for source, text_scale, transformer_scale in wanted:
         path = pipe.loras.resolve(source)
-        lora = load_lora(path, pipe.family, pipe.config.transformer, pipe.text_encoders)
+        lora = load_lora(path, pipe.family, pipe.config.transformer)  # the transformer's part; text keys listed
+        if lora.text_encoder_keys:  # read against the encoders it names (one that was freed is read again)
+            encoders = {role: pipe.text_encoder(role) for role in text_encoders_named(lora, pipe.family)}
+            lora = load_lora(path, pipe.family, pipe.config.transformer, encoders)
         if lora.text_encoder_keys:
             import warnings
 
@@ -225,13 +250,11 @@ def flow_loras(pipe, request: GenerationRequest, run: Run) -> Iterator[None]:
                           f"model runs without (first: {lora.text_encoder_keys[0]}); they are not applied",
                           stacklevel=2)
         loaded.append((lora, text_scale, transformer_scale))
+        if lora.text_updates:  # applied while the prompts are encoded (step 2), when the encoders are in memory
+            run.state.setdefault(TEXT_LORAS, []).append((lora, path, text_scale))
         # what the LoRA feature's infotext reads: name and file
         run.state[LORA.name].append(SimpleNamespace(lora=SimpleNamespace(name=path.stem, path=path)))
-    with ExitStack() as stack:
-        stack.enter_context(loras_applied(pipe.transformer, [(lora, scale) for lora, _, scale in loaded]))
-        for name, encoder in pipe.text_encoders.items():
-            if encoder is not None:
-                stack.enter_context(loras_applied(encoder, [(lora, scale) for lora, scale, _ in loaded], name))
+    with loras_applied(pipe.transformer, [(lora, scale) for lora, _, scale in loaded]):
         yield
 
 
@@ -242,8 +265,19 @@ def encode_prompts(pipe, request: GenerationRequest, run: Run, prompts: list[str
     """(context, pooled) of each prompt, ``<lora:…>`` tags taken out; the negatives only where guided."""
     run.prompts = [extract_extra_networks(p)[0] for p in prompts]
     run.negative_prompts = [extract_extra_networks(p)[0] for p in negative_prompts]
-    run.cond = pipe.encode_prompts(run.prompts)
-    run.uncond = pipe.encode_prompts(run.negative_prompts) if guided(request) else None
+    text_loras = run.state.get(TEXT_LORAS, [])
+    # what else makes an encoding: kept encodings of the same prompts under other text-encoder LoRAs are others
+    lora_key = tuple((str(path), scale) for _, path, scale in text_loras)
+    # one read of freed encoders for both prompts, dropped again before the transformer runs; their LoRA parts
+    # applied for the encoding only, restored before that
+    with pipe.text_encoding(), ExitStack() as stack:
+        if text_loras:
+            from ..checkpoints.flow_lora import loras_applied
+        for role in dict.fromkeys(u.component for lora, _, _ in text_loras for u in lora.text_updates):
+            stack.enter_context(loras_applied(pipe.text_encoder(role), [(lora, scale) for lora, _, scale in text_loras],
+                                              role))
+        run.cond = pipe.encode_prompts(run.prompts, lora_key)
+        run.uncond = pipe.encode_prompts(run.negative_prompts, lora_key) if guided(request) else None
 
 
 def guided(request: GenerationRequest) -> bool:
@@ -271,23 +305,32 @@ def start_latents(pipe, request: GenerationRequest, run: Run) -> torch.Tensor:
 
 # --- 4.-5. the denoiser and the sampler loop -----------------------------------------------------------------------
 
-def build_denoiser(pipe, request: GenerationRequest, run: Run):
+def build_denoiser(pipe, request: GenerationRequest, run: Run, observer=None, levels: torch.Tensor | None = None):
+    """The transformer's velocity as x0, guided: classifier-free guidance (``observer`` sees its halves), SD 3.5's
+    skip-layer guidance over this loop's ``levels`` (default: the run's), FLUX.1-dev's embedded guidance; then
+    inpainting's pinning."""
     extras = {}
     if pipe.config.guidance_embedded:
         extras["guidance"] = torch.tensor([request.options(FLOW).distilled_cfg_scale], device=pipe.device)
+    options = request.options(FLOW)
+    skip_layers = SkipLayerGuidance(
+        options.skip_guidance_layers, options.skip_layer_guidance_scale, options.skip_layer_guidance_start,
+        options.skip_layer_guidance_stop, tuple((run.sigmas if levels is None else levels).tolist())
+    ) if options.skip_guidance_layers else None
     model = FlowDenoiser(pipe.transformer, pipe.config.schedule)
-    denoise = flow_guidance(model, run.cond, run.uncond, request.guidance_scale, **extras)
+    denoise = flow_guidance(model, run.cond, run.uncond, request.guidance_scale, skip_layers=skip_layers,
+                            observer=observer, **extras)
     for feature in reversed(hooked_features(request)):  # inpainting: x0 pinned to the image outside the mask
         denoise = feature.wrap_denoiser(denoise, pipe, request, run)
     return denoise
 
 
 def sample(pipe, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: torch.Tensor | None = None, *,
-           progress: bool = False, callback: Callable[[Step], None] | None = None) -> torch.Tensor:
+           progress: bool = False, callback: Callable[[Step], None] | None = None, observer=None) -> torch.Tensor:
     """The sampler loop from ``x`` at ``sigmas[0]`` (default: the run's flow times); returns the latents the
-    transformer sees at t = 0."""
-    denoise = build_denoiser(pipe, request, run)
+    transformer sees at t = 0. ``observer`` sees (t, x0_cond, x0_uncond) at every guided call (``torchsd explain``)."""
     levels = (run.sigmas if sigmas is None else sigmas).to("cpu", torch.float64)
+    denoise = build_denoiser(pipe, request, run, observer, levels)
     if FLOW_SAMPLERS[run.spec.name] == "ve":  # y = x_t / (1 - t) = x0 + sigma eps, sigma = t / (1 - t)
         denoise, x = flow_as_ve(denoise), x / (1 - levels[0].item())
         levels = ve_sigmas_of_flow(levels)
