@@ -183,7 +183,12 @@ def bench_gguf(double: int, single: int, dtype_name: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "flux-q4_0.gguf"
         start = time.perf_counter()
-        count = write_q4_gguf(path, double, single)
+        # written by a child process, so that this process's peak RSS is the load's and the step's only
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            count = pool.submit(write_q4_gguf, path, double, single).result()
         print(f"GGUF Q4_0 FLUX.1-width transformer, {double} double + {single} single blocks "
               f"(FLUX.1: 19 + 38): {count / 1e9:.2f} B parameters, file {path.stat().st_size / 2 ** 30:.2f} GiB "
               f"(written in {time.perf_counter() - start:.0f} s)")
