@@ -4,8 +4,8 @@ objects, each in its own grid cell.
 The first bundled model only ever read one caption template ("a red circle at the top left on a blue background"),
 so "at the top" fell between "top left" and "top right" and it drew two copies. Here each grid cell has several
 names, the sentence has several frames, and one picture in two holds two shapes of different colours. Some
-names and frames are kept out of training (``HELD_OUT``) so that a benchmark can ask in words the model never
-read; ``phrase(..., held_out=True)`` writes those.
+names and frames are kept out of training (``HELD_OUT_CELL_NAMES``, ``HELD_OUT_FRAMES``) so that a benchmark
+can ask in words the model never read; ``phrase(..., held_out=True)`` writes those.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ CELL_NAMES: dict[str, tuple[str, ...]] = {
     "bottom right": ("at the bottom right", "in the bottom right corner", "at the lower right",
                      "in the bottom right"),
 }
-# names never trained on: the same words in other combinations
+# names never trained on: mostly the trained words in other combinations ("side", and "against" in the frames
+# below, are new)
 HELD_OUT_CELL_NAMES: dict[str, str] = {
     "top left": "in the upper left corner", "top center": "at the top middle", "top right": "in the upper right corner",
     "center left": "on the left side", "center": "in the middle", "center right": "on the right side",
