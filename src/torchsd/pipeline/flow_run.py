@@ -61,7 +61,7 @@ from .features.styles import STYLES
 from .features.variation import VARIATION
 from .infotext import infotext_for
 from .request import GenerationRequest, GenerationResult
-from .run import _progress_bar, decode, expand_prompts, finish, plan
+from .run import decode, expand_prompts, finish, plan, run_sampler
 
 # sampler -> the variable it integrates in: "flow" (x_t, t) or "ve" (x_t / (1 - t), t / (1 - t))
 FLOW_SAMPLERS = {"euler": "flow", "heun": "flow", "dpmpp_2m": "ve", "unipc": "ve"}
@@ -335,20 +335,7 @@ def sample(pipe, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: 
         denoise, x = flow_as_ve(denoise), x / (1 - levels[0].item())
         levels = ve_sigmas_of_flow(levels)
     kwargs = sampler_options(run.spec, run.generators, request.eta)
-    bar = _progress_bar(len(levels) - 1) if progress else None
-
-    def on_step(step: Step) -> None:
-        if bar is not None:
-            bar.update(1)
-        if callback is not None:
-            callback(step)
-
-    watched = bar is not None or callback is not None
-    try:
-        x = run.spec.function(denoise, x, levels.float(), callback=on_step if watched else None, **kwargs)
-    finally:
-        if bar is not None:
-            bar.close()
+    x = run_sampler(run, denoise, x, levels.float(), kwargs, progress=progress, callback=callback)
     return x  # at t = 0 (VE sigma 0) both variables are x0
 
 

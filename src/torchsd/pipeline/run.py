@@ -187,7 +187,17 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
     # the samplers read the levels once as Python floats (stepping.py): from the CPU, so that nothing
     # waits for the accelerator, and in float32, the precision they had on the device
     levels = sigmas.to("cpu", torch.float32)
-    bar = _progress_bar(len(sigmas) - 1) if progress else None
+    with sd.sampling_context():  # the runtime's (packed weights for the loop)
+        x = run_sampler(run, denoise, x, levels, kwargs, progress=progress, callback=callback)
+    # back from x = z / sqrt(alpha_bar) to the latents the U-Net sees, at the last level visited
+    return x / (1 + sigmas[-1].item() ** 2) ** 0.5
+
+
+def run_sampler(run: Run, denoise, x: torch.Tensor, levels: torch.Tensor, kwargs: dict, *, progress: bool,
+                callback: Callable[[Step], None] | None) -> torch.Tensor:
+    """``run.spec``'s sampler from ``x`` over ``levels``, with a progress bar and ``callback`` at each step (the
+    U-Net run's loop and the flow run's)."""
+    bar = _progress_bar(len(levels) - 1) if progress else None
 
     def on_step(step: Step) -> None:
         if bar is not None:
@@ -197,13 +207,10 @@ def sample(sd, request: GenerationRequest, run: Run, x: torch.Tensor, sigmas: to
 
     watched = bar is not None or callback is not None
     try:
-        with sd.sampling_context():  # the runtime's (packed weights for the loop)
-            x = run.spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
+        return run.spec.function(denoise, x, levels, callback=on_step if watched else None, **kwargs)
     finally:
         if bar is not None:
             bar.close()
-    # back from x = z / sqrt(alpha_bar) to the latents the U-Net sees, at the last level visited
-    return x / (1 + sigmas[-1].item() ** 2) ** 0.5
 
 
 def _progress_bar(total: int):
