@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ..images import pil_to_tensor
-from .data import COLORS, POSITIONS, SHAPES, SUPERSAMPLE, ShapeSpec, draw_shape, random_shape_spec, with_article
+from .shapes import COLORS, POSITIONS, SHAPES, SUPERSAMPLE, ShapeSpec, draw_shape, random_shape_spec, with_article
 
 # where a shape is, as people write it; the first name of each is the original template's
 CELL_NAMES: dict[str, tuple[str, ...]] = {
