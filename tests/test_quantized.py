@@ -157,6 +157,20 @@ def test_unsupported_and_mismatched_files_name_the_problem(tmp_path):
         load_flux(tmp_path / "f.safetensors", FluxConfig(**{**TINY.__dict__, "num_single_blocks": 3}))
 
 
+def test_a_truncated_or_foreign_gguf_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "whole.gguf"
+    write_gguf(path, {"w": np.zeros((4, 34 * 8), np.uint8), "b": np.zeros(256, np.float32)}, {"w": "Q8_0"})
+    data = path.read_bytes()
+    assert set(read_gguf(path)) == {"w", "b"}
+    for cut in (100, 600, len(data) - 40):  # inside the header, inside w, inside b
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"cut\.gguf: not a readable GGUF file .*download complete"):
+            read_gguf(tmp_path / "cut.gguf")
+    (tmp_path / "text.gguf").write_text("not a GGUF file at all")
+    with pytest.raises(CheckpointError, match="text.gguf: not a readable GGUF file"):
+        read_gguf(tmp_path / "text.gguf")
+
+
 def test_sd35_from_fp8_all_in_one_file_equals_dequantized_model(tmp_path):
     from test_mmdit import CONFIGS
     from torchsd.checkpoints import sd3_original

@@ -1,6 +1,7 @@
 """The web page with SD 3 and FLUX.1 models in headless Chromium: picking FLUX.1-dev shows its Distilled CFG and
-the flow Shift (SD 3 and FLUX.1-schnell: the Shift only; SD 1: neither), sends them as the A1111 fields
-distilled_cfg_scale / flow_shift only while shown, and gives the image of the same request made from Python;
+the flow Shift (FLUX.1-schnell: the Shift only; SD 3: the Shift and skip-layer guidance; SD 1: none), sends them
+as the A1111 fields distilled_cfg_scale / flow_shift / skip_guidance_layers only while shown, and gives the image
+of the same request made from Python;
 the samplers, tiling, refiner and ControlNet that flow models refuse are disabled while one is loaded.
 See test_server_webui.py for how Chromium is found (skipped, with the reason, without it)."""
 
@@ -45,7 +46,8 @@ def pick_model(page, title: str) -> None:
 
 
 def shown(page) -> dict:
-    return {"distilled": page.locator("#distilled-cfg").is_visible(), "shift": page.locator("#shift").is_visible()}
+    fields = {"distilled": "#distilled-cfg", "shift": "#shift", "slg": "#slg-layers", "slg_scale": "#slg-scale"}
+    return {name: page.locator(selector).is_visible() for name, selector in fields.items()}
 
 
 def generate(page) -> tuple[dict, Image.Image, str]:
@@ -75,11 +77,11 @@ def pixels(image: Image.Image) -> np.ndarray:
 def test_flux_dev_shows_distilled_cfg_and_shift_and_generates_as_python(page, models, tmp_path):
     page.wait_for_function("document.querySelector('#sampler').options.length > 0")
     assert page.locator("#model").input_value() == "tiny-sd"
-    assert shown(page) == {"distilled": False, "shift": False}
+    assert shown(page) == {"distilled": False, "shift": False, "slg": False, "slg_scale": False}
     page.select_option("#sampler", "Euler a")  # a sampler flow models refuse: the page moves off it
 
     pick_model(page, "flux-dev")
-    assert shown(page) == {"distilled": True, "shift": True}
+    assert shown(page) == {"distilled": True, "shift": True, "slg": False, "slg_scale": False}
     assert page.locator("#distilled-cfg").input_value() == "3.5" and page.locator("#shift").input_value() == ""
     enabled = page.locator("#sampler option:not([disabled])").all_inner_texts()
     assert enabled == FLOW_SAMPLERS and page.locator("#sampler").input_value() == "Euler"
@@ -117,9 +119,9 @@ def test_the_page_disables_exactly_the_samplers_a_flow_model_refuses(page, serve
 
 def test_schnell_and_sd3_show_the_shift_only_and_send_it(page, models):
     pick_model(page, "flux-schnell")  # no guidance embedding: no distilled CFG
-    assert shown(page) == {"distilled": False, "shift": True}
+    assert shown(page) == {"distilled": False, "shift": True, "slg": False, "slg_scale": False}
     pick_model(page, "sd35")
-    assert shown(page) == {"distilled": False, "shift": True}
+    assert shown(page) == {"distilled": False, "shift": True, "slg": True, "slg_scale": True}
     assert page.locator("#sampler option:not([disabled])").all_inner_texts() == FLOW_SAMPLERS
     assert page.locator("#model-note").inner_text().startswith("SD 3 models: samplers ")
     for field, value in (("#width", "32"), ("#height", "32"), ("#steps", "3"), ("#seed", "7"), ("#cfg", "4")):
@@ -128,22 +130,44 @@ def test_schnell_and_sd3_show_the_shift_only_and_send_it(page, models):
     assert page.locator("#shift").evaluate("e => { e.value = '1.15'; return e.checkValidity(); }")  # any shift
     page.fill("#shift", "2")
     body, image, caption = generate(page)
-    assert body["flow_shift"] == 2 and "distilled_cfg_scale" not in body
+    assert body["flow_shift"] == 2 and "distilled_cfg_scale" not in body and "skip_guidance_layers" not in body
     expected = in_python(models, "sd35", "a house", width=32, height=32, steps=3, seed=7, guidance_scale=4.0,
                          flow_shift=2.0)
     assert np.abs(pixels(image) - pixels(expected.images[0])).max() <= 1
     assert caption == expected.infotexts[0] and "Shift: 2" in caption
 
 
+def test_sd3_skip_layer_guidance_is_sent_and_gives_the_python_image(page, models, tmp_path):
+    """Typed layers "1" (and a scale) become skip_guidance_layers [1]; at 20 steps the default window (1% to 20%
+    of the steps) covers steps 1-3, so the image differs from the one without it and equals Python's with it."""
+    page.fill("#shift", "")
+    page.fill("#steps", "20")
+    page.fill("#slg-layers", "1")
+    page.fill("#slg-scale", "10")
+    body, image, caption = generate(page)
+    assert body["skip_guidance_layers"] == [1] and body["skip_layer_guidance_scale"] == 10
+    run = dict(width=32, height=32, steps=20, seed=7, guidance_scale=4.0)
+    expected = in_python(models, "sd35", "a house", skip_guidance_layers=[1], skip_layer_guidance_scale=10.0, **run)
+    plain = in_python(models, "sd35", "a house", **run)
+    assert np.abs(pixels(image) - pixels(expected.images[0])).max() <= 1
+    assert np.abs(pixels(image) - pixels(plain.images[0])).max() >= 6  # it changed the picture (11 when written)
+    assert caption == expected.infotexts[0] and "SLG layers: 1, SLG scale: 10" in caption
+    screenshot(page, tmp_path, "webui-sd35-slg.png")
+    page.fill("#slg-layers", "7;8")
+    page.click("#generate")
+    assert "SLG layers: block numbers" in page.locator("#error").inner_text()
+    page.fill("#slg-layers", "")
+
+
 def test_back_to_sd1_hides_them_and_sends_neither(page):
-    assert page.locator("#shift").input_value() == "2"  # typed for SD 3: kept, but not sent to an SD 1 model
+    page.fill("#shift", "2")  # typed for SD 3: kept, but not sent to an SD 1 model
     pick_model(page, "tiny-sd")
-    assert shown(page) == {"distilled": False, "shift": False}
+    assert shown(page) == {"distilled": False, "shift": False, "slg": False, "slg_scale": False}
     assert page.locator("#model-note").is_hidden()
     assert page.locator("#sampler option[disabled]").count() == 0
     assert page.locator("#tiling").is_enabled() and page.locator("#refiner").is_enabled()
     page.select_option("#sampler", "Euler a")
     page.fill("#steps", "1")
     body, image, caption = generate(page)
-    assert "flow_shift" not in body and "distilled_cfg_scale" not in body
+    assert "flow_shift" not in body and "distilled_cfg_scale" not in body and "skip_guidance_layers" not in body
     assert image.size == (64, 64) and "Sampler: Euler a" in caption and "Shift" not in caption

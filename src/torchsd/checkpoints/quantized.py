@@ -11,6 +11,7 @@ The input scales only matter to fp8 matrix units; the dequantized product is the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -63,35 +64,52 @@ def read_gguf(path: str | Path, keep: Callable[[str], bool] | None = None) -> Te
     except ImportError as error:
         raise CheckpointError(f"{path}: reading GGUF files needs the 'gguf' package "
                               f"(pip install 'torchsd[gguf]')") from error
-    import numpy as np
 
     out: Tensors = {}
-    reader = gguf.GGUFReader(str(path))
-    for tensor in reader.tensors:
-        if keep is not None and not keep(tensor.name):
-            continue
-        shape = tuple(int(n) for n in reversed(tensor.shape))
-        # ComfyUI-GGUF stores convolutions flattened to 2-D, with their shape in the metadata
-        field = reader.fields.get(f"comfy.gguf.orig_shape.{tensor.name}")
-        true_shape = tuple(int(field.parts[i][0]) for i in field.data) if field is not None else shape
-        kind = tensor.tensor_type.name
-        data = torch.from_numpy(np.array(tensor.data))  # a copy out of the memory map
-        if kind == "F32":
-            out[tensor.name] = data.view(torch.float32).reshape(true_shape)
-        elif kind in ("F16", "BF16"):
-            value = data.view(torch.uint8).view(torch.float16 if kind == "F16" else torch.bfloat16)
-            out[tensor.name] = (QuantizedTensor(value.reshape(shape), kind, shape) if len(true_shape) == 2
-                                else value.float().reshape(true_shape))
-        elif kind in GGUF_BLOCKS:
-            if len(true_shape) == 2:
-                out[tensor.name] = QuantizedTensor(data.view(torch.uint8).reshape(shape[0], -1), kind, shape)
-            else:  # vectors and convolutions are small: dequantized once, here
-                flat = QuantizedTensor(data.view(torch.uint8).reshape(1, -1), kind, (1, int(np.prod(shape))))
-                out[tensor.name] = flat.dequantize().reshape(true_shape)
-        else:
-            raise CheckpointError(f"{path}: tensor {tensor.name} is {kind}; torchsd reads F32, F16, BF16 and "
-                                  f"{', '.join(GGUF_BLOCKS)} GGUF tensors")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, OSError) as error:  # a bad header, or tensors past the file's end
+        raise CheckpointError(f"{path}: not a readable GGUF file ({error}); is the download complete?") from error
+    with open(path, "rb") as file:
+        for tensor in reader.tensors:
+            if keep is None or keep(tensor.name):
+                out[tensor.name] = gguf_tensor(reader, tensor, read_bytes(file, tensor.data_offset, tensor.n_bytes),
+                                               path)
     return out
+
+
+def gguf_tensor(reader, tensor, data: torch.Tensor, path: str | Path) -> "torch.Tensor | QuantizedTensor":
+    """One GGUF tensor from its stored bytes: a QuantizedTensor for a matrix, a torch tensor otherwise."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    # ComfyUI-GGUF stores convolutions flattened to 2-D, with their shape in the metadata
+    field = reader.fields.get(f"comfy.gguf.orig_shape.{tensor.name}")
+    true_shape = tuple(int(field.parts[i][0]) for i in field.data) if field is not None else shape
+    kind = tensor.tensor_type.name
+    if kind == "F32":
+        return data.view(torch.float32).reshape(true_shape)
+    if kind in ("F16", "BF16"):
+        value = data.view(torch.float16 if kind == "F16" else torch.bfloat16)
+        return (QuantizedTensor(value.reshape(shape), kind, shape) if len(true_shape) == 2
+                else value.float().reshape(true_shape))
+    if kind in GGUF_BLOCKS:
+        if len(true_shape) == 2:
+            return QuantizedTensor(data.reshape(shape[0], -1), kind, shape)
+        # vectors and convolutions are small: dequantized once, here
+        flat = QuantizedTensor(data.reshape(1, -1), kind, (1, math.prod(shape)))
+        return flat.dequantize().reshape(true_shape)
+    raise CheckpointError(f"{path}: tensor {tensor.name} is {kind}; torchsd reads F32, F16, BF16 and "
+                          f"{', '.join(GGUF_BLOCKS)} GGUF tensors")
+
+
+def read_bytes(file, offset: int, size: int) -> torch.Tensor:
+    """``size`` bytes at ``offset`` read straight into a new tensor. Not through the reader's memory map: a
+    mapped page touched by the copy counts in the process's RSS until the map is closed, which doubled the
+    peak while a 6 GiB FLUX.1 file loaded; read() leaves them in the page cache only."""
+    data = torch.empty(size, dtype=torch.uint8)
+    file.seek(offset)
+    if file.readinto(memoryview(data.numpy())) != size:
+        raise CheckpointError(f"{file.name}: the file ends inside a tensor (truncated download?)")
+    return data
 
 
 def read_quantized(path: str | Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None

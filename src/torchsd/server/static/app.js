@@ -60,7 +60,9 @@ function applyModel(info) {
   const flow = info.family === "sd3" || info.family === "flux";
   // hidden fields are disabled too: not sent, and not checked by the browser's form validation
   for (const [box, input, shown] of [["distilled-box", "distilled-cfg", Boolean(info.guidance_embedded)],
-                                     ["shift-box", "shift", flow]]) {
+                                     ["shift-box", "shift", flow],
+                                     ["slg-box", "slg-layers", info.family === "sd3"],
+                                     ["slg-scale-box", "slg-scale", info.family === "sd3"]]) {
     $(box).hidden = !shown;
     $(input).disabled = !shown;
   }
@@ -227,6 +229,12 @@ function payload() {
   // FLUX.1-dev's distilled CFG (Forge's field) and the flow shift: only where shown; an empty shift: the model's
   if (!$("distilled-cfg").disabled) body.distilled_cfg_scale = number("distilled-cfg");
   if (!$("shift").disabled && $("shift").value !== "") body.flow_shift = number("shift");
+  // SD 3.5's skip-layer guidance (diffusers' argument names): on with a list of joint blocks; empty: off
+  const layers = $("slg-layers").disabled ? [] : $("slg-layers").value.split(/[\s,]+/).filter(Boolean);
+  if (layers.length) {
+    if (!layers.every((v) => /^\d+$/.test(v))) throw new Error("SLG layers: block numbers such as 7,8,9");
+    Object.assign(body, { skip_guidance_layers: layers.map(Number), skip_layer_guidance_scale: number("slg-scale") });
+  }
   if ($("hires").checked && $("init-box").hidden) {  // as in A1111, hires fix belongs to text to image
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr-upscaler").value, hr_scale: number("hr-scale"),
                           hr_second_pass_steps: number("hr-steps"), denoising_strength: number("hr-strength") });
