@@ -24,9 +24,7 @@ Inside the context:
 
 from __future__ import annotations
 
-import ctypes
 import enum
-import functools
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -34,6 +32,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..memory import return_freed_memory
 from . import fused
 
 _lock = threading.Lock()
@@ -53,25 +52,7 @@ class _Packed:
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape))
         w.untyped_storage().resize_(0)  # the plain copy's memory goes back now
-        _return_freed_memory()
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None on other C libraries."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hand the pages of just-freed blocks back to the system. glibc keeps blocks under 32 MB (a bf16
-    1280-channel weight is 29 MB) for reuse instead, so the packed copies made next would stack on top of
-    the released plain ones, and the first packed step would peak higher by their size (docs/performance.md)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+        return_freed_memory()
 
 
 def _releasable(w: torch.Tensor) -> bool:
@@ -189,4 +170,4 @@ def packed_weights(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                     if "packing" in conv.__dict__:
                         conv.plain_weight()
                         del conv.packing
-                _return_freed_memory()  # the packed copies', now that the plain weights are back
+                return_freed_memory()  # the packed copies', now that the plain weights are back

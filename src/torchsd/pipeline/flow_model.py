@@ -34,6 +34,7 @@ from ..checkpoints.lora import LoraLibrary
 from ..checkpoints.upscalers import UpscalerLibrary
 from ..config import CLIPTextConfig, FlowScheduleConfig, FluxConfig, MMDiTConfig, VAEConfig
 from ..diffusion.samplers import Step
+from ..memory import return_freed_memory
 from ..models.layers import set_attention_chunk
 from ..text.styles import StyleLibrary
 from . import autoencoding
@@ -181,7 +182,7 @@ class FlowPipeline:
         for role in dropped:
             del self.text_encoders[role]
         if dropped:
-            give_back_memory()
+            return_freed_memory(collect=True)
 
     @contextmanager
     def sampling_context(self) -> Iterator[None]:
@@ -273,19 +274,6 @@ class FlowPipeline:
         if format != "diffusers":
             raise ValueError(f"a {self.config.label} model is written as a diffusers folder; got format {format!r}")
         write_flow_folder(self, path, dtype=dtype)
-
-
-def give_back_memory() -> None:
-    """Collect what was dropped and hand the freed heap back to the system: glibc keeps freed blocks below
-    its mmap threshold (32 MiB) for reuse, which a CPU machine short of memory needs for the transformer."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the allocator keeps its own counsel
-        pass
 
 
 # --- 2. the prompts, per family -----------------------------------------------------------------------------
