@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import NEGATIVE, PROMPT, diffusers_unet  # noqa: E402
+from cuda_syncs import first_sync_error, record_syncs  # noqa: E402
 from gpu_sd15 import build  # noqa: E402
 from torchsd.accel import enable_model_offload, enable_sequential_offload  # noqa: E402
 from torchsd.config import ModelConfig  # noqa: E402
@@ -60,7 +61,6 @@ from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
 GUIDANCE = 7.5
 SEED = 1
 SYNC_SAMPLERS = ("ddim", "euler", "dpmpp_2m", "unipc", "euler_a")  # euler_a draws fresh noise every step
-SYNC_MESSAGE = "synchronizing CUDA operation"  # torch's text in "warn" and "error" mode
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -186,46 +186,6 @@ class DevicePeak:
             sync(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
             self.extra = self.peak - self.base
-
-
-def record_syncs(fn, set_mode=torch.cuda.set_sync_debug_mode) -> dict[str, list]:
-    """Run ``fn`` with CUDA sync debugging on "warn": {"file:line function": [count, stack]} of every
-    operation that made the host wait for the device (``set_mode`` is replaceable for a self-test)."""
-    sites: dict[str, list] = {}
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if SYNC_MESSAGE not in str(message):
-            return previous(message, category, filename, lineno, file, line)
-        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-        key = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}"
-        if key not in sites:
-            sites[key] = [0, "".join(traceback.format_list(frames[-10:]))]
-        sites[key][0] += 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        previous = warnings.showwarning
-        warnings.showwarning = show
-        set_mode("warn")
-        try:
-            fn()
-        finally:
-            set_mode("default")
-    return sites
-
-
-def first_sync_error(fn, set_mode=torch.cuda.set_sync_debug_mode) -> str | None:
-    """Run ``fn`` with CUDA sync debugging on "error": the traceback of the first synchronising op, or None."""
-    set_mode("error")
-    try:
-        fn()
-    except RuntimeError as err:
-        if SYNC_MESSAGE not in str(err):
-            raise
-        return traceback.format_exc()
-    finally:
-        set_mode("default")
-    return None
 
 
 def check_sync_recorder(report: Report) -> None:

@@ -15,7 +15,7 @@ cases, tiled-decode closeness and offload's numbers on the CPU are in tests/test
 from __future__ import annotations
 
 import math
-import traceback
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,10 +29,12 @@ from torchsd.models.tiling import VAETiling
 from torchsd.pipeline import GenerationRequest, StableDiffusion, autoencoding
 from torchsd.pipeline import run as steps
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cuda_syncs import describe, first_sync_error, record_syncs  # noqa: E402  (shared with gpu_issue10.py)
+
 CUDA = torch.cuda.is_available()
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, sharp focus"
 NEGATIVE = "blurry, low quality"
-SYNC_MESSAGE = "synchronizing CUDA operation"  # torch's text in sync debug modes "warn" and "error"
 SYNC_SAMPLERS = ("ddim", "euler", "dpmpp_2m", "unipc", "euler_a")  # euler_a draws fresh noise every step
 RETRY_MESSAGE = "decoding again in float32"
 
@@ -41,52 +43,6 @@ def gpu(test):
     """Marked ``gpu`` (deselected unless ``-m gpu``) and skipped without CUDA."""
     test = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")(test)
     return pytest.mark.gpu(test)
-
-
-# --- the sync recorder ---------------------------------------------------------------------------------------
-
-def record_syncs(fn, set_mode=torch.cuda.set_sync_debug_mode) -> dict[str, list]:
-    """Run ``fn`` with CUDA sync debugging on "warn": {"file:line function": [count, stack]} of every
-    operation that made the host wait for the device (``set_mode`` is replaceable for the self-test)."""
-    sites: dict[str, list] = {}
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if SYNC_MESSAGE not in str(message):
-            return previous(message, category, filename, lineno, file, line)
-        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-        key = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}"
-        if key not in sites:
-            sites[key] = [0, "".join(traceback.format_list(frames[-10:]))]
-        sites[key][0] += 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        previous = warnings.showwarning
-        warnings.showwarning = show
-        set_mode("warn")
-        try:
-            fn()
-        finally:
-            set_mode("default")
-    return sites
-
-
-def first_sync_error(fn, set_mode=torch.cuda.set_sync_debug_mode) -> str | None:
-    """Run ``fn`` with CUDA sync debugging on "error": the traceback of the first synchronising op, or None."""
-    set_mode("error")
-    try:
-        fn()
-    except RuntimeError as err:
-        if SYNC_MESSAGE not in str(err):
-            raise
-        return traceback.format_exc()
-    finally:
-        set_mode("default")
-    return None
-
-
-def describe(sites: dict[str, list]) -> str:
-    return "\n".join(f"{site} x{count}, called from:\n{stack}" for site, (count, stack) in sites.items())
 
 
 def test_sync_recorder_counts_simulated_syncs_by_call_site():
