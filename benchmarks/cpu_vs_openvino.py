@@ -134,6 +134,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="torchsd's U-Net through Inductor with frozen weights (runtime.compile_unet(freeze=True); "
                         "compiled once per shape, cached on disk); the eager U-Net is timed beside it")
+    p.add_argument("--prepack", action="store_true",
+                   help="torchsd with RuntimeOptions(prepack=True): U-Net conv weights packed once per sampling loop "
+                        "(the warm-up call packs; OpenVINO's compile_model packs its own, also outside the timing)")
     p.add_argument("--ov-cache", default=None, metavar="DIR",
                    help="save OpenVINO's converted models here and read them back next time (same seed: same weights)")
     args = p.parse_args()
@@ -151,7 +154,9 @@ def main() -> None:
     sd = build()
     tokenizer_dir = tempfile.mkdtemp(prefix="torchsd-bench-tok-")
     sd.tokenizer.save_pretrained(tokenizer_dir)
-    pipe = diffusers_pipeline(sd, tokenizer_dir)  # float32 and kept so: OpenVINO's source and the reference
+    # float32 and kept so: OpenVINO's source and the reference (its own U-Net copy with --prepack, which leaves
+    # shared weights alone)
+    pipe = diffusers_pipeline(sd, tokenizer_dir, copy_unet=args.prepack)
     gen = torch.Generator().manual_seed(0)
     cond, uncond = sd.encode_prompt([PROMPT]), sd.encode_prompt([NEGATIVE])
     context = torch.cat([uncond, cond])
@@ -173,7 +178,7 @@ def main() -> None:
         for model in (sd.unet, sd.vae, sd.text_encoder):
             model.to(dtype=dtype, memory_format=torch.contiguous_format)
         free()
-        apply_runtime(sd, RuntimeOptions(), "cpu", dtype)
+        apply_runtime(sd, RuntimeOptions(prepack=args.prepack), "cpu", dtype)
         unet = sd.unet
         if args.compile:
             unet = compile_unet(sd.unet, "default", freeze=True)
@@ -182,7 +187,8 @@ def main() -> None:
             eager_denoiser.unet = sd.unet
         for size in sizes:
             ov_unet, ov_vae, x, latents, ref_unet, ref_vae = inputs[size]
-            print(f"\n== {name} {size}x{size} ; {load_note()}", flush=True)
+            packed = ", U-Net convolutions packed while sampling" if "prepack" in sd.sampling_hooks else ""
+            print(f"\n== {name} {size}x{size}{packed} ; {load_note()}", flush=True)
             if "unet" in phases:
                 compiled, compile_s = openvino_compile(ov_unet, dtype, threads)
                 ov_step = openvino_call(compiled)
