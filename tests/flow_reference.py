@@ -123,6 +123,23 @@ def flux_pipeline(work: Path, *, dev: bool = True, seed: int = 0):
                         text_encoder_2=_t5(seed + 4), tokenizer_2=t5_tokenizer(work / "tok_t5"))
 
 
+def fill_pipeline(work: Path, *, seed: int = 0):
+    """A tiny FluxFillPipeline (FLUX.1 Fill-dev's layout): the transformer's tokens carry the masked image's
+    latents and the mask unshuffled by the VAE's factor (here 2: 4 channels) besides the latents."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    base = flux_pipeline(work, seed=seed)
+    factor = 2 ** (len(VAE["block_out_channels"]) - 1)
+    latent = base.vae.config.latent_channels
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(guidance_embeds=True, **{**FLUX, "in_channels": 4 * (2 * latent + factor ** 2),
+                                                                  "out_channels": 4 * latent}).eval()
+    _perturb(transformer, seed, scale=0.05)
+    return FluxFillPipeline(transformer=transformer, scheduler=base.scheduler, vae=base.vae,
+                            text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+
+
 def saved(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder)
     return folder

@@ -176,8 +176,11 @@ def test_ae_safetensors_reads_as_diffusers_converts_it():
         bfl.vae_from_original(original, VAEConfig())
 
 
-def test_fill_and_depth_transformers_are_refused_by_name():
+def test_fill_is_read_from_its_input_width_and_depth_is_refused_by_name():
     original = bfl_from_diffusers(diffusers_flux(TINY).state_dict())
     original["img_in.weight"] = torch.zeros(32, 16 + 80)  # FLUX.1 Fill: latents + masked image + mask
-    with pytest.raises(CheckpointError, match="Fill, Depth or Canny"):
-        bfl.config_of(original, "flux1-fill-dev.safetensors", axes_dims_rope=TINY.axes_dims_rope)
+    fill = bfl.config_of(original, "flux1-fill-dev.safetensors", axes_dims_rope=TINY.axes_dims_rope)
+    assert (fill.latent_channels, fill.condition_channels) == (4, 20)  # 80 features / 4 per patch: 4 latent + 16
+    original["img_in.weight"] = torch.zeros(32, 16 + 16)  # FLUX.1 Depth / Canny: latents + a control's latents
+    with pytest.raises(CheckpointError, match="Depth or Canny"):
+        bfl.config_of(original, "flux1-depth-dev.safetensors", axes_dims_rope=TINY.axes_dims_rope)

@@ -577,8 +577,13 @@ class FluxConfig:
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # head channels rotated by (text index, row, column)
     rope_theta: float = 10000.0
     mlp_ratio: float = 4.0
+    # latent-size channels concatenated to the latents before packing. FLUX.1 Fill: 80 = the 16-channel latents
+    # of the image with the masked part greyed out + the pixel mask unshuffled 8x8 (64); 0 for text-to-image
+    condition_channels: int = 0
 
     def __post_init__(self) -> None:
+        if self.condition_channels < 0:
+            raise ValueError(f"FluxConfig.condition_channels must be >= 0; got {self.condition_channels}")
         _check_positive("FluxConfig", latent_channels=self.latent_channels, patch_size=self.patch_size,
                         num_double_blocks=self.num_double_blocks, num_heads=self.num_heads,
                         head_dim=self.head_dim, context_dim=self.context_dim, pooled_dim=self.pooled_dim)
@@ -606,3 +611,9 @@ class FluxConfig:
     def flux_schnell(cls) -> "FluxConfig":
         """black-forest-labs/FLUX.1-schnell transformer/config.json: no guidance embedding."""
         return cls(guidance_embeds=False)
+
+    @classmethod
+    def flux_fill(cls) -> "FluxConfig":
+        """black-forest-labs/FLUX.1-Fill-dev transformer/config.json: dev, with the masked image and the mask as
+        input (in_channels 384 = 64 + 320 per token, out_channels 64)."""
+        return cls(guidance_embeds=True, condition_channels=16 + 64)

@@ -11,7 +11,7 @@ import torch
 
 from ..config import FluxConfig, VAEConfig
 from . import original_layout
-from .flux import expected_shapes
+from .flux import expected_shapes, flux_condition_channels
 from .io import CheckpointError
 
 PREFIX = "model.diffusion_model."  # ComfyUI's saves, and all-in-one files
@@ -79,10 +79,7 @@ def config_of(state: Mapping[str, torch.Tensor], source: object = "state dict",
         raise CheckpointError(f"{source}: not a FLUX.1 transformer in BFL's layout (no {MARKER})")
     width, in_features = state["img_in.weight"].shape
     out_features = state["final_layer.linear.weight"].shape[0]
-    if in_features != out_features:  # Fill: 384 = 64 + 320 (masked image, mask); Depth/Canny: 128
-        raise CheckpointError(f"{source}: a FLUX.1 transformer with {in_features} input features per token for "
-                              f"{out_features} outputs (FLUX.1 Fill, Depth or Canny): torchsd runs the text-to-image "
-                              f"models (dev, schnell), whose image tokens are {out_features} latent features")
+    condition_channels = flux_condition_channels(in_features, out_features, source)  # Fill: 384 = 64 + 320
     head_dim = state[MARKER].shape[0]
     single = _count(state, "single_blocks.")
     mlp_dim = (state["single_blocks.0.linear1.weight"].shape[0] - 3 * width if single
@@ -92,7 +89,7 @@ def config_of(state: Mapping[str, torch.Tensor], source: object = "state dict",
             raise CheckpointError(f"{source}: FLUX-like transformer with {head_dim}-wide heads; pass "
                                   f"axes_dims_rope= (FLUX.1's (16, 56, 56) is for 128)")
         axes_dims_rope = (16, 56, 56)
-    return FluxConfig(latent_channels=in_features // 4, patch_size=2,
+    return FluxConfig(latent_channels=out_features // 4, condition_channels=condition_channels, patch_size=2,
                       num_double_blocks=_count(state, "double_blocks."), num_single_blocks=single,
                       num_heads=width // head_dim, head_dim=head_dim, context_dim=state["txt_in.weight"].shape[1],
                       pooled_dim=state["vector_in.in_layer.weight"].shape[1],

@@ -154,11 +154,15 @@ def mmdit_config_from_diffusers(cfg: dict) -> MMDiTConfig:
 
 def flux_config_from_diffusers(cfg: dict) -> FluxConfig:
     in_channels, out_channels = cfg.get("in_channels", 64), cfg.get("out_channels") or cfg.get("in_channels", 64)
-    if cfg.get("patch_size", 1) != 1 or in_channels != out_channels:
-        raise CheckpointError(f"transformer: in_channels {in_channels}, out_channels {out_channels}, patch_size "
-                              f"{cfg.get('patch_size')}: torchsd runs FLUX.1's text-to-image transformers (dev, "
-                              f"schnell: packed 2x2 latents in and out, patch_size 1), not Fill/Depth/Canny")
-    return FluxConfig(latent_channels=in_channels // 4, patch_size=2, num_double_blocks=cfg["num_layers"],
+    if cfg.get("patch_size", 1) != 1 or out_channels % 4:
+        raise CheckpointError(f"transformer: patch_size {cfg.get('patch_size')}, out_channels {out_channels}: not "
+                              f"FLUX.1's packed 2x2 latents (patch_size 1, 64 features per token)")
+    latent_channels = out_channels // 4
+    from .flux import flux_condition_channels
+
+    condition_channels = flux_condition_channels(in_channels, out_channels, "transformer")
+    return FluxConfig(latent_channels=latent_channels, condition_channels=condition_channels, patch_size=2,
+                      num_double_blocks=cfg["num_layers"],
                       num_single_blocks=cfg["num_single_layers"], num_heads=cfg["num_attention_heads"],
                       head_dim=cfg["attention_head_dim"], context_dim=cfg["joint_attention_dim"],
                       pooled_dim=cfg["pooled_projection_dim"], guidance_embeds=bool(cfg.get("guidance_embeds")),

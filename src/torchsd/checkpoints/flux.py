@@ -9,6 +9,7 @@ import re
 import torch
 
 from ..config import FluxConfig
+from .io import CheckpointError
 from .mmdit import _check
 
 _STREAM = [  # inside a double block: (torchsd, diffusers)
@@ -79,8 +80,24 @@ def from_diffusers(state: dict[str, torch.Tensor], config: FluxConfig) -> dict[s
 
 def config_to_diffusers(config: FluxConfig) -> dict:
     """FluxTransformer2DModel's constructor arguments (its transformer/config.json)."""
-    return dict(patch_size=1, in_channels=config.latent_channels * config.patch_size ** 2,
+    per_patch = config.patch_size ** 2
+    # Fill's tokens carry the masked image and the mask in (384), the latents alone out (64)
+    extra = {"out_channels": config.latent_channels * per_patch} if config.condition_channels else {}
+    return dict(patch_size=1, in_channels=(config.latent_channels + config.condition_channels) * per_patch,
                 num_layers=config.num_double_blocks, num_single_layers=config.num_single_blocks,
                 attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
                 joint_attention_dim=config.context_dim, pooled_projection_dim=config.pooled_dim,
-                guidance_embeds=config.guidance_embeds, axes_dims_rope=config.axes_dims_rope)
+                guidance_embeds=config.guidance_embeds, axes_dims_rope=config.axes_dims_rope, **extra)
+
+
+def flux_condition_channels(in_features: int, out_features: int, source: object) -> int:
+    """The condition channels a FLUX.1 transformer's token widths imply: 0 (dev, schnell), or Fill's latent
+    channels + the mask's f * f (in 384 = 64 + 4 * (16 + 64) with the 8x VAE). Depth and Canny (in 128: a control
+    image's latents alone) are refused by name."""
+    if in_features == out_features:
+        return 0
+    extra, latent = divmod(in_features - out_features, 4), out_features // 4
+    if extra[1] or extra[0] <= latent:
+        raise CheckpointError(f"{source}: a FLUX.1 transformer with {in_features} input features per token for "
+                              f"{out_features} outputs (FLUX.1 Depth or Canny): torchsd runs dev, schnell and Fill")
+    return extra[0]

@@ -102,7 +102,7 @@ class Flux(nn.Module):
     def __init__(self, config: FluxConfig):
         super().__init__()
         self.config = c = config
-        self.image_in = nn.Linear(c.latent_channels * c.patch_size ** 2, c.width)
+        self.image_in = nn.Linear((c.latent_channels + c.condition_channels) * c.patch_size ** 2, c.width)
         self.context_in = nn.Linear(c.context_dim, c.width)
         self.time_embed = EmbedMLP(256, c.width)
         self.guidance_embed = EmbedMLP(256, c.width) if c.guidance_embeds else None
@@ -111,6 +111,23 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleBlock(c) for _ in range(c.num_single_blocks))
         self.final_modulation = nn.Linear(c.width, 2 * c.width)
         self.final_proj = nn.Linear(c.width, c.patch_size ** 2 * c.latent_channels)
+
+    def with_condition(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """x with FLUX.1 Fill's condition channels after its own (B, C + cc, H, W). Packing keeps each channel's
+        2x2 patch together, so this is diffusers' concatenation of the packed tokens. A condition made for one
+        image serves a batch of its copies (classifier-free guidance's two halves)."""
+        cc = self.config.condition_channels
+        if cc == 0:
+            if condition is not None:
+                raise ValueError("this FLUX.1 transformer takes no condition channels (only FLUX.1 Fill does)")
+            return x
+        if condition is None or condition.shape[1] != cc or condition.shape[2:] != x.shape[2:]:
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"this FLUX.1 transformer (Fill) needs condition=(B, {cc}, {x.shape[2]}, {x.shape[3]}): "
+                             f"the masked image's latents and the mask; got {got}")
+        if condition.shape[0] != x.shape[0]:
+            condition = condition.repeat(x.shape[0] // condition.shape[0], 1, 1, 1)
+        return torch.cat([x, condition.to(x.dtype)], dim=1)
 
     def conditioning(self, timesteps: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None
                      ) -> torch.Tensor:
@@ -125,13 +142,13 @@ class Flux(nn.Module):
         return c
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | float | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         B, _, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
             raise ValueError(f"FLUX.1 packs latents into {p}x{p} patches; got {H}x{W}")
         h, w = H // p, W // p
-        tokens = self.image_in(pack(x, p))  # (B, h*w, width)
+        tokens = self.image_in(pack(self.with_condition(x, condition), p))  # (B, h*w, width)
         context = self.context_in(context)  # (B, L, width)
         c = self.conditioning(timesteps, pooled, guidance)
         L = context.shape[1]

@@ -20,6 +20,7 @@ The run, step by step, is ``flow_run.py``; loading is ``checkpoints/flow_pipelin
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,9 @@ class FlowPipelineConfig:
 
     @property
     def is_inpainting(self) -> bool:
-        """Inpainting runs on the base model (the mask pins the kept latents); SD 3 / FLUX.1 models with mask
-        input channels (FLUX.1 Fill) are not read."""
-        return False
+        """FLUX.1 Fill: the masked image and the mask as input channels (inpainting on the other models runs
+        on the base model alone, the mask pinning the kept latents)."""
+        return isinstance(self.transformer, FluxConfig) and self.transformer.condition_channels > 0
 
     @property
     def guidance_embedded(self) -> bool:
@@ -76,7 +77,7 @@ class FlowPipelineConfig:
 
     @property
     def label(self) -> str:
-        return f"{FAMILIES[self.family]} ({self.variant})"
+        return f"{FAMILIES[self.family]} ({self.variant}{', Fill' if self.is_inpainting else ''})"
 
 
 class FlowPipeline:
@@ -87,6 +88,11 @@ class FlowPipeline:
         transformer_config = model.transformer.config
         vae_config = model.vae.config
         base = transformer_config.sample_size if isinstance(transformer_config, MMDiTConfig) else 128
+        mask_channels = getattr(transformer_config, "condition_channels", 0) - vae_config.latent_channels
+        if mask_channels > 0 and mask_channels != vae_config.downscale_factor ** 2:
+            raise ValueError(f"a FLUX.1 Fill transformer with {mask_channels} mask channels needs a VAE that "
+                             f"downscales by {math.isqrt(mask_channels)}; this one downscales by "
+                             f"{vae_config.downscale_factor}")
         self.config = FlowPipelineConfig(model.family, model.variant, transformer_config, vae_config,
                                          model.schedule, model.text["clip_l"].config,
                                          base * vae_config.downscale_factor, model.t5_max_length)

@@ -10,7 +10,8 @@ the decode, the finish and infotext).
    ``strength`` picks: (1 - t) x0 + t noise (the last ceil(strength * steps) steps, diffusers' flow count)
 4. build the denoiser: the transformer's velocity as x0 (``FlowDenoiser``), classifier-free guidance
    (SD 3; FLUX.1 only with a negative prompt, as diffusers' true_cfg_scale) and FLUX.1-dev's embedded guidance;
-   inpainting pins x0 to the image's latents outside the mask
+   inpainting pins x0 to the image's latents outside the mask (FLUX.1 Fill also sees the masked image and
+   the mask as input channels, ``features/inpaint.fill_condition``)
 5. sample: Euler and Heun on the flow times (diffusers' FlowMatchEuler/Heun schedulers), DPM++ 2M and
    UniPC in the VE variable of ``flow_as_ve`` (diffusers' flow DPM-Solver/UniPC); then inpainting's last blend
    and the hires pass (a flow image-to-image pass at the larger size)
@@ -130,6 +131,9 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
     elif distilled is not None:
         raise ValueError(f"distilled_cfg_scale is FLUX.1-dev's embedded guidance; {pipe.config.label} has none "
                          f"(use guidance_scale for classifier-free guidance)")
+    if pipe.config.is_inpainting and not INPAINT.active(request.options(INPAINT)):
+        raise ValueError(f"{pipe.config.label}: a Fill model repaints the masked part of an image; give init_image "
+                         f"and mask (img2img with a mask), or load FLUX.1-dev for text to image")
     if pipe.family == "flux" and not request.negative_prompt and request.guidance_scale != 1.0:
         changes["guidance_scale"] = 1.0
     check_skip_layers(pipe, request.replace(**changes) if changes else request)
@@ -312,6 +316,8 @@ def build_denoiser(pipe, request: GenerationRequest, run: Run, observer=None, le
     extras = {}
     if pipe.config.guidance_embedded:
         extras["guidance"] = torch.tensor([request.options(FLOW).distilled_cfg_scale], device=pipe.device)
+    if run.concat is not None:  # FLUX.1 Fill: the masked image and the mask (inpainting's on_start)
+        extras["condition"] = run.concat
     options = request.options(FLOW)
     skip_layers = SkipLayerGuidance(
         options.skip_guidance_layers, options.skip_layer_guidance_scale, options.skip_layer_guidance_start,

@@ -6,7 +6,7 @@ blurred (``mask_blur``). Then:
 - every model: the denoiser's prediction is pinned to the original latents outside the (latent-size)
   mask at each step, and the final latents are blended once more;
 - 9-channel inpainting models also see the mask and the VAE latents of the image with the masked part
-  greyed out, as 5 extra input channels;
+  greyed out, as 5 extra input channels; FLUX.1 Fill sees the same two as 80 (``fill_condition``);
 - after decoding, the result is composited over the original image with the blurred mask (doubled and
   clipped, as AUTOMATIC1111 does), so pixels the mask does not touch come back exactly as they were.
 
@@ -176,6 +176,18 @@ def inpainting_concat(sd, image: torch.Tensor | None, mask: torch.Tensor | None,
     return torch.cat([small_mask, masked_latents], dim=1)
 
 
+def fill_condition(pipe, image: torch.Tensor, mask: torch.Tensor, generators) -> torch.Tensor:
+    """FLUX.1 Fill's 80 condition channels, as diffusers' FluxFillPipeline makes them: the latents of the image
+    with the masked part set to 0 (mid-grey), drawn from the per-image generators after the start's noise, then
+    the binarised pixel mask unshuffled into 8x8 = 64 channels at the latent size.
+
+    ``image`` (B, 3, H, W) in [-1, 1] and ``mask`` (B, 1, H, W) in [0, 1] at pixel size."""
+    mask = (mask >= 0.5).float()  # diffusers' mask processor binarises at 0.5
+    latents = pipe.encode_image(image * (1.0 - mask), generators)
+    unshuffled = F.pixel_unshuffle(mask, pipe.config.vae.downscale_factor)  # (B, 64, h, w): offset (i, j) -> 8i + j
+    return torch.cat([latents, unshuffled.to(latents.device)], dim=1)
+
+
 def pin_unmasked(denoise: Denoise, init_latents: torch.Tensor, latent_mask: torch.Tensor) -> Denoise:
     """Outside the mask, predict the original latents: the sampler then keeps them (x0 = init there)."""
     keep = 1.0 - latent_mask
@@ -247,8 +259,11 @@ class Inpaint(Feature):
         latent_mask = inpainting.latent_mask(run.shape, sd.device)
         init_latents = inpainting.fill_latents(init_latents, noise, latent_mask)
         run.state["latent_mask"], run.state["init_latents"] = latent_mask, init_latents
-        if sd.config.is_inpainting:
-            run.concat = inpainting_concat(sd, run.state["image"], mask_tensor(inpainting, run.batch_size), run.shape)
+        if sd.config.is_inpainting:  # FLUX.1 Fill, or a 9-channel U-Net
+            mask = mask_tensor(inpainting, run.batch_size)
+            run.concat = (fill_condition(sd, run.state["image"], mask, run.generators)
+                          if getattr(sd, "family", None) == "flux" else
+                          inpainting_concat(sd, run.state["image"], mask, run.shape))
         return init_latents
 
     def wrap_denoiser(self, denoise, sd, request, run: Run):
