@@ -50,9 +50,10 @@ def build_models_dir(root: Path) -> Path:
     return models
 
 
-def build_flow_models_dir(work: Path, *, schnell: bool = False) -> Path:
+def build_flow_models_dir(work: Path, *, schnell: bool = False, fill: bool = False) -> Path:
     """tiny-sd/ (SD 1), flux-dev/ and sd35/ (tiny SD 3.5 and FLUX.1-dev diffusers folders written by diffusers),
-    a FLUX.1 LoRA for flux-dev's weights, and with ``schnell`` flux-schnell/ (no guidance embedding)."""
+    a FLUX.1 LoRA for flux-dev's weights, with ``schnell`` flux-schnell/ (no guidance embedding) and with
+    ``fill`` flux-fill/ (FLUX.1 Fill)."""
     import flow_reference as ref  # diffusers: imported only by the tests that build flow models
 
     models = work / "models"
@@ -63,6 +64,8 @@ def build_flow_models_dir(work: Path, *, schnell: bool = False) -> Path:
         ref.save_lora(ref.flux_pipeline(work), models / "Lora", "flux_style.safetensors")  # for flux-dev's weights
         if schnell:
             ref.saved(ref.flux_pipeline(work, dev=False, seed=5), models / "flux-schnell")
+        if fill:
+            ref.saved(ref.fill_pipeline(work), models / "flux-fill")
     return models
 
 

@@ -22,7 +22,7 @@ from serverutil import KEY, Server, build_flow_models_dir, one_thread
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return build_flow_models_dir(tmp_path_factory.mktemp("flow_server"))
+    return build_flow_models_dir(tmp_path_factory.mktemp("flow_server"), fill=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def local(models, name):
 def test_the_model_list_tells_the_families(server):
     with server.client() as client:
         listed = {m["title"]: m["family"] for m in client.get("/sdapi/v1/sd-models").json()}
-    assert listed == {"flux-dev": "flux", "sd35": "sd3", "tiny-sd": "sd1"}
+    assert listed == {"flux-dev": "flux", "flux-fill": "flux", "sd35": "sd3", "tiny-sd": "sd1"}
 
 
 def test_switch_to_flux_and_txt2img_equals_the_pipeline(api, models):
@@ -119,6 +119,23 @@ def test_flux_inpainting_through_webuiapi(api, models):
     inside = np.asarray(box_mask()) > 0  # inverted: the box is kept
     assert np.array_equal(pixels(result.images[0])[inside], pixels(init)[inside])
     assert "Mask blur: 0" in result.images[0].info["parameters"]
+
+
+def test_flux_fill_inpainting_through_webuiapi(api, models):
+    """A FLUX.1 Fill model: img2img with a mask at denoising strength 1 gives the Python run's image, at Fill's
+    default distilled CFG of 30; txt2img is refused with a 4xx that says what Fill needs."""
+    api.util_set_model("flux-fill")
+    init = Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype(np.uint8)).convert("RGB")
+    result = api.img2img(images=[init], mask_image=box_mask(), mask_blur=0, inpainting_fill=1, prompt="a house",
+                         width=32, height=32, denoising_strength=1.0, seed=7, steps=3)
+    with one_thread():
+        expected = local(models, "flux-fill").generate("a house", width=32, height=32, steps=3, seed=7,
+                                                       init_image=init, mask=box_mask(), mask_blur=0, strength=1.0)
+    assert np.abs(pixels(result.images[0]) - pixels(expected.images[0])).max() <= 1
+    assert "Distilled CFG Scale: 30" in result.images[0].info["parameters"]
+    with pytest.raises(RuntimeError, match="give init_image and mask") as refused:
+        api.txt2img(prompt="a house", width=32, height=32, seed=7)
+    assert 400 <= refused.value.args[0] < 500
 
 
 def test_sd3_hires_fix_through_webuiapi(api, models):

@@ -144,3 +144,10 @@ def test_cli_inpaint_with_fill_and_its_refusal_of_text_to_image(fill, tmp_path, 
     assert main(["generate", "a red chair", "--steps", "2", "--size", "32x32", "-o", str(tmp_path / "no.png"),
                  *model]) != 0
     assert "give init_image and mask" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
+
+
+def test_fill_defaults_to_a_distilled_cfg_of_30(fill):
+    _, pipe = fill
+    run = dict(init_image=picture(), mask=box_mask(), mask_blur=0, strength=1.0, steps=2, seed=5, **SIZE)
+    default, thirty = pipe.generate("a red chair", **run), pipe.generate("a red chair", distilled_cfg_scale=30.0, **run)
+    assert torch.equal(default.latents, thirty.latents) and "Distilled CFG Scale: 30" in default.infotexts[0]

@@ -3,7 +3,8 @@ schedule shift in place of the model's own, and SD 3.5's skip-layer guidance. Th
 ``pipeline/flow_run.py``; an SD 1/2 or SDXL model given them refuses, saying why.
 
 ``distilled_cfg_scale``: the guidance scale FLUX.1-dev was distilled to take as an input (embedded like a
-timestep); one network call per step, unlike classifier-free guidance. Default 3.5 (diffusers' and Forge's);
+timestep); one network call per step, unlike classifier-free guidance. Default 3.5 (diffusers' and Forge's; 30
+for FLUX.1 Fill, BFL's and diffusers' FluxFillPipeline's);
 its infotext key is Forge's "Distilled CFG Scale". ``flow_shift``: the timestep shift s of
 t' = s t / (1 + (s - 1) t) (SD 3: 3.0; FLUX.1-dev's shift otherwise follows the image size).
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from .base import A1111Fields, Feature, GenerationRequest, Run, StableDiffusion, number, parse_number
 
 DEFAULT_DISTILLED_CFG = 3.5
+DEFAULT_FILL_DISTILLED_CFG = 30.0  # FLUX.1 Fill: BFL's and diffusers' FluxFillPipeline default
 SLG_KEYS = {"skip_guidance_layers": "SLG layers", "skip_layer_guidance_scale": "SLG scale",
             "skip_layer_guidance_start": "SLG start", "skip_layer_guidance_stop": "SLG stop"}
 
