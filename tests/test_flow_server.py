@@ -179,11 +179,11 @@ def test_distilled_cfg_scale_is_ignored_where_the_model_has_no_embedded_guidance
 
 
 def test_info_tells_the_page_what_the_loaded_model_runs(server):
-    """/info (the web page's): the family, FLUX.1-dev's embedded guidance, and a flow model's samplers (each one
-    runs) and features; None for a U-Net model, which runs them all."""
+    """/info (the web page's): the family, FLUX.1-dev's embedded guidance and its default (FLUX.1 Fill's is 30),
+    and a flow model's samplers (each one runs) and features; None for a U-Net model, which runs them all."""
     seen = {}
     with server.client() as client:
-        for model in ("flux-dev", "sd35", "tiny-sd"):
+        for model in ("flux-dev", "sd35", "tiny-sd", "flux-fill"):
             client.post("/sdapi/v1/options", json={"sd_model_checkpoint": model})
             seen[model] = client.get("/info").json()
         for name in seen["flux-dev"]["samplers"]:
@@ -191,8 +191,8 @@ def test_info_tells_the_page_what_the_loaded_model_runs(server):
                                                               "sampler_name": name, "override_settings":
                                                               {"sd_model_checkpoint": "flux-dev"}})
             assert response.status_code == 200, (name, response.text)
-    assert [(i["family"], i["guidance_embedded"]) for i in seen.values()] == [("flux", True), ("sd3", False),
-                                                                              ("sd1", False)]
+    assert [(i["family"], i["guidance_embedded"], i["distilled_cfg"]) for i in seen.values()] == [
+        ("flux", True, 3.5), ("sd3", False, None), ("sd1", False, None), ("flux", True, 30.0)]  # Fill: 30
     assert set(seen["flux-dev"]["samplers"]) == {"Euler", "Heun", "DPM++ 2M", "UniPC", "DDIM"}
     assert "tiling" not in seen["sd35"]["features"] and {"img2img", "inpaint", "hires"} <= set(seen["sd35"]["features"])
     assert seen["tiny-sd"]["samplers"] is None and seen["tiny-sd"]["features"] is None

@@ -28,7 +28,7 @@ FLOW_SAMPLERS = ["DDIM", "Euler", "Heun", "DPM++ 2M", "UniPC"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return build_flow_models_dir(tmp_path_factory.mktemp("webui-flow"), schnell=True)
+    return build_flow_models_dir(tmp_path_factory.mktemp("webui-flow"), schnell=True, fill=True)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,12 @@ def test_back_to_sd1_hides_them_and_sends_neither(page):
     body, image, caption = generate(page)
     assert "flow_shift" not in body and "distilled_cfg_scale" not in body and "skip_guidance_layers" not in body
     assert image.size == (64, 64) and "Sampler: Euler a" in caption and "Shift" not in caption
+
+
+def test_each_guidance_distilled_model_brings_its_own_default(page):
+    """/info's distilled_cfg fills the field on a switch: FLUX.1 Fill's 30, FLUX.1-dev's 3.5."""
+    pick_model(page, "flux-fill")
+    assert shown(page)["distilled"] and page.locator("#distilled-cfg").input_value() == "30"
+    pick_model(page, "flux-dev")
+    assert page.locator("#distilled-cfg").input_value() == "3.5"
+

@@ -53,7 +53,7 @@ from ..diffusion.samplers import Step, get_sampler, sampler_options
 from ..diffusion.schedulers import get_scheduler
 from ..text.prompts import extract_extra_networks
 from .features import FEATURES, Run
-from .features.flow import DEFAULT_DISTILLED_CFG, DEFAULT_FILL_DISTILLED_CFG, FLOW
+from .features.flow import FLOW, default_distilled_cfg
 from .features.hires import HIRES
 from .features.img2img import IMG2IMG
 from .features.inpaint import INPAINT
@@ -127,8 +127,7 @@ def resolve(pipe, request: GenerationRequest) -> GenerationRequest:
     distilled = request.options(FLOW).distilled_cfg_scale
     if pipe.config.guidance_embedded:
         if distilled is None:
-            fill = pipe.config.is_inpainting
-            changes["distilled_cfg_scale"] = DEFAULT_FILL_DISTILLED_CFG if fill else DEFAULT_DISTILLED_CFG
+            changes["distilled_cfg_scale"] = default_distilled_cfg(pipe.config)
     elif distilled is not None:
         raise ValueError(f"distilled_cfg_scale is FLUX.1-dev's embedded guidance; {pipe.config.label} has none "
                          f"(use guidance_scale for classifier-free guidance)")

@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..diffusion.samplers import get_sampler
 from ..pipeline import flow_run
+from ..pipeline.features.flow import default_distilled_cfg
 from ..pipeline.flow_model import FlowPipeline
 from .config import ServerConfig
 from .registry import ModelNotFound, ModelRegistry
@@ -190,10 +191,12 @@ def model_info(family: str | None, sd) -> dict:
     model, which knows, rather than guessed from file names), and for flow models (SD 3 / FLUX.1) the samplers
     and features their run accepts (None: all of them). /sdapi/v1/samplers stays A1111's full list."""
     if sd is None:  # not in memory (the server loads its model at start and on a switch, so rarely)
-        return {"family": family, "guidance_embedded": None, "samplers": None, "features": None}
+        return {"family": family, "guidance_embedded": None, "distilled_cfg": None, "samplers": None,
+                "features": None}
     flow = isinstance(sd, FlowPipeline)
     samplers = [get_sampler(name).label for name in (*flow_run.FLOW_SAMPLERS, *flow_run.SAME_AS)]
     return {"family": family, "guidance_embedded": bool(getattr(sd.config, "guidance_embedded", False)),
+            "distilled_cfg": default_distilled_cfg(sd.config),  # the field's value for this model (Fill: 30)
             "samplers": samplers if flow else None,
             "features": [feature.name for feature in flow_run.SUPPORTED_FEATURES] if flow else None}
 

@@ -38,6 +38,14 @@ class FlowOptions:
     skip_layer_guidance_stop: float = 0.2
 
 
+def default_distilled_cfg(config) -> float | None:
+    """The distilled CFG a model runs with when none is given: 3.5 for FLUX.1-dev, 30 for FLUX.1 Fill, None
+    where there is no embedded guidance. ``config``: a pipeline's config."""
+    if not getattr(config, "guidance_embedded", False):
+        return None
+    return DEFAULT_FILL_DISTILLED_CFG if config.is_inpainting else DEFAULT_DISTILLED_CFG
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
     """"7,8,9" or "7 8 9" (or "[7, 8, 9]") -> (7, 8, 9)."""
     parts = text.strip().strip("[]()").replace(",", " ").split()

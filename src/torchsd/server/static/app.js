@@ -66,6 +66,7 @@ function applyModel(info) {
     $(box).hidden = !shown;
     $(input).disabled = !shown;
   }
+  if (info.distilled_cfg) $("distilled-cfg").value = info.distilled_cfg;  // the model's own: dev 3.5, Fill 30
   // samplers that add fresh noise do not run on flow models: greyed out rather than removed, so that the
   // list keeps its order and comes back whole for the next U-Net model
   for (const option of $("sampler").options) {
