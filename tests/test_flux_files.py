@@ -76,10 +76,14 @@ def diffusers_conversion(width: int):
     return namespace[function.__name__]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# FLUX.1 Fill: dev with the masked image's latents and the mask (a 2x VAE's: 4 channels) in its input tokens
+FILES = {**CONFIGS, "fill": dataclasses.replace(TINY, condition_channels=TINY.latent_channels + 4)}
+
+
+@pytest.mark.parametrize("name", FILES)
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_bfl_file_reads_as_diffusers_converts_it_and_writes_back(tmp_path, name, prefix):
-    config = CONFIGS[name]
+    config = FILES[name]
     reference = diffusers_flux(config).state_dict()
     original = bfl_from_diffusers(reference)
     converted = diffusers_conversion(config.width)({prefix + k: v.clone() for k, v in original.items()})
@@ -89,7 +93,7 @@ def test_bfl_file_reads_as_diffusers_converts_it_and_writes_back(tmp_path, name,
     path = tmp_path / "flux1.safetensors"
     save_safetensors({prefix + k: v.contiguous() for k, v in original.items()}, path)
     tensors = load_state_dict(path)
-    assert bfl.is_flux(tensors) and bfl.variant(tensors) == name
+    assert bfl.is_flux(tensors) and bfl.variant(tensors) == ("schnell" if name == "schnell" else "dev")
     assert bfl.config_of(tensors, path, axes_dims_rope=config.axes_dims_rope) == config
     ours = bfl.from_bfl(tensors, config, source=path)
     mine = to_diffusers(ours, config)

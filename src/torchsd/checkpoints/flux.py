@@ -96,8 +96,8 @@ def flux_condition_channels(in_features: int, out_features: int, source: object)
     image's latents alone) are refused by name."""
     if in_features == out_features:
         return 0
-    extra, latent = divmod(in_features - out_features, 4), out_features // 4
-    if extra[1] or extra[0] <= latent:
+    condition, remainder = divmod(in_features - out_features, 4)  # 4 features per channel: 2x2 patches
+    if remainder or condition <= out_features // 4:  # Depth / Canny: a control's latents, no mask
         raise CheckpointError(f"{source}: a FLUX.1 transformer with {in_features} input features per token for "
                               f"{out_features} outputs (FLUX.1 Depth or Canny): torchsd runs dev, schnell and Fill")
-    return extra[0]
+    return condition
