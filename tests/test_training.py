@@ -157,6 +157,51 @@ def test_short_unet_run_lowers_the_loss_and_exports_a_pipeline(tmp_path, frozen_
     sd = torchsd.load_pipeline(tmp_path / "unet" / "model", dtype=torch.float32)
     assert sd.generate("a red circle", steps=2, seed=0).images[0].size == (32, 32)
     assert (tmp_path / "unet" / "latents.safetensors").exists()
+    frozen = load_clip(frozen_parts / "clip.safetensors").text.state_dict()  # without --text-encoder-lr: as given
+    assert all(torch.equal(v, frozen[k]) for k, v in sd.text_encoder.state_dict().items())
+
+
+def test_text_encoder_lr_fine_tunes_the_text_encoder_beside_the_unet(tmp_path, frozen_parts):
+    config = small_config(tmp_path, "unet", steps=30, vae=str(frozen_parts / "vae.safetensors"),
+                          clip=str(frozen_parts / "clip.safetensors"), caption_dropout=0.0, text_encoder_lr=1e-3)
+    before = fixed_loss(config)
+    run_task(config)
+    state = torch.load(Path(config.output) / "state.pt", weights_only=True)
+    after = fixed_loss(config, state["model"])
+    assert after < 0.8 * before, (before, after)
+    unet_group, text_group = state["optimizer"]["param_groups"]
+    assert (unet_group["initial_lr"], text_group["initial_lr"]) == (config.lr, 1e-3)
+    import torchsd
+
+    sd = torchsd.load_pipeline(tmp_path / "unet" / "model", dtype=torch.float32)
+    frozen = load_clip(frozen_parts / "clip.safetensors").text.state_dict()
+    changed = {k for k, v in sd.text_encoder.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert {"token_embedding.weight", "final_layer_norm.weight"} <= changed  # the exported encoder is the trained one
+    assert sd.generate("a red circle", steps=2, seed=0).images[0].size == (32, 32)
+
+
+def test_text_encoder_weights_the_context_never_reads_stay_frozen():
+    import dataclasses
+
+    from torchsd.models.clip import CLIPTextModel
+    from torchsd.models.unet import UNet
+    from torchsd.training.unet_task import UNetAndTextEncoder
+
+    text_config = dataclasses.replace(presets.clip_configs("tiny")[0], with_projection=True, projection_dim=16)
+    model = UNetAndTextEncoder(UNet(presets.unet_config("tiny", text_config.width, 4)), CLIPTextModel(text_config),
+                               torch.tensor([[text_config.bos_token_id, text_config.eos_token_id]]))
+    frozen = {name for name, p in model.text_encoder.named_parameters() if not p.requires_grad}
+    assert frozen == {"text_projection.weight"}  # pooled-output only: no gradient reaches it from the context
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient behind
+
+
+def test_text_encoder_lr_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="the lora task keeps it frozen"):
+        TrainConfig(task="lora", model="bundled", text_encoder_lr=1e-5)
+    with pytest.raises(ValueError, match="drop --fsdp"):
+        TrainConfig(task="unet", model="bundled", text_encoder_lr=1e-5, fsdp=True)
+    with pytest.raises(ValueError, match="0 .the text encoder stays frozen. or positive"):
+        TrainConfig(task="unet", model="bundled", text_encoder_lr=-1.0)
 
 
 def test_lora_run_lowers_the_loss_and_leaves_base_weights(tmp_path, frozen_parts):
@@ -204,13 +249,16 @@ def unet_args(frozen_parts, output, steps, batch=8, extra=()):
             "--ema-decay", "0.9", *extra]
 
 
-def test_ddp_step_equals_single_process_step(tmp_path, frozen_parts):
+@pytest.mark.parametrize("extra, port", [((), 29517), (("--text-encoder-lr", "1e-3"), 29518)],
+                         ids=["unet", "unet+text_encoder"])
+def test_ddp_step_equals_single_process_step(tmp_path, frozen_parts, extra, port):
     single = tmp_path / "single"
-    subprocess.run(cli(*unet_args(frozen_parts, single, 1)), check=True, env=ENV, timeout=600,
+    subprocess.run(cli(*unet_args(frozen_parts, single, 1, extra=extra)), check=True, env=ENV, timeout=600,
                    capture_output=True)
     ddp = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "torchsd", "train", *unet_args(frozen_parts, ddp, 1)],
+                           "--master_port", str(port), "-m", "torchsd", "train",
+                           *unet_args(frozen_parts, ddp, 1, extra=extra)],
                           env=ENV, timeout=600, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(single / "state.pt", weights_only=True)

@@ -52,6 +52,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0  # 0 disables min-SNR weighting
     ema_decay: float = 0.999  # 0 disables EMA
+    text_encoder_lr: float = 0.0  # > 0: the text encoder is fine-tuned too, with this lr (the same schedule)
     cache_latents: bool = True
     # VAE
     kl_weight: float = 1e-6
@@ -92,6 +93,14 @@ class TrainConfig:
             raise ValueError(f"decay_steps must be between 0 and steps ({self.steps}); got {self.decay_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
+        if self.text_encoder_lr < 0:
+            raise ValueError(f"text_encoder_lr must be 0 (the text encoder stays frozen) or positive; "
+                             f"got {self.text_encoder_lr}")
+        if self.text_encoder_lr and self.task != "unet":
+            raise ValueError(f"--text-encoder-lr fine-tunes the text encoder beside the U-Net (task unet); the "
+                             f"{self.task} task keeps it frozen: drop the flag")
+        if self.text_encoder_lr and self.fsdp:
+            raise ValueError("--text-encoder-lr trains with DDP: drop --fsdp")
         if self.decoder_only and not self.vae:
             raise ValueError("--decoder-only fine-tunes an existing autoencoder: give it with --vae PATH")
         if self.fsdp and self.task not in ("unet", "lora"):

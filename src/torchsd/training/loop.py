@@ -48,6 +48,8 @@ class Task(Protocol):
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
     def after_step(self, step: int) -> None: ...
+    # optional: param_groups(model) -> the optimizer's groups (a group's "lr" overrides config.lr); default, one
+    # group of every parameter that requires a gradient
 
 
 class EMA:
@@ -115,8 +117,10 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         shard(model, task.shard_units(model))
         if ema is not None:
             shard(ema.model, task.shard_units(ema.model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = task.param_groups(model) if hasattr(task, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
 
     start = 0

@@ -2,7 +2,9 @@
 
 Latents are cached to disk once (the posterior's mean and std, so every step still samples fresh
 latents); captions are dropped to "" with probability ``caption_dropout`` so that the same network
-learns the unconditional prediction that classifier-free guidance needs.
+learns the unconditional prediction that classifier-free guidance needs. With ``text_encoder_lr`` the
+text encoder learns from the same denoising loss (``UNetAndTextEncoder``), as DreamBooth's and kohya's
+scripts train it, with its own learning rate.
 
 SDXL (a base model given with ``--model``): each caption through both text encoders as diffusers' SDXL
 training scripts encode it (one 77-token window, penultimate states side by side, bigG's projected pooled
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoints.io import load_state_dict, save_safetensors
@@ -63,6 +66,24 @@ def frozen_parts(config: TrainConfig) -> StableDiffusion:
     unet = UNet(model_config.unet)
     tokenizer = CLIPTokenizer(pad_token_id=clip.text.config.pad_token_id)
     return StableDiffusion(model_config, unet, vae, clip.text, tokenizer, name=Path(config.output).name)
+
+
+class UNetAndTextEncoder(nn.Module):
+    """The U-Net with the text encoder in front, as one trainable module: ``forward`` takes token ids where the
+    U-Net takes their features, so the denoising loss reaches the text encoder (and DDP reduces both)."""
+
+    def __init__(self, unet: UNet, text_encoder: nn.Module, tokens: torch.Tensor):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder.train().requires_grad_(True)
+        # weights the context does not depend on (a projection, the last layer where the context is the
+        # penultimate one) get no gradient: they stay frozen, out of the optimizer and of DDP's reduction
+        self.text_encoder(tokens).sum().backward()
+        for p in self.text_encoder.parameters():
+            p.requires_grad_(p.grad is not None)
+            p.grad = None
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.unet(z_t, t, self.text_encoder(token_ids))
 
 
 class LatentDataset(Dataset):
@@ -147,6 +168,12 @@ class UNetTask:
             encoder.to(dist.device)
         self.model = self.sd.unet.train().requires_grad_(True)
         self.model.enable_gradient_checkpointing(config.gradient_checkpointing)
+        self.train_text = config.text_encoder_lr > 0
+        if self.train_text:
+            if self.sd.config.is_sdxl:
+                raise ValueError("--text-encoder-lr: fine-tuning SDXL's two text encoders is not supported; "
+                                 "train its U-Net with them frozen (drop the flag)")
+            self.model = UNetAndTextEncoder(self.model, self.sd.text_encoder, self.sd.tokenizer([""]).to(dist.device))
         self.alphas_cumprod = alphas_cumprod(self.sd.config.schedule).float()
         self.prediction_type = PredictionType(config.prediction_type)
         self._contexts: dict[str, torch.Tensor] = {}
@@ -204,20 +231,35 @@ class UNetTask:
         z0 = self.latents(data, generators)
         drop = draw(generators, (), kind="rand") < self.config.caption_dropout
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
-        context, pooled = self.context(captions)
+        if self.train_text:  # token ids: the model encodes them (with gradients)
+            context, pooled = self.sd.tokenizer(captions).to(self.dist.device), None
+        else:
+            context, pooled = self.context(captions)
         y = None if pooled is None else self.added_vector(pooled, list(indices))
         loss = denoising_loss(model, z0, context, self.alphas_cumprod, generators, self.prediction_type,
                               self.config.min_snr_gamma, y=y)
         return loss, {}
 
+    def param_groups(self, model) -> list[dict]:
+        """The optimizer's groups: the U-Net at ``lr``, a text encoder in training at ``text_encoder_lr``."""
+        if not self.train_text:
+            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        return [{"params": [p for p in model.unet.parameters() if p.requires_grad]},
+                {"params": [p for p in model.text_encoder.parameters() if p.requires_grad],
+                 "lr": self.config.text_encoder_lr}]
+
     def after_step(self, step):
         pass
 
-    def pipeline(self, unet) -> StableDiffusion:
-        """An inference pipeline around a copy of ``unet`` (the pipeline freezes what it holds)."""
+    def pipeline(self, model) -> StableDiffusion:
+        """An inference pipeline around a copy of the trained U-Net (and text encoder, where it trains; the
+        pipeline freezes what it holds)."""
         import copy
 
-        return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, self.sd.text_encoder,
+        unet, text_encoder = (model.unet, model.text_encoder) if self.train_text else (model, self.sd.text_encoder)
+        if self.train_text:
+            text_encoder = copy.deepcopy(text_encoder)
+        return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, text_encoder,
                                self.sd.tokenizer, name=self.sd.name, text_encoder_2=self.sd.text_encoder_2)
 
     def sample(self, model, path: Path) -> None:
