@@ -12,6 +12,7 @@ from torchsd.training.scenes import (
     FRAMES,
     HELD_OUT_CELL_NAMES,
     HELD_OUT_FRAMES,
+    TRAINING_FRAMES,
     Scene,
     ScenesDataset,
     phrase,
@@ -53,13 +54,20 @@ def test_two_object_scenes_have_distinct_colours_and_cells():
 def test_training_captions_never_use_the_held_out_phrasings():
     dataset = ScenesDataset(64, seed=0)
     held_names = set(HELD_OUT_CELL_NAMES.values())
+    captions = []
     for i in range(500):
         scene, caption, _ = dataset.item(i)
         assert not any(name in caption for name in held_names), caption
         assert not held_out_frame(caption), caption
         for spec in scene.objects:
             assert spec.color in caption and spec.shape in caption
+        captions.append(caption)
     assert not held_names & {name for names in CELL_NAMES.values() for name in names}
+    # every training frame is used, the ones beyond the benchmark's FRAMES included
+    for frame in TRAINING_FRAMES:
+        pattern = re.escape(frame).replace(re.escape("{objects}"), ".+").replace(re.escape("{bg}"), r"an? \w+")
+        assert any(re.fullmatch(pattern, c) for c in captions), frame
+    assert set(FRAMES) < set(TRAINING_FRAMES)
 
 
 def test_held_out_captions_each_use_a_held_out_frame_or_cell_name():
@@ -83,7 +91,7 @@ def test_the_frame_check_tells_the_frames_apart():
         return frame.format(objects="a red circle at the top", bg="a blue")
 
     assert all(held_out_frame(fill(f)) for f in HELD_OUT_FRAMES)
-    assert not any(held_out_frame(fill(f)) for f in FRAMES)
+    assert not any(held_out_frame(fill(f)) for f in TRAINING_FRAMES)
 
 
 def test_scenes_is_a_dataset_name():
