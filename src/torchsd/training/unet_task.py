@@ -75,8 +75,8 @@ class UNetAndTextEncoder(nn.Module):
     def __init__(self, unet: UNet, text_encoder: nn.Module, tokens: torch.Tensor):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder.train().requires_grad_(True)
-        # weights the context does not depend on (a projection, the last layer where the context is the
-        # penultimate one) get no gradient: they stay frozen, out of the optimizer and of DDP's reduction
+        # weights the context does not depend on (the pooled output's projection, where the encoder has one) get
+        # no gradient from it: they stay frozen, out of the optimizer and of DDP's reduction
         self.text_encoder(tokens).sum().backward()
         for p in self.text_encoder.parameters():
             p.requires_grad_(p.grad is not None)
