@@ -48,8 +48,8 @@ class Task(Protocol):
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
     def after_step(self, step: int) -> None: ...
-    # optional: param_groups(model) -> the optimizer's groups (a group's "lr" overrides config.lr); default, one
-    # group of every parameter that requires a gradient
+    # optional: param_groups(model) -> the optimizer's groups (a group's "lr" overrides config.lr), or None for the
+    # default: one group of every parameter that requires a gradient
 
 
 class EMA:
@@ -117,7 +117,7 @@ def _run(config: TrainConfig, make_task, dist: Distributed) -> dict[str, float]:
         shard(model, task.shard_units(model))
         if ema is not None:
             shard(ema.model, task.shard_units(ema.model))
-    groups = task.param_groups(model) if hasattr(task, "param_groups") else \
+    groups = getattr(task, "param_groups", lambda _: None)(model) or \
         [{"params": [p for p in model.parameters() if p.requires_grad]}]
     params = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -240,10 +240,11 @@ class UNetTask:
                               self.config.min_snr_gamma, y=y)
         return loss, {}
 
-    def param_groups(self, model) -> list[dict]:
-        """The optimizer's groups: the U-Net at ``lr``, a text encoder in training at ``text_encoder_lr``."""
+    def param_groups(self, model) -> list[dict] | None:
+        """With the text encoder in training: the U-Net at ``lr``, the text encoder at ``text_encoder_lr``
+        (None: the loop's one group)."""
         if not self.train_text:
-            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+            return None
         return [{"params": [p for p in model.unet.parameters() if p.requires_grad]},
                 {"params": [p for p in model.text_encoder.parameters() if p.requires_grad],
                  "lr": self.config.text_encoder_lr}]
@@ -256,9 +257,8 @@ class UNetTask:
         pipeline freezes what it holds)."""
         import copy
 
-        unet, text_encoder = (model.unet, model.text_encoder) if self.train_text else (model, self.sd.text_encoder)
-        if self.train_text:
-            text_encoder = copy.deepcopy(text_encoder)
+        unet, text_encoder = (model.unet, copy.deepcopy(model.text_encoder)) if self.train_text else \
+            (model, self.sd.text_encoder)
         return StableDiffusion(self.sd.config, copy.deepcopy(unet), self.sd.vae, text_encoder,
                                self.sd.tokenizer, name=self.sd.name, text_encoder_2=self.sd.text_encoder_2)
 
