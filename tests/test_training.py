@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -278,27 +277,36 @@ def test_ddp_step_equals_single_process_step(tmp_path, frozen_parts, extra, port
     assert (diffs > 1e-7).float().mean() < 1e-3, float((diffs > 1e-7).float().mean())
 
 
+# Runs `torchsd train` in a child that SIGKILLs itself halfway through writing its second checkpoint:
+# steps 4-6 are lost, half a temporary file is left behind, and no cleanup runs. Killing it from outside
+# by polling state.pt raced the run (8 tiny steps can finish between two polls).
+KILL_IN_SECOND_CHECKPOINT = """
+import os, signal, sys, torch
+from torchsd.cli import main
+save, saves = torch.save, []
+def dying_save(obj, path, *args, **kwargs):
+    saves.append(obj.get("step") if isinstance(obj, dict) else None)
+    if len(saves) == 2:
+        open(path, "wb").write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, path, *args, **kwargs)
+torch.save = dying_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_between_checkpoints_then_resume_equals_uninterrupted(tmp_path, frozen_parts):
-    steps = 8
-    reference = tmp_path / "reference"
-    subprocess.run(cli(*unet_args(frozen_parts, reference, steps, extra=["--checkpoint-every", "3"])),
+    steps, every = 8, ["--checkpoint-every", "3"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    subprocess.run(cli(*unet_args(frozen_parts, reference, steps, extra=every)),
                    check=True, env=ENV, timeout=600, capture_output=True)
-    victim = tmp_path / "victim"
-    proc = subprocess.Popen(cli(*unet_args(frozen_parts, victim, steps, extra=["--checkpoint-every", "3"])),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = victim / "state.pt"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and torch.load(state, weights_only=True)["step"] >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(state, weights_only=True)["step"]
-    assert killed_at < steps, "the run finished before it could be killed"
-    # what a kill in the middle of writing a checkpoint leaves (the kill above lands there only sometimes)
-    (victim / ".state.pt.killedmidwrite.tmp").write_bytes(b"half a checkpoint")
-    subprocess.run(cli(*unet_args(frozen_parts, victim, steps, extra=["--checkpoint-every", "3", "--resume"])),
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_CHECKPOINT, "train",
+                             *unet_args(frozen_parts, victim, steps, extra=every)],
+                            env=ENV, timeout=600, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert torch.load(victim / "state.pt", weights_only=True)["step"] == 3
+    assert list(victim.glob(".state.pt.*.tmp")), "the kill landed in the middle of writing a checkpoint"
+    subprocess.run(cli(*unet_args(frozen_parts, victim, steps, extra=[*every, "--resume"])),
                    check=True, env=ENV, timeout=600, capture_output=True)
     a = torch.load(reference / "state.pt", weights_only=True)
     b = torch.load(victim / "state.pt", weights_only=True)
