@@ -44,9 +44,11 @@ HELD_OUT_CELL_NAMES: dict[str, str] = {
 # sentence frames: {objects} ("a red circle at the top left", joined by "and"), {bg} ("a blue")
 FRAMES = ("{objects} on {bg} background", "{objects}, {bg} background", "{bg} background with {objects}")
 # more frames and word orders for training only (the benchmark's prompts keep the three above): a U-Net trained
-# on FRAMES alone missed most held-out captions that put the background first ("on a blue background, ...")
+# on FRAMES alone missed most held-out captions that put the background first ("on a blue background, ..."), and
+# one trained on these without the last swapped the colours of most of them
 TRAINING_FRAMES = (*FRAMES, "{objects} in front of {bg} background", "{objects} over {bg} background",
-                   "{bg} background behind {objects}", "there is {objects} on {bg} background")
+                   "{bg} background behind {objects}", "there is {objects} on {bg} background",
+                   "over {bg} background, {objects}")
 HELD_OUT_FRAMES = ("on {bg} background, {objects}", "{bg} background, {objects}", "{objects} against {bg} background")
 TWO_OBJECT_FRACTION = 0.5
 TEMPLATE_FRACTION = 0.3  # single-object captions in the original template, which the model card measures
