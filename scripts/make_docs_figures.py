@@ -28,13 +28,18 @@ from torchsd.explain.toy import run_toy  # noqa: E402
 from torchsd.explain.toy_report import toy_sections  # noqa: E402
 from torchsd.explain.trace import explain  # noqa: E402
 
-PROMPT = "a red circle at the top left on a blue background"
+# two objects, so that the cross-attention figure shows each colour word lighting up its own object
+PROMPT = "a red circle at the top left and a blue triangle at the bottom right on a yellow background"
+WORDS = ("red", "circle", "blue", "triangle", "yellow")  # the tokens whose attention maps are shown
 
 
 def input_image(size: int) -> Image.Image:
     """The prompt, drawn: the autoencoder figure needs an image, and this one needs no file."""
-    image = Image.new("RGB", (size, size), (40, 70, 190))
-    ImageDraw.Draw(image).ellipse((size // 10, size // 10, size // 2, size // 2), fill=(215, 35, 35))
+    image = Image.new("RGB", (size, size), (240, 215, 40))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((size // 16, size // 16, size * 5 // 16, size * 5 // 16), fill=(215, 35, 35))
+    draw.polygon([(size * 13 // 16, size * 11 // 16), (size * 15 // 16, size * 15 // 16),
+                  (size * 11 // 16, size * 15 // 16)], fill=(40, 70, 190))
     return image
 
 
@@ -73,7 +78,7 @@ def main() -> None:
     # still gives the autoencoder and forward-process figures something to show
     request = GenerationRequest(PROMPT, steps=args.steps, seed=0, width=size, height=size, guidance_scale=7.5,
                                 init_image=input_image(size), strength=1.0)
-    explanation = explain(sd, request, snapshots=6)
+    explanation = explain(sd, request, snapshots=6, words=WORDS)
     for path in save_figures(explanation_sections(explanation), args.out):
         print(path)
     print(f"{sd.name}: done in {time.perf_counter() - start:.0f} s")

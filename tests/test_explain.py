@@ -109,6 +109,13 @@ def test_explanation_attention_maps_are_distributions(explanation, sd):
         assert torch.allclose(maps.sum((1, 2)), torch.ones(len(e.tokens)), atol=1e-5)
 
 
+def test_explain_shows_the_words_asked_for(sd, request_):
+    e = explain(sd, request_, snapshots=1, words=("left", "red"))
+    assert e.tokens == ["<start>", "red", "left", "<end>"] and e.token_positions == [0, 2, 7, 8]
+    with pytest.raises(ValueError, match=r"\['blue'\] are not tokens of the prompt"):
+        explain(sd, request_, snapshots=1, words=("red", "blue"))
+
+
 def test_explanation_images_and_forward_process(explanation):
     e = explanation
     assert e.init_image.shape == (3, SIZE, SIZE) and e.init_latents.shape == (4, SIZE // 2, SIZE // 2)
@@ -168,6 +175,7 @@ def test_explain_refuses_batches(sd):
     (["explain", "a cat", "--snapshots", "0"], "--snapshots must be at least 1"),
     (["explain", "--toy", "--out", "toy.jpg"], "must end in .png or .html"),
     (["explain", "a cat", "--toy"], "--toy trains its own 2-D model and takes no prompt"),
+    (["explain", "a cat", "--words", "dog", "--steps", "1", "--size", "64x64"], "['dog'] are not tokens of the prompt"),
 ])
 def test_cli_errors_teach_the_fix(argv, message, capsys):
     assert cli.main(argv) == 2

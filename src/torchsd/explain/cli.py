@@ -30,6 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
     p.add_argument("--snapshots", type=int, default=6, help="how many sampler steps to decode and show")
+    p.add_argument("--words", default=None, metavar="W1,W2",
+                   help="the prompt's words whose cross-attention maps to show (default: its first six tokens)")
     p.add_argument("--train-steps", type=int, default=2000, help="with --toy: optimiser steps")
     p.add_argument("--control", type=Path, default=None, metavar="IMAGE",
                    help="a control unit's image (used as given): adds a figure of what the ControlNet's residuals "
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         strength=args.strength, control=control)
     if args.snapshots < 1:
         raise ValueError(f"--snapshots must be at least 1; got {args.snapshots}")
+    words = tuple(w.strip() for w in args.words.split(",") if w.strip()) if args.words is not None else None
     sd = load_from_args(args)
     start = time.perf_counter()
     if hasattr(sd, "transformer"):  # SD 3 / FLUX.1: joint attention in place of cross-attention
@@ -75,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
         if control:
             raise ValueError(f"{sd.config.label}: ControlNet units are not available for flow models; drop --control")
+        if words:
+            raise ValueError(f"{sd.config.label}: --words picks U-Net cross-attention maps; drop it for flow models")
         explanation = explain_flow(sd, request, snapshots=args.snapshots)
     else:
-        explanation = explain(sd, request, snapshots=args.snapshots)
+        explanation = explain(sd, request, snapshots=args.snapshots, words=words)
     write_report(explanation_sections(explanation), out, f"torchsd explain: {args.prompt}")
     print(f"{out}  ({sd.name}, seed {explanation.result.seeds[0]}, {time.perf_counter() - start:.1f} s)")
     return 0

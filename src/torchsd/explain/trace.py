@@ -189,23 +189,35 @@ class Explanation:
         return maps / maps.sum(dim=(1, 2), keepdim=True)
 
 
-def prompt_tokens(sd: StableDiffusion, prompt: str, limit: int) -> tuple[list[str], list[int]]:
-    """Labels and context positions of the start token, the prompt's first tokens and the end token."""
+def prompt_tokens(sd: StableDiffusion, prompt: str, limit: int,
+                  only: tuple[str, ...] | None = None) -> tuple[list[str], list[int]]:
+    """Labels and context positions of the start token, the prompt's first tokens (or, given ``only``, its
+    tokens that spell one of those words, in prompt order) and the end token."""
     ids = sd.tokenizer.encode(prompt)[: sd.tokenizer.max_length - 2]
     words = [sd.tokenizer.decode([i]) or "?" for i in ids]
-    shown = list(range(1, 1 + min(len(ids), max(limit - 2, 0))))
+    if only is None:
+        shown = list(range(1, 1 + min(len(ids), max(limit - 2, 0))))
+    else:
+        shown = [p + 1 for p, word in enumerate(words) if word.strip() in only]
+        missing = set(only) - {words[p - 1].strip() for p in shown}
+        if missing:
+            raise ValueError(f"words to show {sorted(missing)} are not tokens of the prompt {prompt!r}: "
+                             f"its tokens are {[w.strip() for w in words]}")
     return ["<start>"] + [words[p - 1] for p in shown] + ["<end>"], [0] + shown + [len(ids) + 1]
 
 
 @torch.no_grad()
 def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int = 6, max_tokens: int = 8,
+            words: tuple[str, ...] | None = None,
             forward_timesteps: tuple[int, ...] = FORWARD_TIMESTEPS) -> Explanation:
     """Run ``request`` once and keep what every stage produced. ``snapshots`` sampler steps (evenly
-    spaced, the last included) are decoded to pixels; every step keeps its latents."""
+    spaced, the last included) are decoded to pixels; every step keeps its latents. The attention maps are
+    kept for the prompt's first ``max_tokens`` tokens, or for the tokens spelling ``words``."""
     if request.batch_size != 1:
         raise ValueError(f"explain follows one image; got batch_size={request.batch_size} — use batch_size=1")
     if snapshots < 1:
         raise ValueError(f"snapshots must be at least 1; got {snapshots}")
+    tokens, positions = prompt_tokens(sd, request.prompt, max_tokens, words)  # a word not in the prompt: before the run
 
     steps: list[tuple[Step, torch.Tensor]] = []
     guidance: list[GuidanceRecord] = []
@@ -263,7 +275,6 @@ def explain(sd: StableDiffusion, request: GenerationRequest, *, snapshots: int =
     noise = randn((1, *z0.shape), generator)
     noised = q_sample(sd.config.schedule, z0.expand(len(timesteps), -1, -1, -1), timesteps, noise)
 
-    tokens, positions = prompt_tokens(sd, request.prompt, max_tokens)
     units = control_units(sd, request) if control_calls or adapter_calls else {"ControlNet": [], "T2I-Adapter": []}
     explanation = Explanation(
         request=request, result=result, tokens=tokens, token_positions=positions, init_image=init_image,
