@@ -9,7 +9,7 @@
    counts objects.
 2. Reconstruction: VAE PSNR on held-out shapes and emoji.
 3. Emoji: top-1 CLIP retrieval of the prompt among 100 captions, for generated images.
-4. A contact sheet of 64 prompts.
+4. A contact sheet of 64 prompts (shapes in each of the three sets, then emoji).
 5. Speed: one 64x64 image at 30 steps from the command line, end to end.
 """
 
@@ -91,9 +91,12 @@ def emoji_retrieval(sd, clip, n: int = 100) -> float:
 
 
 def contact_sheet(sd, path: Path) -> None:
+    """Rows of 8: the own template, plain phrasing (held out), two rows of two-object scenes, four of emoji."""
     rng = random.Random(64)
     emoji = EmojiDataset(64, length=32, seed=10_003)
-    prompts = [random_shape_spec(rng).caption for _ in range(32)] + [emoji[i][1] for i in range(32)]
+    prompts = ([random_shape_spec(rng).caption for _ in range(8)]
+               + [phrase(Scene((random_shape_spec(rng),)), rng, held_out=True) for _ in range(8)]
+               + [phrase(random_scene(rng, 2), rng) for _ in range(16)] + [emoji[i][1] for i in range(32)])
     images = [sd.generate(p, steps=30, guidance_scale=5.0, seed=i).images[0] for i, p in enumerate(prompts)]
     save_grid(images, path, columns=8)
     (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")
