@@ -1,4 +1,5 @@
-"""The bundled model: loads with no arguments, makes the README's picture, and runs in diffusers."""
+"""The bundled model: loads with no arguments, makes the README's picture, reads plain phrasing and two objects,
+and runs in diffusers."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torchsd
 from reference import max_rel_error
 from torchsd.training.data import ShapeSpec
-from torchsd.training.evaluate import read_shape_image
+from torchsd.training.evaluate import read_scene_image, read_shape_image
 
 PROMPT = "a red circle at the top left on a blue background"
 
@@ -23,6 +24,19 @@ def test_bundled_model_draws_the_readme_prompt(sd):
     reading = read_shape_image(image)
     spec = ShapeSpec("circle", "red", "top left", "blue")
     assert reading.matches(spec) == {"background": True, "color": True, "shape": True, "position": True}, reading
+
+
+@pytest.mark.parametrize("prompt, objects, background", [
+    # a held-out phrasing that puts the background first (version 1 swapped such colours or ignored the words)
+    ("on a black background, a white square at the top", [("square", "white", "top center")], "black"),
+    # two objects, each colour bound to its own shape and cell (the docs' cross-attention figure)
+    ("a red circle at the top left and a blue triangle at the bottom right on a yellow background",
+     [("circle", "red", "top left"), ("triangle", "blue", "bottom right")], "yellow"),
+])
+def test_bundled_model_reads_plain_phrasing_and_two_objects(sd, prompt, objects, background):
+    image = sd.generate(prompt, steps=30, guidance_scale=5.0, seed=0).images[0]
+    reading = read_scene_image(image)
+    assert reading.matches([ShapeSpec(shape, color, cell, background) for shape, color, cell in objects]), reading
 
 
 def test_bundled_model_runs_in_diffusers_with_the_same_result(sd, tmp_path):
