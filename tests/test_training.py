@@ -285,7 +285,7 @@ import os, signal, sys, torch
 from torchsd.cli import main
 save, saves = torch.save, []
 def dying_save(obj, path, *args, **kwargs):
-    saves.append(obj.get("step") if isinstance(obj, dict) else None)
+    saves.append(path)
     if len(saves) == 2:
         open(path, "wb").write(b"half a checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
