@@ -176,6 +176,7 @@ def test_explain_refuses_batches(sd):
     (["explain", "--toy", "--out", "toy.jpg"], "must end in .png or .html"),
     (["explain", "a cat", "--toy"], "--toy trains its own 2-D model and takes no prompt"),
     (["explain", "a cat", "--words", "dog", "--steps", "1", "--size", "64x64"], "['dog'] are not tokens of the prompt"),
+    (["explain", "a cat", "--words", " , "], "--words needs at least one of the prompt's words"),
 ])
 def test_cli_errors_teach_the_fix(argv, message, capsys):
     assert cli.main(argv) == 2

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     if args.snapshots < 1:
         raise ValueError(f"--snapshots must be at least 1; got {args.snapshots}")
     words = tuple(w.strip() for w in args.words.split(",") if w.strip()) if args.words is not None else None
+    if words == ():
+        raise ValueError("--words needs at least one of the prompt's words, comma-separated: --words red,blue")
     sd = load_from_args(args)
     start = time.perf_counter()
     if hasattr(sd, "transformer"):  # SD 3 / FLUX.1: joint attention in place of cross-attention
