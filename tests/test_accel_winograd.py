@@ -1,6 +1,8 @@
 """Winograd F(2x2, 3x3) convolutions equal direct convolution to float32 rounding, in every band layout,
 with bias and residual, and run only where they were measured to win."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ def test_filter_transform_is_g_g_gt():
 
 @pytest.mark.skipif(not fused.available(), reason="this PyTorch build has no oneDNN ops in this form")
 def test_fused_conv_takes_it_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(winograd, "pays", lambda: True)
     calls = []
     original = winograd.conv3x3
     monkeypatch.setattr(winograd, "conv3x3", lambda *a: calls.append(a[0].shape) or original(*a))
@@ -57,3 +60,34 @@ def test_fused_conv_takes_it_only_where_it_applies(monkeypatch):
     with torch.enable_grad():  # under autograd: the plain convolution, so gradients flow
         conv.float()(big.requires_grad_()).sum().backward()
     assert len(calls) == 1 and big.grad is not None
+
+
+@pytest.mark.skipif(not fused.available(), reason="this PyTorch build has no oneDNN ops in this form")
+def test_fused_conv_keeps_the_direct_one_where_winograd_does_not_pay(monkeypatch):
+    monkeypatch.setattr(winograd, "pays", lambda: False)
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a: pytest.fail("Winograd ran where it does not pay"))
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(2, 16, 32, 32)
+    with torch.no_grad():
+        assert max_rel_error(fused.conv2d(x, conv), reference(x, conv.weight, conv.bias).float()) < 2e-6
+
+
+@pytest.mark.parametrize("slow, expected", [("winograd", False), ("direct", True)])
+def test_pays_is_measured_against_the_direct_convolution(monkeypatch, slow, expected):
+    """The probe times both and picks Winograd only where it is faster by the margin: here one side is made
+    slow on purpose, so the answer does not depend on this CPU. Measured once per thread count."""
+    def slowed(fn):
+        return lambda *args, **kwargs: time.sleep(0.02) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(winograd, "PROBE", (1, 8, 8, 8))
+    if slow == "winograd":
+        monkeypatch.setattr(winograd, "conv3x3", slowed(winograd.conv3x3))
+    else:
+        monkeypatch.setattr(winograd.F, "conv2d", slowed(F.conv2d))
+    winograd._pays.cache_clear()
+    try:
+        assert winograd.pays() is expected
+        assert winograd._pays.cache_info().misses == 1 and winograd.pays() is expected
+        assert winograd._pays.cache_info().hits == 1
+    finally:
+        winograd._pays.cache_clear()  # the other tests measure this CPU again, not the slowed functions

@@ -163,14 +163,19 @@ def test_default_dtype_follows_the_hardware(monkeypatch):
     assert default_dtype("cpu") == torch.float32
 
 
-def test_channels_last_default_follows_the_measurements():
+def test_channels_last_default_follows_the_measurements(monkeypatch):
+    from torchsd.accel import winograd
     from torchsd.runtime import wants_channels_last
 
+    monkeypatch.setattr(winograd, "pays", lambda: True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     bf16 = torch.bfloat16
     assert not wants_channels_last(RuntimeOptions(), cpu, "unet", bf16)  # measured slower in NHWC on CPU
     assert wants_channels_last(RuntimeOptions(), cpu, "vae", torch.bfloat16)
     assert not wants_channels_last(RuntimeOptions(), cpu, "vae", torch.float32)  # NCHW for Winograd
+    monkeypatch.setattr(winograd, "pays", lambda: False)  # a CPU where the direct convolution is faster
+    assert wants_channels_last(RuntimeOptions(), cpu, "vae", torch.float32)
+    assert not wants_channels_last(RuntimeOptions(), cpu, "unet", torch.float32)
     assert wants_channels_last(RuntimeOptions(), cuda, "unet", bf16)
     assert wants_channels_last(RuntimeOptions(), cuda, "vae", torch.float16)
     assert not wants_channels_last(RuntimeOptions(channels_last=False), cuda, "vae", bf16)
@@ -178,6 +183,9 @@ def test_channels_last_default_follows_the_measurements():
     sd = apply_runtime(random_pipeline("sd1"), RuntimeOptions(), "cpu", torch.bfloat16)
     assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not sd.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    sd = apply_runtime(sd, RuntimeOptions(), "cpu", torch.float32)  # winograd.pays: False, as set above
+    assert sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(winograd, "pays", lambda: True)
     sd = apply_runtime(sd, RuntimeOptions(), "cpu", torch.float32)
     assert not sd.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 

@@ -5,9 +5,10 @@ Defaults, and why (the measurements are in docs/performance.md):
 - dtype: float16 on CUDA; bfloat16 on a CPU with native bf16 dot products (AVX-512 BF16 or AMX), where
   the U-Net and the VAE run markedly faster with images close to float32's; float32 on other CPUs,
   where bf16 is emulated and slower.
-- channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the bf16
-  VAE only, where oneDNN decoded faster in NHWC while the U-Net ran slower in it. An fp32 VAE stays
-  NCHW on a CPU, where its 3x3 convolutions run by Winograd's algorithm (``accel/winograd.py``, NCHW only).
+- channels-last: on CUDA for every network (cuDNN's fastest kernels are NHWC); on a CPU for the VAE
+  only, where oneDNN decoded faster in NHWC while the U-Net ran slower in it. An fp32 VAE stays NCHW on
+  a CPU where Winograd's algorithm beats the direct convolution (``accel/winograd.py``: NCHW only, and
+  measured once per process, ``winograd.pays``).
 - the CPU speed-ups: every network placed on a CPU gets ``accel.optimize``'s fast blocks (oneDNN post-op
   fusion, Winograd, sub-pixel upsampling, bf16 attention, reused cross-attention keys and values); the
   same numbers up to float rounding. On other devices the plain blocks run.
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .accel import deoptimize, enable_model_offload, enable_sequential_offload, optimize, packed_weights
+from .accel import deoptimize, enable_model_offload, enable_sequential_offload, optimize, packed_weights, winograd
 from .accel.prepacked import prepacking_available
 from .models.layers import set_attention_chunk
 from .models.tiling import VAETiling
@@ -97,7 +98,9 @@ def wants_channels_last(options: RuntimeOptions, device: torch.device, network: 
     """``network``: "unet", "vae" or "text" (which has no convolutions); ``dtype``: the weights'."""
     if options.channels_last is not None:
         return options.channels_last
-    return device.type == "cuda" or (device.type == "cpu" and network == "vae" and dtype != torch.float32)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and network == "vae" and (dtype != torch.float32 or not winograd.pays())
 
 
 def wants_prepack(options: RuntimeOptions, device: torch.device, dtype: torch.dtype | None = None) -> bool:

@@ -156,10 +156,11 @@ WINOGRAD_MIN_PIXELS = 2048  # output pixels in the batch; below, the per-call fi
 
 def _winograd_wins(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """float32 3x3 convolutions over at least ``WINOGRAD_MIN_PIXELS`` output pixels in the batch (32x32 at
-    batch 2), where they beat oneDNN's direct convolution (docs/performance.md, "Winograd")."""
+    batch 2), on a CPU where they beat oneDNN's direct convolution (``winograd.pays``; docs/performance.md,
+    "Winograd")."""
     B, _, H, W = x.shape
-    return B * H * W >= WINOGRAD_MIN_PIXELS and winograd.applies(x, conv.weight, conv.padding, conv.stride,
-                                                                  conv.dilation, conv.groups)
+    return (B * H * W >= WINOGRAD_MIN_PIXELS and winograd.applies(x, conv.weight, conv.padding, conv.stride,
+                                                                   conv.dilation, conv.groups) and winograd.pays())
 
 
 PACKING_PIXELS = {torch.float32: (256, 512), torch.bfloat16: (128, 512)}  # output pixels in the batch

@@ -12,12 +12,22 @@ convolutions; oneDNN on this CPU does not. In float32 the result differs from di
 rounding (``tests/test_accel_winograd.py`` holds it under 2e-6 of the output's scale); in bfloat16 the rounded
 transforms tripled the error, so it is float32 only.
 
+Whether it wins depends on the CPU. Where the vector units are half as wide as AVX-512's registers (AMD
+Zen 4 runs each 512-bit instruction as two 256-bit halves), oneDNN's direct convolution reaches half the rate it
+does on full-width units, and Winograd's fewer products win (0.74-0.91x the direct time at SD 1.5's shapes);
+on full-width units (Zen 5) the direct convolution runs near the matmul peak and the transforms, which are
+memory-bound, cost more than the products save (1.3-1.6x the direct time). CPUID does not tell the two apart,
+so ``pays`` measures it once per process and thread count (docs/performance.md, "Winograd").
+
 The work goes in bands of tile rows: each band's padded input, V and M stay small enough to come from
 cache and reused memory. Done on whole tensors, V and M were faulted in fresh at every call and the
 transforms cost more than they saved (docs/performance.md, "Winograd" and "Tried and left out").
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +39,33 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 _GG = torch.kron(_G, _G).to(torch.float32)  # (16, 9)
 
 BAND_BYTES = 8 << 20  # V of one band: 8 MB; 4 MB and 16 MB were both slower here (1 thread, SD 1.5 shapes)
+
+
+PROBE = (1, 320, 64, 64)  # SD 1.5's top level at 512 px, one image: where Winograd gained most where it gains
+MARGIN = 1.1  # how much faster than the direct convolution it must be: near a tie, keep the direct one
+
+
+def pays() -> bool:
+    """Whether Winograd beats oneDNN's direct convolution on this CPU at the current thread count (measured
+    at its first use: ``PROBE``, interleaved, best of three each, Winograd at least ``MARGIN`` times faster)."""
+    return _pays(torch.get_num_threads())
+
+
+@functools.cache
+def _pays(threads: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*PROBE, generator=gen)
+    w = torch.randn(PROBE[1], PROBE[1], 3, 3, generator=gen) * 0.02
+    best = {"direct": float("inf"), "winograd": float("inf")}
+    candidates = {"direct": lambda: F.conv2d(x, w, padding=1), "winograd": lambda: conv3x3(x, w)}
+    with torch.inference_mode():
+        for round in range(4):  # round 0 warms both up and is not counted
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                if round:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best["winograd"] * MARGIN <= best["direct"]
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> bool:
