@@ -59,11 +59,11 @@ def _pays(threads: int) -> bool:
     best = {"direct": float("inf"), "winograd": float("inf")}
     candidates = {"direct": lambda: F.conv2d(x, w, padding=1), "winograd": lambda: conv3x3(x, w)}
     with torch.inference_mode():
-        for round in range(4):  # round 0 warms both up and is not counted
+        for lap in range(4):  # lap 0 warms both up and is not counted
             for name, fn in candidates.items():
                 start = time.perf_counter()
                 fn()
-                if round:
+                if lap:
                     best[name] = min(best[name], time.perf_counter() - start)
     return best["winograd"] * MARGIN <= best["direct"]
 
