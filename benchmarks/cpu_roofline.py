@@ -13,8 +13,12 @@ a step takes, and how fast this CPU can do them. This prints, per dtype and size
   for PyTorch's CPU attention kernel;
 - the best rate oneDNN reaches here on the step's own matmul and 3x3-convolution shapes, each alone with its
   operands in cache-friendly layouts (the "peak": no step can run all its work faster than its best kernel);
-- the floor, FLOPs / peak; OpenVINO's and torchsd's step times (min of ``--reps``, interleaved) and the share of
-  the peak each reaches; and the rate a step at 0.9x OpenVINO would need, as a share of the peak.
+- the floor, FLOPs / peak; OpenVINO's and torchsd's step times (min of ``--reps``, interleaved by
+  ``common.compare``) and the share of the peak each reaches; and the rate a step at 0.9x OpenVINO would
+  need, as a share of the peak.
+
+The peak and the steps are timed at different moments, so run it on a quiet machine: with other work on the
+cores, the peak comes out low and the shares meaningless (above 100%).
 
 OpenVINO is a benchmark-only dependency (``pip install openvino``); without it the OpenVINO columns are left
 out. Its models are converted as ``cpu_vs_openvino.py`` converts them (``--ov-cache``: the same folder).
@@ -25,14 +29,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NEGATIVE, PROMPT, build, diffusers_unet, load_note  # noqa: E402
+from common import NEGATIVE, PROMPT, build, compare, diffusers_unet, load_note  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
 
@@ -62,13 +65,7 @@ def count_flops(fn) -> int:
 
 
 def best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return compare({"fn": fn}, reps)["fn"]["min"]
 
 
 def peak_rate(dtype: torch.dtype, size: int, reps: int) -> tuple[float, str]:
@@ -163,15 +160,8 @@ def main() -> None:
             if size in ov_models:
                 ov_step = openvino_call(openvino_compile(ov_models[size], dtype, threads)[0])
                 steps["OpenVINO"] = lambda: ov_step(torch.cat([x, x]), t, context)
-            times = {label: [] for label in steps}
-            for fn in steps.values():
-                fn()  # warm-up
-            for _ in range(args.reps):  # interleaved
-                for label, fn in steps.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[label].append(time.perf_counter() - start)
-            rows.append((name, size, flops[size], peak, where, {k: min(v) for k, v in times.items()}))
+            times = {label: r["min"] for label, r in compare(steps, args.reps).items()}  # interleaved
+            rows.append((name, size, flops[size], peak, where, times))
             print(f"  measured {name} {size}: {load_note()}", flush=True)
     print("\nseconds, GFLOP, GFLOP/s; 'share' = a rate as a share of the peak")
     for name, size, (ours_f, theirs_f), peak, where, best in rows:
@@ -179,9 +169,8 @@ def main() -> None:
               f"diffusers/OpenVINO run it")
         print(f"  peak {peak / 1e9:.0f} GFLOP/s ({where}); floor {ours_f / peak:.3f} s (torchsd's FLOPs), "
               f"{theirs_f / peak:.3f} s (OpenVINO's)")
-        if "torchsd" in best:
-            print(f"  torchsd  {best['torchsd']:.3f} s = {ours_f / best['torchsd'] / 1e9:.0f} GFLOP/s, share "
-                  f"{ours_f / best['torchsd'] / peak:.0%}")
+        print(f"  torchsd  {best['torchsd']:.3f} s = {ours_f / best['torchsd'] / 1e9:.0f} GFLOP/s, share "
+              f"{ours_f / best['torchsd'] / peak:.0%}")
         if "OpenVINO" in best:
             ov = best["OpenVINO"]
             print(f"  OpenVINO {ov:.3f} s = {theirs_f / ov / 1e9:.0f} GFLOP/s, share {theirs_f / ov / peak:.0%}")
