@@ -150,6 +150,19 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
+def timed(fn, repeats: int, warmup: bool) -> float:
+    """Best wall seconds of ``repeats`` calls (after one uncounted call with ``warmup``): plain timing, for
+    kernels of a few milliseconds that ``compare``'s RSS sampling and trimming would disturb."""
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def compare(fns: dict, reps: int, warmup: int = 1) -> dict[str, dict]:
     """Time each function ``reps`` times, interleaved (A B A B …) so that load changes on a shared
     machine hit both alike; the first ``warmup`` calls of each are not counted. Returns per name:

@@ -13,8 +13,8 @@ a step takes, and how fast this CPU can do them. This prints, per dtype and size
   for PyTorch's CPU attention kernel;
 - the best rate oneDNN reaches here on the step's own matmul and 3x3-convolution shapes, each alone with its
   operands in cache-friendly layouts (the "peak": no step can run all its work faster than its best kernel);
-- the floor, FLOPs / peak; OpenVINO's and torchsd's step times (min of ``--reps``, interleaved by
-  ``common.compare``) and the share of the peak each reaches; and the rate a step at 0.9x OpenVINO would
+- the floor, FLOPs / peak; OpenVINO's and torchsd's step times (min of ``--reps``, interleaved,
+  timed plainly) and the share of the peak each reaches; and the rate a step at 0.9x OpenVINO would
   need, as a share of the peak.
 
 The peak and the steps are timed at different moments, so run it on a quiet machine: with other work on the
@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import NEGATIVE, PROMPT, build, compare, diffusers_unet, load_note  # noqa: E402
+from common import NEGATIVE, PROMPT, build, diffusers_unet, load_note, timed  # noqa: E402
 from torchsd.diffusion.denoisers import classifier_free_guidance  # noqa: E402
 from torchsd.runtime import RuntimeOptions, apply_runtime  # noqa: E402
 
@@ -64,10 +64,6 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def best_time(fn, reps: int) -> float:
-    return compare({"fn": fn}, reps)["fn"]["min"]
-
-
 def peak_rate(dtype: torch.dtype, size: int, reps: int) -> tuple[float, str]:
     """The best FLOP/s of oneDNN here on the step's own shapes: the transformer's linears at the top level's
     token count, and the 3x3 convolutions of the top two levels, in NCHW and NHWC."""
@@ -77,7 +73,11 @@ def peak_rate(dtype: torch.dtype, size: int, reps: int) -> tuple[float, str]:
     with torch.inference_mode():
         for k, n in ((320, 2560), (1280, 320), (320, 320)):
             x, w = torch.randn(tokens, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
-            rate = 2 * tokens * k * n / best_time(lambda: _mkldnn._linear_pointwise(x, w, None, "none", [], ""), reps)
+
+            def matmul():
+                return _mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+            rate = 2 * tokens * k * n / timed(matmul, reps, warmup=True)
             if rate > best:
                 best, where = rate, f"matmul ({tokens}, {k}) x ({k}, {n})"
         for c, hw in ((320, size // 8), (640, size // 16)):
@@ -89,7 +89,7 @@ def peak_rate(dtype: torch.dtype, size: int, reps: int) -> tuple[float, str]:
                 def conv():
                     return _mkldnn._convolution_pointwise(xl, wl, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
 
-                rate = 2 * 2 * c * c * 9 * hw * hw / best_time(conv, reps)
+                rate = 2 * 2 * c * c * 9 * hw * hw / timed(conv, reps, warmup=True)
                 if rate > best:
                     name = "NHWC" if layout is torch.channels_last else "NCHW"
                     best, where = rate, f"3x3 conv {c} channels at {hw}x{hw}, {name}"
@@ -160,7 +160,11 @@ def main() -> None:
             if size in ov_models:
                 ov_step = openvino_call(openvino_compile(ov_models[size], dtype, threads)[0])
                 steps["OpenVINO"] = lambda: ov_step(torch.cat([x, x]), t, context)
-            times = {label: r["min"] for label, r in compare(steps, args.reps).items()}  # interleaved
+            for fn in steps.values():
+                fn()  # warm-up
+            # interleaved, plainly timed (no RSS sampling): the share of the peak is the point here
+            calls = [[timed(fn, 1, warmup=False) for fn in steps.values()] for _ in range(args.reps)]
+            times = {label: min(call[i] for call in calls) for i, label in enumerate(steps)}
             rows.append((name, size, flops[size], peak, where, times))
             print(f"  measured {name} {size}: {load_note()}", flush=True)
     print("\nseconds, GFLOP, GFLOP/s; 'share' = a rate as a share of the peak")

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from common import timed
+
 
 def rss_gib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -81,17 +83,6 @@ class PeakWatch:
 
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def timed(fn, repeats: int, warmup: bool) -> float:
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
